@@ -1,1 +1,5 @@
+pub mod error;
 pub mod net;
+pub mod proxy;
+
+pub use error::{Error, ErrorKind, Result};

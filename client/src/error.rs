@@ -1,0 +1,292 @@
+//! Errors of the client binding.
+
+use std::fmt;
+use std::io;
+
+use crate::net::AddressError;
+
+/// Result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, independent of where (broker or simulate mode).
+///
+/// The first seven kinds are the broker's D-Bus errors `org.ally.Error.<Kind>`; simulate
+/// mode reports the same kinds for the same causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Unknown network, malformed address, unknown option, wrong socket type.
+    InvalidArgument,
+    /// The caller may not call this method.
+    AccessDenied,
+    /// Another process holds the address.
+    AddressInUse,
+    /// A reload failed; the message says why.
+    ReloadFailed,
+    /// Unlocking a lock the caller does not hold.
+    NotOwner,
+    /// A wait ran out.
+    Timeout,
+    /// A configured limit would be passed.
+    LimitExceeded,
+    /// The operation needs a broker and this instance runs in simulate mode.
+    NotManaged,
+    /// Any other error reply from the broker.
+    Broker,
+    /// The D-Bus connection to the broker failed or broke.
+    Transport,
+    /// A local I/O error.
+    Io,
+}
+
+impl ErrorKind {
+    /// The kind for a D-Bus error name, if it is one of `org.ally.Error.*`.
+    pub fn from_dbus_name(name: &str) -> Option<ErrorKind> {
+        Some(match name.strip_prefix("org.ally.Error.")? {
+            "InvalidArgument" => ErrorKind::InvalidArgument,
+            "AccessDenied" => ErrorKind::AccessDenied,
+            "AddressInUse" => ErrorKind::AddressInUse,
+            "ReloadFailed" => ErrorKind::ReloadFailed,
+            "NotOwner" => ErrorKind::NotOwner,
+            "Timeout" => ErrorKind::Timeout,
+            "LimitExceeded" => ErrorKind::LimitExceeded,
+            _ => return None,
+        })
+    }
+
+    /// The D-Bus error name the broker uses for this kind, if it has one.
+    pub fn dbus_name(self) -> Option<&'static str> {
+        Some(match self {
+            ErrorKind::InvalidArgument => "org.ally.Error.InvalidArgument",
+            ErrorKind::AccessDenied => "org.ally.Error.AccessDenied",
+            ErrorKind::AddressInUse => "org.ally.Error.AddressInUse",
+            ErrorKind::ReloadFailed => "org.ally.Error.ReloadFailed",
+            ErrorKind::NotOwner => "org.ally.Error.NotOwner",
+            ErrorKind::Timeout => "org.ally.Error.Timeout",
+            ErrorKind::LimitExceeded => "org.ally.Error.LimitExceeded",
+            _ => return None,
+        })
+    }
+}
+
+/// An error of the client binding.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Error {
+    /// The broker answered a method call with an error.
+    Broker {
+        kind: ErrorKind,
+        /// The method that failed, e.g. `Listen`.
+        method: &'static str,
+        /// The D-Bus error name, e.g. `org.ally.Error.AddressInUse`.
+        name: String,
+        /// The broker's human message.
+        message: String,
+    },
+    /// Connecting to the broker, or talking to it, failed.
+    Transport {
+        context: String,
+        source: zbus::Error,
+    },
+    /// A local error with a known kind (simulate mode, bad environment, wrong socket type).
+    Local { kind: ErrorKind, message: String },
+    /// A local I/O error.
+    Io { context: String, source: io::Error },
+}
+
+impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Broker { kind, .. } | Error::Local { kind, .. } => *kind,
+            Error::Transport { .. } => ErrorKind::Transport,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::EADDRINUSE) => ErrorKind::AddressInUse,
+                Some(libc::EACCES | libc::EPERM) => ErrorKind::AccessDenied,
+                Some(libc::EINVAL) => ErrorKind::InvalidArgument,
+                _ => ErrorKind::Io,
+            },
+        }
+    }
+
+    /// The broker's message, or this error's own text for local errors.
+    pub fn message(&self) -> String {
+        match self {
+            Error::Broker { message, .. } | Error::Local { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    pub(crate) fn local(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error::Local {
+            kind,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Converts a failed method call on the broker.
+    pub(crate) fn call(method: &'static str, e: zbus::Error) -> Error {
+        match e {
+            zbus::Error::MethodError(name, message, _) => {
+                let name = name.as_str().to_owned();
+                let kind = ErrorKind::from_dbus_name(&name).unwrap_or(ErrorKind::Broker);
+                Error::Broker {
+                    kind,
+                    method,
+                    name,
+                    message: message.unwrap_or_default(),
+                }
+            }
+            zbus::Error::FDO(fdo) => {
+                use zbus::DBusError;
+                let kind = match &*fdo {
+                    zbus::fdo::Error::AccessDenied(_) => ErrorKind::AccessDenied,
+                    zbus::fdo::Error::InvalidArgs(_) => ErrorKind::InvalidArgument,
+                    zbus::fdo::Error::AddressInUse(_) => ErrorKind::AddressInUse,
+                    zbus::fdo::Error::LimitsExceeded(_) => ErrorKind::LimitExceeded,
+                    zbus::fdo::Error::Timeout(_) | zbus::fdo::Error::NoReply(_) => {
+                        ErrorKind::Timeout
+                    }
+                    zbus::fdo::Error::ZBus(_) => {
+                        return Error::Transport {
+                            context: format!("{method} failed"),
+                            source: zbus::Error::FDO(fdo),
+                        };
+                    }
+                    _ => ErrorKind::Broker,
+                };
+                Error::Broker {
+                    kind,
+                    method,
+                    name: fdo.name().as_str().to_owned(),
+                    message: fdo.description().unwrap_or_default().to_owned(),
+                }
+            }
+            other => Error::Transport {
+                context: format!("{method} failed"),
+                source: other,
+            },
+        }
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Broker {
+                method,
+                name,
+                message,
+                ..
+            } => {
+                if message.is_empty() {
+                    write!(f, "{method} failed ({name})")
+                } else {
+                    write!(f, "{method} failed: {} ({name})", one_line(message))
+                }
+            }
+            Error::Transport { context, source } => {
+                write!(f, "{context}: {}", one_line(&source.to_string()))
+            }
+            Error::Local { message, .. } => f.write_str(&one_line(message)),
+            Error::Io { context, source } => write!(f, "{context}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Transport { source, .. } => Some(source),
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+impl From<AddressError> for Error {
+    fn from(e: AddressError) -> Self {
+        let kind = match e {
+            AddressError::Invalid(_) => ErrorKind::InvalidArgument,
+            AddressError::InUse(_) => ErrorKind::AddressInUse,
+            AddressError::Io(_) => ErrorKind::Io,
+        };
+        Error::local(kind, e.to_string())
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        let kind = match e.kind() {
+            ErrorKind::InvalidArgument => io::ErrorKind::InvalidInput,
+            ErrorKind::AccessDenied => io::ErrorKind::PermissionDenied,
+            ErrorKind::AddressInUse => io::ErrorKind::AddrInUse,
+            ErrorKind::Timeout => io::ErrorKind::TimedOut,
+            ErrorKind::NotManaged => io::ErrorKind::Unsupported,
+            _ => io::ErrorKind::Other,
+        };
+        io::Error::new(kind, e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dbus_names_round_trip() {
+        for kind in [
+            ErrorKind::InvalidArgument,
+            ErrorKind::AccessDenied,
+            ErrorKind::AddressInUse,
+            ErrorKind::ReloadFailed,
+            ErrorKind::NotOwner,
+            ErrorKind::Timeout,
+            ErrorKind::LimitExceeded,
+        ] {
+            let name = kind.dbus_name().unwrap();
+            assert_eq!(ErrorKind::from_dbus_name(name), Some(kind));
+        }
+        assert_eq!(ErrorKind::from_dbus_name("org.ally.Error.Nope"), None);
+        assert_eq!(
+            ErrorKind::from_dbus_name("org.freedesktop.DBus.Error.AccessDenied"),
+            None
+        );
+        assert_eq!(ErrorKind::Io.dbus_name(), None);
+    }
+
+    #[test]
+    fn broker_errors_display_on_one_line_with_the_message() {
+        let e = Error::Broker {
+            kind: ErrorKind::ReloadFailed,
+            method: "Reload",
+            name: "org.ally.Error.ReloadFailed".into(),
+            message: "generation 3 exited with status 1\nbefore it was ready".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "Reload failed: generation 3 exited with status 1 before it was ready (org.ally.Error.ReloadFailed)"
+        );
+        assert_eq!(e.kind(), ErrorKind::ReloadFailed);
+    }
+
+    #[test]
+    fn address_errors_keep_their_kind() {
+        let e: Error = AddressError::InUse("tcp 127.0.0.1:80 is already in use".into()).into();
+        assert_eq!(e.kind(), ErrorKind::AddressInUse);
+        assert_eq!(e.to_string(), "tcp 127.0.0.1:80 is already in use");
+        let io: io::Error = e.into();
+        assert_eq!(io.kind(), io::ErrorKind::AddrInUse);
+    }
+}

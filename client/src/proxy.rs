@@ -1,0 +1,266 @@
+//! The broker's D-Bus interface `org.ally.Broker1` (see `docs/dbus-api.md`), as a zbus proxy.
+//!
+//! [`Ally`](crate::Ally) is the convenient way for an app instance; this module is for
+//! tools that talk to a broker directly (the `ally` command itself uses it).
+//!
+//! Over the broker's private socket (a peer-to-peer connection, see [`connect`]) a proxy
+//! must not cache properties: the broker's signals there carry no sender, so a cache
+//! would never learn of changes. [`connect`] builds such a proxy.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+use zbus::proxy::CacheProperties;
+use zbus::{OwnedVariant, Type, Variant};
+
+use crate::error::{Error, Result};
+
+/// Object path the broker serves.
+pub const PATH: &str = "/org/ally";
+/// Interface name of the broker.
+pub const INTERFACE: &str = "org.ally.Broker1";
+
+/// `org.ally.Broker1`.
+#[zbus::proxy(
+    interface = "org.ally.Broker1",
+    default_path = "/org/ally",
+    async_name = "BrokerProxy"
+)]
+pub trait Broker {
+    /// Returns (a duplicate of) the listening socket for `network` and `address`.
+    fn listen(&self, network: &str, address: &str) -> zbus::Result<zbus::OwnedFd>;
+
+    /// `Listen` with options used when the socket is created: `backlog` (u),
+    /// `reuse_port` (b), `mode` (u).
+    fn listen_with(
+        &self,
+        network: &str,
+        address: &str,
+        options: HashMap<&str, Variant<'_>>,
+    ) -> zbus::Result<zbus::OwnedFd>;
+
+    /// Drops the calling instance's reference to a socket.
+    fn close(&self, network: &str, address: &str) -> zbus::Result<()>;
+
+    /// The calling instance serves.
+    fn ready(&self) -> zbus::Result<()>;
+
+    /// Starts a new generation; returns its number once it is ready.
+    fn reload(&self) -> zbus::Result<u64>;
+
+    /// A dictionary: see [`Status`] for its keys.
+    fn status(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
+
+    /// Application name.
+    #[zbus(property)]
+    fn app(&self) -> zbus::Result<String>;
+
+    /// `starting`, `running`, `reloading`, `restarting` or `stopping`.
+    #[zbus(property)]
+    fn state(&self) -> zbus::Result<String>;
+
+    /// Generation of the current instance, 0 before any is ready.
+    #[zbus(property)]
+    fn generation(&self) -> zbus::Result<u64>;
+
+    /// Every instance not yet reaped.
+    #[zbus(property)]
+    fn instances(&self) -> zbus::Result<Vec<Instance>>;
+
+    /// The open sockets.
+    #[zbus(property)]
+    fn listeners(&self) -> zbus::Result<Vec<Listener>>;
+
+    /// A reload or crash restart ended.
+    #[zbus(signal)]
+    fn reload_finished(&self, generation: u64, success: bool, message: String)
+    -> zbus::Result<()>;
+
+    /// An instance changed state.
+    #[zbus(signal)]
+    fn instance_state_changed(&self, id: u64, state: String) -> zbus::Result<()>;
+}
+
+/// One entry of the `Instances` property, D-Bus type `(ttustt)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, zbus::Variant)]
+pub struct Instance {
+    pub id: u64,
+    pub generation: u64,
+    pub pid: u32,
+    /// `starting`, `ready`, `draining` or `exited`.
+    pub state: String,
+    /// Microseconds since the Unix epoch.
+    pub started_usec: u64,
+    /// Microseconds since the Unix epoch; 0 if never ready.
+    pub ready_usec: u64,
+}
+
+/// One entry of the `Listeners` property, D-Bus type `(ssu)`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, zbus::Variant)]
+pub struct Listener {
+    pub network: String,
+    /// The bound address (the real port for a port-0 request).
+    pub address: String,
+    pub references: u32,
+}
+
+/// The reply of `Status()`, typed. Keys the broker does not send keep their default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub app: String,
+    pub state: String,
+    pub generation: u64,
+    /// The broker's pid.
+    pub pid: u32,
+    pub instances: Vec<Instance>,
+    pub listeners: Vec<Listener>,
+    /// Successful reloads.
+    pub reloads: u64,
+    /// Empty, or the last reload's result message.
+    pub last_reload: String,
+}
+
+impl Status {
+    /// Reads the dictionary `Status()` returns. Unknown keys are ignored so a newer broker
+    /// can add some; a known key with the wrong type is an error.
+    pub fn from_dict(dict: HashMap<String, OwnedVariant>) -> Result<Status> {
+        let mut status = Status::default();
+        for (key, value) in dict {
+            match key.as_str() {
+                "app" => status.app = field(&key, value)?,
+                "state" => status.state = field(&key, value)?,
+                "generation" => status.generation = field(&key, value)?,
+                "pid" => status.pid = field(&key, value)?,
+                "reloads" => status.reloads = field(&key, value)?,
+                "last_reload" => status.last_reload = field(&key, value)?,
+                "instances" => status.instances = field(&key, value)?,
+                "listeners" => status.listeners = field(&key, value)?,
+                _ => {}
+            }
+        }
+        Ok(status)
+    }
+}
+
+fn field<T>(key: &str, value: OwnedVariant) -> Result<T>
+where
+    T: TryFrom<OwnedVariant>,
+    T::Error: Into<zbus::Error>,
+{
+    T::try_from(value).map_err(|e| {
+        Error::local(
+            crate::ErrorKind::Broker,
+            format!("Status: key {key:?} has an unexpected type: {}", e.into()),
+        )
+    })
+}
+
+/// The well-known bus name of `app`'s broker on the system (or session) bus:
+/// `org.ally.<app>`, with characters a bus name cannot hold replaced by `_`.
+pub fn bus_name(app: &str) -> String {
+    let mut name = String::from("org.ally.");
+    for (i, element) in app.split('.').enumerate() {
+        if i > 0 {
+            name.push('.');
+        }
+        if element.is_empty() || element.starts_with(|c: char| c.is_ascii_digit()) {
+            name.push('_');
+        }
+        name.extend(element.chars().map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        }));
+    }
+    name.truncate(255);
+    name
+}
+
+/// Connects to a broker's private socket (`unix:path=...`, a peer-to-peer D-Bus
+/// connection) and returns a proxy on it that does not cache properties.
+///
+/// `app` only names the destination of the messages; on a peer-to-peer connection the
+/// broker answers whatever it is.
+pub async fn connect(address: &str, app: Option<&str>) -> Result<BrokerProxy<'static>> {
+    let conn = zbus::connection::Builder::address(address)
+        .p2p()
+        .build()
+        .await
+        .map_err(|source| Error::Transport {
+            context: format!("cannot connect to the broker at {address}"),
+            source,
+        })?;
+    proxy_on(&conn, app).await
+}
+
+/// A non-caching proxy for the broker on an existing connection.
+pub async fn proxy_on(conn: &zbus::Connection, app: Option<&str>) -> Result<BrokerProxy<'static>> {
+    let destination = app.map_or_else(|| "org.ally.Broker".to_string(), bus_name);
+    BrokerProxy::builder(conn)
+        .destination(destination)
+        .cache_properties(CacheProperties::No)
+        .build()
+        .await
+        .map_err(|source| Error::Transport {
+            context: "cannot create the broker proxy".into(),
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn struct_signatures_match_the_interface() {
+        assert_eq!(Instance::SIGNATURE, "(ttustt)");
+        assert_eq!(Listener::SIGNATURE, "(ssu)");
+        assert_eq!(<Vec<Instance>>::SIGNATURE, "a(ttustt)");
+    }
+
+    #[test]
+    fn bus_names_are_valid() {
+        assert_eq!(bus_name("myapp"), "org.ally.myapp");
+        assert_eq!(bus_name("my-app"), "org.ally.my-app");
+        assert_eq!(bus_name("1web"), "org.ally._1web");
+        assert_eq!(bus_name("a b.c"), "org.ally.a_b.c");
+        for app in ["myapp", "1web", "a b.c", "x..y", "é"] {
+            zbus::names::WellKnownName::try_from(bus_name(app))
+                .unwrap_or_else(|e| panic!("{app}: {e}"));
+        }
+    }
+
+    #[test]
+    fn status_reads_the_dictionary() {
+        let mut dict: HashMap<String, OwnedVariant> = HashMap::new();
+        let put = |d: &mut HashMap<String, OwnedVariant>, k: &str, v: Variant<'_>| {
+            d.insert(k.to_string(), v.try_into().unwrap());
+        };
+        put(&mut dict, "app", Variant::from("web"));
+        put(&mut dict, "generation", Variant::from(3u64));
+        put(&mut dict, "pid", Variant::from(42u32));
+        put(&mut dict, "future_key", Variant::from(true));
+        let instances = vec![Instance {
+            id: 7,
+            generation: 3,
+            pid: 99,
+            state: "ready".into(),
+            started_usec: 1,
+            ready_usec: 2,
+        }];
+        put(&mut dict, "instances", Variant::from(instances.clone()));
+        let status = Status::from_dict(dict).unwrap();
+        assert_eq!(status.app, "web");
+        assert_eq!(status.generation, 3);
+        assert_eq!(status.pid, 42);
+        assert_eq!(status.instances, instances);
+        assert!(status.listeners.is_empty());
+
+        let mut bad: HashMap<String, OwnedVariant> = HashMap::new();
+        put(&mut bad, "generation", Variant::from("three"));
+        let err = Status::from_dict(bad).unwrap_err().to_string();
+        assert!(err.contains("generation"), "{err}");
+    }
+}
