@@ -1,5 +1,89 @@
+//! Client binding for the Ally socket broker: receive listening sockets that survive
+//! reloads, report readiness, and stop gracefully.
+//!
+//! # How a reload works
+//!
+//! The broker (`ally run <app>`) owns the listening sockets and starts your program; your
+//! program borrows the sockets. The life of one instance:
+//!
+//! 1. **Spawn.** The broker starts a *generation* of the program with `ALLY_ADDRESS`,
+//!    `ALLY_APP`, `ALLY_INSTANCE`, `ALLY_GENERATION` and `ALLY_STOP_SIGNAL` in its
+//!    environment. [`Ally::from_env`] connects to the broker and installs the stop-signal
+//!    handler.
+//! 2. **Listen.** [`Ally::listen`] (or a typed helper such as [`Ally::tcp_listener`])
+//!    asks the broker for a socket. The first request for an address binds it; every
+//!    later request, from this or any later generation, gets a duplicate of the *same*
+//!    kernel socket. Nothing is bound or closed across a reload, so no connection is
+//!    refused and the accept queue is never lost.
+//! 3. **Ready.** Once serving, call [`Ally::ready`]. Until then the broker treats the
+//!    instance as starting; a generation that exits or is not ready within the
+//!    configured `ready_timeout` fails the reload, and the old generation keeps serving.
+//! 4. **Reload.** On `ally reload <app>` (or `systemctl reload`, or [`Ally::reload`]) the
+//!    broker starts generation N+1 *next to* generation N. N+1 listens (getting the same
+//!    sockets) and calls `ready()`; only then is N sent its stop signal. Both accept from
+//!    the same queue for a moment, which is harmless: each connection goes to one of them.
+//!    Replacing the binary first makes the reload an upgrade.
+//! 5. **Stop.** On the stop signal, [`Ally::stopped`] resolves (and [`StopHandle`]s wake):
+//!    stop accepting, finish in-flight work, close idle connections and exit. Past the
+//!    configured `stop_timeout` the broker sends `SIGKILL`.
+//!
+//! # Managed and simulate mode
+//!
+//! When `ALLY_ADDRESS` is set, the instance is **managed**: sockets come from the broker
+//! over its private D-Bus socket. Otherwise [`Ally::from_env`] runs in **simulate mode**,
+//! so the same program runs by hand or under `cargo run`: sockets are bound in the
+//! process with the broker's rules (same address normalisation; asking twice for one
+//! address returns a duplicate of one socket), [`Ally::ready`] does nothing, and both the
+//! stop signal and `SIGINT` (Ctrl-C) request the stop. [`Ally::reload`] needs a broker.
+//!
+//! # Shared sockets and `O_NONBLOCK`
+//!
+//! A socket you receive shares one open file description with its duplicates in the
+//! broker and in every other instance, and `O_NONBLOCK` is a flag of that description.
+//! The Tokio helpers turn it on, for everyone. The std helpers leave it alone, so a
+//! blocking program must expect [`std::io::ErrorKind::WouldBlock`] from `accept` or
+//! `recv_from` whenever another generation is async (or won the race for a connection):
+//! use [`stdnet::accept_tcp`] and its siblings, which wait with `poll(2)` and retry.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use tokio::io::AsyncWriteExt;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), ally_client::Error> {
+//!     let ally = ally_client::Ally::from_env().await?;
+//!     let listener = ally.tcp_listener("127.0.0.1:8080").await?;
+//!     ally.ready().await?;
+//!     loop {
+//!         tokio::select! {
+//!             accepted = listener.accept() => {
+//!                 let Ok((mut stream, _)) = accepted else { continue };
+//!                 tokio::spawn(async move {
+//!                     let _ = stream.write_all(b"hello\n").await;
+//!                 });
+//!             }
+//!             _ = ally.stopped() => break,
+//!         }
+//!     }
+//!     // Drain in-flight connections here, then return.
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Without an async runtime, [`blocking::Ally`] offers the same API with std types.
+//! Any language with a D-Bus library can do the same as this crate: see
+//! `docs/dbus-api.md` and [`proxy`].
+
+mod ally;
+pub mod blocking;
 pub mod error;
 pub mod net;
 pub mod proxy;
+pub mod stdnet;
+mod stop;
 
+pub use ally::Ally;
 pub use error::{Error, ErrorKind, Result};
+pub use net::ListenOptions;
+pub use stop::{StopHandle, parse_signal};

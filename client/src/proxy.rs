@@ -73,8 +73,7 @@ pub trait Broker {
 
     /// A reload or crash restart ended.
     #[zbus(signal)]
-    fn reload_finished(&self, generation: u64, success: bool, message: String)
-    -> zbus::Result<()>;
+    fn reload_finished(&self, generation: u64, success: bool, message: String) -> zbus::Result<()>;
 
     /// An instance changed state.
     #[zbus(signal)]
