@@ -1,1 +1,14 @@
+//! The Ally broker: supervises one application, owns its listening sockets and
+//! reloads it with zero downtime. See `docs/architecture.md` for the map.
 
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod dbus;
+pub mod generations;
+pub mod instance;
+pub mod listeners;
+pub mod run;
+pub mod runtime_dir;
+pub mod systemd;

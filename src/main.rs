@@ -1,1 +1,34 @@
-fn main() {}
+use std::process::ExitCode;
+
+use ally::cli::{Cli, Command};
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ally: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => ally::run::run(args).await,
+            Command::Reload(args) => ally::control::reload(args).await,
+            Command::Status(args) => ally::control::status(args).await,
+            Command::List(args) => ally::control::list(args).await,
+        }
+    });
+    match result {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(message) => {
+            eprintln!("ally: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The `ally` command line, as clap definitions (also the source of the man
+//! page and shell completions).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::dbus::bus::BusChoice;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ally",
+    version,
+    about = "Socket broker for zero-downtime reloads and upgrades of network services",
+    long_about = "Ally runs an application, hands it its listening sockets over D-Bus, and \
+                  reloads it by starting the new version beside the old one on the same \
+                  kernel sockets: the old version is asked to stop only once the new one \
+                  is ready, so no connection is refused or lost."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker for APP in the foreground (what ally@APP.service runs).
+    Run(RunArgs),
+    /// Start a new generation of APP and wait until it is ready; fails if it is not.
+    Reload(TargetArgs),
+    /// Show APP's generations, instances and listeners (every broker without APP).
+    Status(StatusArgs),
+    /// List the brokers that can be reached.
+    List(ListArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Application name: names the config file, the runtime directory and the bus name org.ally.APP.
+    pub app: String,
+    /// Configuration file [default: /etc/ally/APP.toml, or built-in defaults when a COMMAND is given].
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the private socket [default: $RUNTIME_DIRECTORY, /run/ally/APP for root, $XDG_RUNTIME_DIR/ally/APP].
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Which message bus to register org.ally.APP on.
+    #[arg(long, value_enum, default_value_t = BusChoice::Auto)]
+    pub bus: BusChoice,
+    /// The application's command; replaces `command` of the configuration.
+    #[arg(last = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TargetArgs {
+    /// Application name.
+    pub app: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Application name; every reachable broker when omitted.
+    pub app: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of one name per line.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args, Clone, Default)]
+pub struct ConnectArgs {
+    /// Directory of the broker's private socket, if it was started with --runtime-dir.
+    #[arg(long, value_name = "DIR")]
+    pub runtime_dir: Option<PathBuf>,
+}

@@ -1,0 +1,382 @@
+//! The admin commands (`reload`, `status`, `list`): find a broker and talk to it.
+//!
+//! A broker is reached on its private socket when this user can connect to it
+//! (it needs no bus daemon and is how root and the broker's user act), else on
+//! the system bus, else on the session bus, under `org.ally.<app>`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use zbus::{Connection, OwnedVariant};
+
+use crate::cli::{ConnectArgs, ListArgs, StatusArgs, TargetArgs};
+use crate::dbus::{OBJECT_PATH, bus_name};
+use crate::runtime_dir;
+
+const INTERFACE: &str = "org.ally.Broker1";
+
+/// A connection to one broker.
+pub struct Target {
+    conn: Connection,
+    destination: Option<String>,
+    /// How it was reached, for messages.
+    pub via: String,
+}
+
+impl Target {
+    pub async fn connect(app: &str, args: &ConnectArgs) -> Result<Target, String> {
+        let dir = runtime_dir::resolve(app, args.runtime_dir.as_deref(), false);
+        let socket = runtime_dir::socket_path(&dir);
+        let mut tried = vec![];
+        if socket.exists() {
+            match connect_private(&socket).await {
+                Ok(conn) => {
+                    return Ok(Target {
+                        conn,
+                        destination: None,
+                        via: socket.display().to_string(),
+                    });
+                }
+                Err(e) => tried.push(format!("{}: {e}", socket.display())),
+            }
+        } else {
+            tried.push(format!("no socket at {}", socket.display()));
+        }
+        let name = bus_name(app);
+        for (which, conn) in [
+            ("system", Connection::system().await),
+            ("session", Connection::session().await),
+        ] {
+            let Ok(conn) = conn else { continue };
+            if name_has_owner(&conn, &name).await {
+                return Ok(Target {
+                    conn,
+                    destination: Some(name),
+                    via: format!("{which} bus"),
+                });
+            }
+            tried.push(format!("{name} is not on the {which} bus"));
+        }
+        Err(format!("no broker for {app} found ({})", tried.join("; ")))
+    }
+
+    async fn call<B, R>(&self, method: &str, body: &B) -> Result<R, String>
+    where
+        B: serde::Serialize + zbus::Type,
+        R: for<'d> serde::Deserialize<'d> + zbus::Type,
+    {
+        let reply = self
+            .conn
+            .call_method(
+                self.destination.as_deref(),
+                OBJECT_PATH,
+                Some(INTERFACE),
+                method,
+                body,
+            )
+            .await
+            .map_err(describe_error)?;
+        reply
+            .body()
+            .deserialize::<R>()
+            .map_err(|e| format!("unexpected reply to {method}: {e}"))
+    }
+
+    pub async fn reload(&self) -> Result<u64, String> {
+        self.call("Reload", &()).await
+    }
+
+    pub async fn status(&self) -> Result<StatusReport, String> {
+        let dict: HashMap<String, OwnedVariant> = self.call("Status", &()).await?;
+        StatusReport::from_dict(dict)
+    }
+}
+
+async fn connect_private(socket: &std::path::Path) -> Result<Connection, String> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| e.to_string())?;
+    let stream = stream.into_std().map_err(|e| e.to_string())?;
+    zbus::connection::Builder::unix_stream(stream)
+        .p2p()
+        .build()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+async fn name_has_owner(conn: &Connection, name: &str) -> bool {
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        return false;
+    };
+    let Ok(name) = zbus::names::BusName::try_from(name) else {
+        return false;
+    };
+    dbus.name_has_owner(name).await.unwrap_or(false)
+}
+
+/// `org.ally.Error.ReloadFailed: msg` reads as just the message.
+fn describe_error(e: zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, Some(message), _) => {
+            if name.starts_with("org.ally.Error.") {
+                message
+            } else {
+                format!("{name}: {message}")
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+pub async fn reload(args: TargetArgs) -> Result<i32, String> {
+    let target = Target::connect(&args.app, &args.connect).await?;
+    match target.reload().await {
+        Ok(generation) => {
+            println!("{}: reloaded to generation {generation}", args.app);
+            Ok(0)
+        }
+        Err(reason) => Err(format!("reload of {} failed: {reason}", args.app)),
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct InstanceReport {
+    pub id: u64,
+    pub generation: u64,
+    pub pid: u32,
+    pub state: String,
+    pub started_usec: u64,
+    pub ready_usec: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListenerReport {
+    pub network: String,
+    pub address: String,
+    pub refs: u32,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub app: String,
+    pub state: String,
+    pub generation: u64,
+    pub pid: u32,
+    pub reloads: u64,
+    pub last_reload: String,
+    pub instances: Vec<InstanceReport>,
+    pub listeners: Vec<ListenerReport>,
+}
+
+impl StatusReport {
+    fn from_dict(mut dict: HashMap<String, OwnedVariant>) -> Result<Self, String> {
+        fn take<T>(dict: &mut HashMap<String, OwnedVariant>, key: &str) -> Result<T, String>
+        where
+            T: TryFrom<OwnedVariant>,
+        {
+            let value = dict
+                .remove(key)
+                .ok_or_else(|| format!("the broker's status has no {key:?}"))?;
+            T::try_from(value).map_err(|_| format!("the broker's status has a malformed {key:?}"))
+        }
+        let instances: Vec<(u64, u64, u32, String, u64, u64)> = take(&mut dict, "instances")?;
+        let listeners: Vec<(String, String, u32)> = take(&mut dict, "listeners")?;
+        Ok(StatusReport {
+            app: take(&mut dict, "app")?,
+            state: take(&mut dict, "state")?,
+            generation: take(&mut dict, "generation")?,
+            pid: take(&mut dict, "pid")?,
+            reloads: take(&mut dict, "reloads")?,
+            last_reload: take(&mut dict, "last_reload")?,
+            instances: instances
+                .into_iter()
+                .map(
+                    |(id, generation, pid, state, started_usec, ready_usec)| InstanceReport {
+                        id,
+                        generation,
+                        pid,
+                        state,
+                        started_usec,
+                        ready_usec,
+                    },
+                )
+                .collect(),
+            listeners: listeners
+                .into_iter()
+                .map(|(network, address, refs)| ListenerReport {
+                    network,
+                    address,
+                    refs,
+                })
+                .collect(),
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let mut line = |s: String| {
+            out.push_str(&s);
+            out.push('\n');
+        };
+        line(format!(
+            "{} — {}, generation {}",
+            self.app, self.state, self.generation
+        ));
+        line(format!("    broker pid: {}", self.pid));
+        line(format!("       reloads: {}", self.reloads));
+        if !self.last_reload.is_empty() {
+            line(format!("   last reload: {}", self.last_reload));
+        }
+        line(String::new());
+        let now = SystemTime::now();
+        let mut rows = vec![[
+            "INSTANCE".to_string(),
+            "GEN".into(),
+            "PID".into(),
+            "STATE".into(),
+            "UPTIME".into(),
+            "READY FOR".into(),
+        ]];
+        for i in &self.instances {
+            rows.push([
+                i.id.to_string(),
+                i.generation.to_string(),
+                i.pid.to_string(),
+                i.state.clone(),
+                since(now, i.started_usec),
+                since(now, i.ready_usec),
+            ]);
+        }
+        for row in table(&rows) {
+            line(row);
+        }
+        line(String::new());
+        let mut rows = vec![["NETWORK".to_string(), "ADDRESS".into(), "REFS".into()]];
+        for l in &self.listeners {
+            rows.push([l.network.clone(), l.address.clone(), l.refs.to_string()]);
+        }
+        for row in table(&rows) {
+            line(row);
+        }
+        out
+    }
+}
+
+fn since(now: SystemTime, usec: u64) -> String {
+    if usec == 0 {
+        return "-".into();
+    }
+    let then = UNIX_EPOCH + Duration::from_micros(usec);
+    let secs = now.duration_since(then).unwrap_or_default().as_secs();
+    humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+fn table<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
+    let widths: Vec<usize> = (0..N)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect()
+}
+
+pub async fn status(args: StatusArgs) -> Result<i32, String> {
+    let apps = match &args.app {
+        Some(app) => vec![app.clone()],
+        None => discover().await.into_keys().collect(),
+    };
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for app in &apps {
+        match Target::connect(app, &args.connect).await {
+            Ok(target) => match target.status().await {
+                Ok(report) => reports.push(report),
+                Err(e) => failures.push(format!("{app}: {e}")),
+            },
+            Err(e) => failures.push(e),
+        }
+    }
+    if args.json {
+        let json = if args.app.is_some() {
+            serde_json::to_string_pretty(reports.first().ok_or_else(|| failures.join("; "))?)
+        } else {
+            serde_json::to_string_pretty(&reports)
+        };
+        println!("{}", json.map_err(|e| e.to_string())?);
+    } else {
+        let rendered: Vec<String> = reports.iter().map(StatusReport::render).collect();
+        print!("{}", rendered.join("\n"));
+        if apps.is_empty() {
+            println!("no brokers found");
+        }
+    }
+    if failures.is_empty() {
+        Ok(0)
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// Every broker that can be reached: private sockets under this user's runtime
+/// base, and `org.ally.*` names on the system and session buses.
+pub async fn discover() -> BTreeMap<String, String> {
+    let mut found = BTreeMap::new();
+    let base = runtime_dir::base_dir();
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for entry in entries.flatten() {
+            let socket: PathBuf = runtime_dir::socket_path(&entry.path());
+            if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+                found.insert(
+                    entry.file_name().to_string_lossy().to_string(),
+                    socket.display().to_string(),
+                );
+            }
+        }
+    }
+    for (which, conn) in [
+        ("system bus", Connection::system().await),
+        ("session bus", Connection::session().await),
+    ] {
+        let Ok(conn) = conn else { continue };
+        let Ok(dbus) = zbus::fdo::DBusProxy::new(&conn).await else {
+            continue;
+        };
+        for name in dbus.list_names().await.unwrap_or_default() {
+            if let Some(app) = name.as_str().strip_prefix("org.ally.") {
+                found
+                    .entry(app.to_string())
+                    .or_insert_with(|| which.to_string());
+            }
+        }
+    }
+    found
+}
+
+pub async fn list(args: ListArgs) -> Result<i32, String> {
+    let found = discover().await;
+    if args.json {
+        let entries: Vec<_> = found
+            .iter()
+            .map(|(app, via)| serde_json::json!({ "app": app, "via": via }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&entries).map_err(|e| e.to_string())?
+        );
+    } else {
+        for (app, via) in &found {
+            println!("{app}\t{via}");
+        }
+    }
+    Ok(0)
+}

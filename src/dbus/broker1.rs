@@ -1,0 +1,390 @@
+//! `org.ally.Broker1`: sockets, readiness, reloads and status.
+//! The interface is documented in `docs/dbus-api.md`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use ally_client::net::{ListenAddr, ListenOptions};
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedVariant, Variant, interface};
+
+use super::caller::{self, Role, Transport};
+use super::errors::{AllyError, Result};
+use crate::broker::{Broker, Status};
+use crate::generations::{Instance, InstanceId};
+
+pub type InstanceEntry = (u64, u64, u32, String, u64, u64);
+pub type ListenerEntry = (String, String, u32);
+
+/// Who is on the other end of a connection.
+#[derive(Debug)]
+pub enum Peer {
+    /// A private-socket peer, known by `SO_PEERCRED` at connect time.
+    Private {
+        pid: u32,
+        uid: u32,
+        instance: OnceLock<InstanceId>,
+    },
+    /// A bus connection: every call may come from another sender.
+    Bus,
+}
+
+impl Peer {
+    pub fn private(pid: u32, uid: u32) -> Self {
+        Peer::Private {
+            pid,
+            uid,
+            instance: OnceLock::new(),
+        }
+    }
+}
+
+pub struct Broker1 {
+    broker: Arc<Broker>,
+    peer: Peer,
+}
+
+impl Broker1 {
+    pub fn new(broker: Arc<Broker>, peer: Peer) -> Self {
+        Broker1 { broker, peer }
+    }
+
+    async fn role(&self, header: Option<&Header<'_>>, conn: &Connection) -> Result<Role> {
+        let (pid, uid, transport) = match &self.peer {
+            Peer::Private { pid, uid, instance } => {
+                if let Some(id) = instance.get()
+                    && self.broker.instance_alive(*id)
+                {
+                    return Ok(Role::Instance(*id));
+                }
+                (*pid, *uid, Transport::PrivateSocket)
+            }
+            Peer::Bus => {
+                let sender = header
+                    .and_then(|h| h.sender())
+                    .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
+                let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+                let creds = dbus
+                    .get_connection_credentials(sender.clone().into())
+                    .await
+                    .map_err(|e| AllyError::Failed(format!("cannot identify {sender}: {e}")))?;
+                let uid = creds.unix_user_id().ok_or_else(|| {
+                    AllyError::AccessDenied(format!("the bus does not know the uid of {sender}"))
+                })?;
+                (creds.process_id().unwrap_or(0), uid, Transport::Bus)
+            }
+        };
+        let ancestry = if pid > 0 {
+            caller::ancestry(pid)
+        } else {
+            Vec::new()
+        };
+        let broker_uid = nix::unistd::geteuid().as_raw();
+        let role = caller::role(
+            uid,
+            &ancestry,
+            &self.broker.instance_pids(),
+            broker_uid,
+            transport,
+        );
+        if let (Role::Instance(id), Peer::Private { instance, .. }) = (role, &self.peer) {
+            let _ = instance.set(id);
+        }
+        Ok(role)
+    }
+
+    async fn require_instance(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        method: &str,
+    ) -> Result<InstanceId> {
+        match self.role(header, conn).await? {
+            Role::Instance(id) => Ok(id),
+            Role::Admin => Err(AllyError::AccessDenied(format!(
+                "{method} is for instances of {}: the caller is an admin, not one of its instances",
+                self.broker.app()
+            ))),
+            _ => Err(self.denied(method)),
+        }
+    }
+
+    async fn require_admin(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        method: &str,
+    ) -> Result<()> {
+        match self.role(header, conn).await? {
+            Role::Instance(_) | Role::Admin => Ok(()),
+            _ => Err(self.denied(method)),
+        }
+    }
+
+    async fn require_reader(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        what: &str,
+    ) -> Result<()> {
+        match self.role(header, conn).await? {
+            Role::Denied => Err(self.denied(what)),
+            _ => Ok(()),
+        }
+    }
+
+    fn denied(&self, what: &str) -> AllyError {
+        AllyError::AccessDenied(format!(
+            "{what} denied: the caller is neither root, the broker's user, nor an instance of {}",
+            self.broker.app()
+        ))
+    }
+}
+
+#[interface(name = "org.ally.Broker1", introspection_docs = false)]
+impl Broker1 {
+    async fn listen(
+        &self,
+        network: &str,
+        address: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd> {
+        let instance = self.require_instance(Some(&header), conn, "Listen").await?;
+        let addr = parse_address(network, address).await?;
+        let fd = self
+            .broker
+            .listen(instance, &addr, &ListenOptions::default())?;
+        Ok(fd.into())
+    }
+
+    async fn listen_with(
+        &self,
+        network: &str,
+        address: &str,
+        options: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<zbus::OwnedFd> {
+        let instance = self
+            .require_instance(Some(&header), conn, "ListenWith")
+            .await?;
+        let options = parse_options(&options)?;
+        let addr = parse_address(network, address).await?;
+        let fd = self.broker.listen(instance, &addr, &options)?;
+        Ok(fd.into())
+    }
+
+    async fn close(
+        &self,
+        network: &str,
+        address: &str,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<()> {
+        let instance = self.require_instance(Some(&header), conn, "Close").await?;
+        let addr = parse_address(network, address).await?;
+        Ok(self.broker.close(instance, &addr)?)
+    }
+
+    async fn ready(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<()> {
+        let instance = self.require_instance(Some(&header), conn, "Ready").await?;
+        Ok(self.broker.ready(instance)?)
+    }
+
+    async fn reload(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<u64> {
+        self.require_admin(Some(&header), conn, "Reload").await?;
+        Ok(self.broker.reload().await?)
+    }
+
+    async fn status(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<HashMap<String, OwnedVariant>> {
+        self.require_reader(Some(&header), conn, "Status").await?;
+        status_dict(&self.broker.status())
+    }
+
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn app(&self) -> String {
+        self.broker.app().to_string()
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn state(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<String> {
+        self.property_access(header.as_ref(), conn).await?;
+        Ok(self.broker.status().phase.as_str().to_string())
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn generation(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<u64> {
+        self.property_access(header.as_ref(), conn).await?;
+        Ok(self.broker.status().generation)
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn instances(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<Vec<InstanceEntry>> {
+        self.property_access(header.as_ref(), conn).await?;
+        Ok(instance_entries(&self.broker.status().instances))
+    }
+
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn listeners(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<Vec<ListenerEntry>> {
+        self.property_access(header.as_ref(), conn).await?;
+        Ok(listener_entries(&self.broker.status()))
+    }
+
+    #[zbus(signal)]
+    pub async fn reload_finished(
+        emitter: &SignalEmitter<'_>,
+        generation: u64,
+        success: bool,
+        message: &str,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn instance_state_changed(
+        emitter: &SignalEmitter<'_>,
+        id: u64,
+        state: &str,
+    ) -> zbus::Result<()>;
+}
+
+impl Broker1 {
+    async fn property_access(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+    ) -> zbus::fdo::Result<()> {
+        self.require_reader(header, conn, "reading properties")
+            .await
+            .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))
+    }
+}
+
+/// Host names may need a resolver; keep that off the async workers.
+async fn parse_address(network: &str, address: &str) -> Result<ListenAddr> {
+    let (network, address) = (network.to_string(), address.to_string());
+    tokio::task::spawn_blocking(move || ListenAddr::parse(&network, &address))
+        .await
+        .map_err(|e| AllyError::Failed(e.to_string()))?
+        .map_err(|e| AllyError::from(crate::broker::Error::from(e)))
+}
+
+fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOptions> {
+    let mut parsed = ListenOptions::default();
+    for (key, value) in options {
+        let wrong_type = |expected: &str| {
+            AllyError::InvalidArgument(format!(
+                "option {key:?} must be of type {expected}, not {}",
+                value.value_signature()
+            ))
+        };
+        match key.as_str() {
+            "backlog" => {
+                let backlog = u32::try_from(value).map_err(|_| wrong_type("u"))?;
+                if backlog == 0 {
+                    return Err(AllyError::InvalidArgument(
+                        "option \"backlog\" must be at least 1".into(),
+                    ));
+                }
+                parsed.backlog = Some(backlog);
+            }
+            "reuse_port" => {
+                parsed.reuse_port = bool::try_from(value).map_err(|_| wrong_type("b"))?;
+            }
+            "mode" => {
+                parsed.mode = Some(u32::try_from(value).map_err(|_| wrong_type("u"))?);
+            }
+            other => {
+                return Err(AllyError::InvalidArgument(format!(
+                    "unknown option {other:?}: expected backlog (u), reuse_port (b) or mode (u)"
+                )));
+            }
+        }
+    }
+    Ok(parsed)
+}
+
+fn usec(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+pub fn instance_entries(instances: &[Instance]) -> Vec<InstanceEntry> {
+    instances
+        .iter()
+        .map(|i| {
+            (
+                i.id,
+                i.generation,
+                i.pid,
+                i.state.as_str().to_string(),
+                usec(Some(i.started)),
+                usec(i.ready),
+            )
+        })
+        .collect()
+}
+
+fn listener_entries(status: &Status) -> Vec<ListenerEntry> {
+    status
+        .listeners
+        .iter()
+        .map(|l| (l.network.clone(), l.address.clone(), l.refs))
+        .collect()
+}
+
+fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
+    fn owned<'a>(v: impl Into<Variant<'a>>) -> Result<OwnedVariant> {
+        v.into()
+            .try_into_owned()
+            .map_err(|e| AllyError::Failed(e.to_string()))
+    }
+    Ok(HashMap::from([
+        ("app".to_string(), owned(status.app.as_str())?),
+        ("state".to_string(), owned(status.phase.as_str())?),
+        ("generation".to_string(), owned(status.generation)?),
+        ("pid".to_string(), owned(status.pid)?),
+        (
+            "instances".to_string(),
+            owned(Variant::new(instance_entries(&status.instances)))?,
+        ),
+        (
+            "listeners".to_string(),
+            owned(Variant::new(listener_entries(status)))?,
+        ),
+        ("reloads".to_string(), owned(status.reloads)?),
+        (
+            "last_reload".to_string(),
+            owned(status.last_reload.as_str())?,
+        ),
+    ]))
+}

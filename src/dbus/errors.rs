@@ -1,0 +1,32 @@
+//! D-Bus errors, named `org.ally.Error.<Kind>`.
+
+use zbus::DBusError;
+
+#[derive(Debug, DBusError)]
+#[zbus(prefix = "org.ally.Error")]
+pub enum AllyError {
+    #[zbus(error)]
+    ZBus(zbus::Error),
+    InvalidArgument(String),
+    AccessDenied(String),
+    AddressInUse(String),
+    ReloadFailed(String),
+    NotOwner(String),
+    Timeout(String),
+    LimitExceeded(String),
+    Failed(String),
+}
+
+impl From<crate::broker::Error> for AllyError {
+    fn from(e: crate::broker::Error) -> Self {
+        use crate::broker::Error as E;
+        match e {
+            E::InvalidArgument(m) => AllyError::InvalidArgument(m),
+            E::AddressInUse(m) => AllyError::AddressInUse(m),
+            E::ReloadFailed(m) => AllyError::ReloadFailed(m),
+            E::Failed(m) => AllyError::Failed(m),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, AllyError>;

@@ -1,0 +1,16 @@
+//! The broker's D-Bus face: the `org.ally.Broker1` interface, who may call it,
+//! and the two transports that serve it (the private socket and a bus).
+
+pub mod broker1;
+pub mod bus;
+pub mod bus_shim;
+pub mod caller;
+pub mod errors;
+pub mod server;
+
+pub const OBJECT_PATH: &str = "/org/ally";
+
+/// The well-known name of an app's broker on a bus.
+pub fn bus_name(app: &str) -> String {
+    format!("org.ally.{app}")
+}

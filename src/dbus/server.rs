@@ -1,0 +1,130 @@
+//! The private socket: a D-Bus peer-to-peer server at `$RUNTIME/bus`, one
+//! connection per client, each knowing its peer's credentials.
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{UnixListener, UnixStream};
+use zbus::object_server::SignalEmitter;
+
+use super::broker1::{Broker1, Broker1Signals, Peer};
+use super::{OBJECT_PATH, bus_shim};
+use crate::broker::{Broker, Event};
+
+/// Binds the private socket. A live socket at the path means another broker
+/// serves this app: that is an error, not something to take over.
+pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!(
+                "{} is in use: another broker serves this app",
+                path.display()
+            ),
+        ));
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("cannot remove stale {}: {e}", path.display()),
+            ));
+        }
+        _ => {}
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display())))?;
+    // The app's user must reach the socket; everyone else is refused by the broker.
+    let mode = if owner.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    if let Some((uid, gid)) = owner {
+        nix::unistd::chown(
+            path,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        )
+        .map_err(|e| io::Error::other(format!("cannot chown {}: {e}", path.display())))?;
+        let dir_mode = std::fs::metadata(dir)?.permissions().mode();
+        if dir_mode & 0o011 == 0 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode | 0o011))?;
+        }
+    }
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, broker.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("accepting on the private socket: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
+    let peer = match stream.peer_cred() {
+        Ok(cred) => Peer::private(cred.pid().unwrap_or(0) as u32, cred.uid()),
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            return;
+        }
+    };
+    let stream = match stream.into_std() {
+        Ok(s) => s,
+        Err(e) => return tracing::warn!("{e}"),
+    };
+    let conn = zbus::connection::Builder::unix_stream(stream)
+        .server(zbus::Guid::generate())
+        .p2p()
+        .serve_at(OBJECT_PATH, Broker1::new(broker.clone(), peer))
+        .serve_at(bus_shim::PATH, bus_shim::BusShim)
+        .build()
+        .await;
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => return tracing::debug!("private socket handshake failed: {e}"),
+    };
+    forward_events(&conn, &broker).await;
+}
+
+/// Emits the broker's events as signals on `conn` until it closes.
+pub async fn forward_events(conn: &zbus::Connection, broker: &Broker) {
+    let mut events = broker.subscribe();
+    let Ok(emitter) = SignalEmitter::new(conn, OBJECT_PATH) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            event = events.recv() => {
+                let sent = match event {
+                    Ok(Event::ReloadFinished { generation, success, message }) => {
+                        emitter.reload_finished(generation, success, &message).await
+                    }
+                    Ok(Event::InstanceStateChanged { id, state }) => {
+                        emitter.instance_state_changed(id, state.as_str()).await
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Ok(()),
+                    Err(_) => return,
+                };
+                if sent.is_err() && conn.is_closed() {
+                    return;
+                }
+            }
+            _ = conn.closed() => return,
+        }
+    }
+}
+
+pub fn socket_path(runtime_dir: &Path) -> PathBuf {
+    crate::runtime_dir::socket_path(runtime_dir)
+}

@@ -1,0 +1,116 @@
+//! Starting and signalling an instance's process.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+
+use crate::generations::{Generation, InstanceId};
+
+/// Everything needed to start one instance.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub command: Vec<String>,
+    pub working_directory: Option<PathBuf>,
+    pub user: Option<(u32, String)>,
+    pub group: Option<u32>,
+    pub environment: BTreeMap<String, String>,
+    pub app: String,
+    pub address: String,
+    pub stop_signal: Signal,
+}
+
+/// Spawns the command. The program is looked up again on every call, so a
+/// replaced binary or a re-pointed `current` symlink is what the next
+/// generation runs.
+///
+/// Each instance gets its own process group: a Ctrl-C at the broker's terminal
+/// reaches only the broker, which then stops its instances in order, and a
+/// SIGKILL can take an instance's helpers with it.
+pub fn spawn(
+    launch: &Launch,
+    id: InstanceId,
+    generation: Generation,
+) -> io::Result<tokio::process::Child> {
+    let (program, args) = launch
+        .command
+        .split_first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the command is empty"))?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .envs(&launch.environment)
+        .env("ALLY_ADDRESS", &launch.address)
+        .env("ALLY_APP", &launch.app)
+        .env("ALLY_INSTANCE", id.to_string())
+        .env("ALLY_GENERATION", generation.to_string())
+        .env("ALLY_STOP_SIGNAL", launch.stop_signal.as_str())
+        // systemd's variables describe the broker, not the app.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("LISTEN_FDS")
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDNAMES")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .stdin(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(false);
+    if let Some(dir) = &launch.working_directory {
+        cmd.current_dir(dir);
+    }
+    if let Some(gid) = launch.group {
+        cmd.gid(gid);
+    }
+    if let Some((uid, name)) = &launch.user {
+        cmd.uid(*uid);
+        if nix::unistd::geteuid().is_root() {
+            let name = std::ffi::CString::new(name.as_str())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name has NUL"))?;
+            let gid = nix::unistd::Gid::from_raw(launch.group.unwrap_or(0));
+            // SAFETY: initgroups is async-signal-safe enough for the post-fork child
+            // (it reads the group database, as every setuid-spawning daemon does).
+            unsafe {
+                cmd.pre_exec(move || {
+                    nix::unistd::initgroups(&name, gid).map_err(io::Error::from)?;
+                    Ok(())
+                });
+            }
+        }
+    }
+    cmd.spawn()
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+}
+
+/// Sends `signal` to the instance's main process. An instance that already
+/// exited is not an error.
+pub fn signal(pid: u32, signal: Signal) {
+    match kill(Pid::from_raw(pid as i32), signal) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pid, "cannot send {signal}: {e}"),
+    }
+}
+
+/// SIGKILLs the instance's whole process group.
+pub fn kill_group(pid: u32) {
+    match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(pid, "cannot SIGKILL process group: {e}"),
+    }
+}
+
+/// Describes how a process ended, the way a person reads it.
+pub fn describe_exit(status: &std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exited with status {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = Signal::try_from(sig)
+            .map(|s| s.as_str())
+            .unwrap_or("unknown signal");
+        format!("was killed by {name}")
+    } else {
+        "ended".to_string()
+    }
+}

@@ -1,0 +1,62 @@
+//! `ally run`: load the configuration, open the private socket and the bus, and
+//! run the broker until it is stopped.
+
+use std::path::PathBuf;
+
+use crate::broker::Broker;
+use crate::cli::RunArgs;
+use crate::config::{self, Config};
+use crate::dbus::{bus, server};
+use crate::runtime_dir;
+
+pub async fn run(args: RunArgs) -> Result<i32, String> {
+    init_logging();
+    config::validate_app_name(&args.app)
+        .map_err(|e| format!("invalid app name {:?}: {e}", args.app))?;
+    let config = load_config(&args)?;
+    let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
+    let socket = runtime_dir::socket_path(&runtime_dir);
+    let address = runtime_dir::dbus_address(&socket);
+    let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
+    let broker = Broker::new(&args.app, config, address).map_err(|e| e.to_string())?;
+    let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
+    tokio::spawn(server::serve(listener, broker.clone()));
+    let _bus = bus::register(args.bus, broker.clone()).await?;
+    tracing::info!("broker for {} listening on {}", args.app, socket.display());
+    let code = broker.run().await;
+    let _ = std::fs::remove_file(&socket);
+    Ok(code)
+}
+
+fn load_config(args: &RunArgs) -> Result<Config, String> {
+    let command = (!args.command.is_empty()).then(|| args.command.clone());
+    let path: Option<PathBuf> = match &args.config {
+        Some(path) => Some(path.clone()),
+        None => Some(Config::default_path(&args.app)).filter(|p| p.exists()),
+    };
+    match (path, command) {
+        (Some(path), command) => Config::load(&path, command).map_err(|e| e.to_string()),
+        (None, Some(command)) => Ok(Config::defaults(command)),
+        (None, None) => Err(format!(
+            "no configuration for {app}: {} does not exist; give --config FILE, or the command after `--` (ally run {app} -- /path/to/app)",
+            Config::default_path(&args.app).display(),
+            app = args.app
+        )),
+    }
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("ALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(!under_systemd && std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if under_systemd {
+        let _ = builder.without_time().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
