@@ -1,0 +1,394 @@
+//! The example programs, run as processes in simulate mode.
+//!
+//! `cargo test -p ally-client` builds the examples first; `cargo test --test examples`
+//! alone does not rebuild them, and would run stale binaries.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// `cargo test` builds the examples next to the test binaries' `deps` directory.
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .unwrap()
+        .join("examples")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p ally-client --examples`",
+        path.display()
+    );
+    path
+}
+
+struct Program {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+    first_line: String,
+}
+
+impl Program {
+    fn start(name: &str, args: &[&str]) -> Program {
+        let mut child = Command::new(example(name))
+            .args(args)
+            .env_remove("ALLY_ADDRESS")
+            .env_remove("ALLY_STOP_SIGNAL")
+            .env_remove("HELLO_VERSION")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let first_line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|e| panic!("{name} printed nothing: {e}"));
+        Program {
+            child,
+            stderr: rx,
+            first_line,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn signal(&self, sig: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
+    }
+
+    /// The `host:port` after `word` in the first line.
+    fn addr_after(&self, word: &str) -> SocketAddr {
+        let rest = self
+            .first_line
+            .split_once(word)
+            .unwrap_or_else(|| panic!("no {word:?} in {:?}", self.first_line))
+            .1;
+        rest.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("process did not exit within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Program {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Response {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one response; `None` on a clean end of stream before any byte.
+fn read_response(stream: &mut TcpStream) -> Option<Response> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) if head.is_empty() => return None,
+            Ok(0) => panic!("connection closed mid-response: {head:?}"),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => panic!("reading response: {e}"),
+        }
+    }
+    let head = String::from_utf8(head).unwrap();
+    let mut lines = head.trim_end().split("\r\n");
+    let status_line = lines.next().unwrap();
+    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .map(|l| {
+            let (n, v) = l.split_once(':').unwrap();
+            (n.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let mut response = Response {
+        status,
+        headers,
+        body: String::new(),
+    };
+    let len: usize = response
+        .header("Content-Length")
+        .expect("every response has Content-Length")
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).unwrap();
+    response.body = String::from_utf8(body).unwrap();
+    Some(response)
+}
+
+fn get(stream: &mut TcpStream, extra: &str) -> Response {
+    write!(stream, "GET / HTTP/1.1\r\nHost: test\r\n{extra}\r\n").unwrap();
+    read_response(stream).expect("a response")
+}
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+}
+
+fn assert_closed(stream: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    match stream.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("expected end of stream, got {:?}", &buf[..n]),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!("expected end of stream: {e}"),
+    }
+}
+
+#[test]
+fn hello_keeps_alive_then_drains_on_sigterm() {
+    let mut hello = Program::start("hello", &["--listen", "127.0.0.1:0", "--version", "7"]);
+    assert!(
+        hello.first_line.contains(&format!("pid={}", hello.pid())),
+        "{}",
+        hello.first_line
+    );
+    let addr = hello.addr_after("listening on ");
+    let expected = format!("hello version=7 pid={} generation=1\n", hello.pid());
+
+    let mut busy = connect(addr);
+    for _ in 0..2 {
+        let r = get(&mut busy, "");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, expected);
+        assert_eq!(r.header("Connection"), Some("keep-alive"));
+    }
+    let mut idle = connect(addr);
+    assert_eq!(get(&mut idle, "").header("Connection"), Some("keep-alive"));
+
+    hello.signal(Signal::SIGTERM);
+    let stopped_at = Instant::now();
+    std::thread::sleep(Duration::from_millis(300));
+
+    // A request on a kept-alive connection after the stop is answered, then closed.
+    let r = get(&mut busy, "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut busy);
+
+    // The idle connection is closed about a second after the stop.
+    assert_closed(&mut idle);
+    let idle_for = stopped_at.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(5),
+        "idle connection closed after {idle_for:?}"
+    );
+
+    let status = hello.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let lines = hello.stderr_lines();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+}
+
+#[test]
+fn hello_speaks_enough_http() {
+    let hello = Program::start("hello", &["--listen", "127.0.0.1:0"]);
+    let addr = hello.addr_after("listening on ");
+    let expected = format!("hello version=1 pid={} generation=1\n", hello.pid());
+
+    // Two pipelined requests, one with a body, in a single write.
+    let mut stream = connect(addr);
+    stream
+        .write_all(
+            b"POST /a HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhelloGET /b HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .unwrap();
+    for _ in 0..2 {
+        let r = read_response(&mut stream).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, expected);
+    }
+
+    // Connection: close is honoured.
+    let r = get(&mut stream, "Connection: close\r\n");
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_eq!(r.body, expected);
+    assert_closed(&mut stream);
+
+    // HTTP/1.0 closes unless asked to keep alive.
+    let mut stream = connect(addr);
+    stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let r = read_response(&mut stream).unwrap();
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut stream);
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        .unwrap();
+    let r = read_response(&mut stream).unwrap();
+    assert_eq!(r.header("Connection"), Some("keep-alive"));
+
+    // HEAD has the length but no body.
+    let mut stream = connect(addr);
+    stream
+        .write_all(b"HEAD / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut all = String::new();
+    stream.read_to_string(&mut all).unwrap();
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert!(
+        all.contains(&format!("Content-Length: {}", expected.len())),
+        "{all}"
+    );
+    assert!(all.ends_with("\r\n\r\n"), "{all:?}");
+
+    // Garbage gets a 400 and a close.
+    let mut stream = connect(addr);
+    stream.write_all(b"NONSENSE\r\n\r\n").unwrap();
+    let r = read_response(&mut stream).unwrap();
+    assert_eq!(r.status, 400);
+    assert_closed(&mut stream);
+}
+
+#[test]
+fn hello_version_comes_from_the_environment_too() {
+    let mut cmd = Command::new(example("hello"));
+    cmd.args(["--listen", "127.0.0.1:0"])
+        .env("HELLO_VERSION", "42")
+        .env_remove("ALLY_ADDRESS")
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(line.contains("version=42"), "{line}");
+}
+
+#[test]
+fn hello_ignore_stop_keeps_serving() {
+    let mut hello = Program::start("hello", &["--listen", "127.0.0.1:0", "--ignore-stop"]);
+    let addr = hello.addr_after("listening on ");
+    let mut stream = connect(addr);
+    assert_eq!(get(&mut stream, "").status, 200);
+    hello.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(hello.child.try_wait().unwrap().is_none(), "hello exited");
+    let r = get(&mut stream, "");
+    assert_eq!(r.header("Connection"), Some("keep-alive"));
+    assert_eq!(get(&mut connect(addr), "").status, 200);
+    hello.signal(Signal::SIGKILL);
+    let status = hello.wait(Duration::from_secs(10));
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+}
+
+#[test]
+fn hello_reports_a_busy_address() {
+    let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = holder.local_addr().unwrap().to_string();
+    let mut hello = Program::start("hello", &["--listen", &addr]);
+    assert!(
+        hello.first_line.contains("already in use"),
+        "{}",
+        hello.first_line
+    );
+    assert_eq!(hello.wait(Duration::from_secs(10)).code(), Some(1));
+}
+
+#[test]
+fn datagram_echoes_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("echo.sock");
+    let mut program = Program::start(
+        "datagram",
+        &["--udp", "127.0.0.1:0", "--unix", path.to_str().unwrap()],
+    );
+    let pid = program.pid();
+    let udp_addr = program.addr_after("udp on ");
+
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    udp.send_to(b"ping", udp_addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = udp.recv_from(&mut buf).unwrap();
+    assert_eq!(from, udp_addr);
+    assert_eq!(
+        std::str::from_utf8(&buf[..n]).unwrap(),
+        format!("pid={pid} ping")
+    );
+
+    let mut unix = UnixStream::connect(&path).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    unix.write_all(b"one\ntwo\n").unwrap();
+    let mut reader = BufReader::new(unix.try_clone().unwrap());
+    for word in ["one", "two"] {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("pid={pid} {word}\n"));
+    }
+
+    program.signal(Signal::SIGTERM);
+    // The open connection is still served until it has been idle for a second.
+    std::thread::sleep(Duration::from_millis(200));
+    unix.write_all(b"three\n").unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("pid={pid} three\n"));
+    line.clear();
+    assert_eq!(reader.read_line(&mut line).unwrap(), 0, "{line:?}");
+
+    let status = program.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
