@@ -97,6 +97,11 @@ impl TestBroker {
     }
 
     pub fn start_with(app: &str, config: &str, extra: &[&str]) -> TestBroker {
+        Self::start_env(app, config, extra, &[])
+    }
+
+    /// With extra `ally run` arguments and environment variables.
+    pub fn start_env(app: &str, config: &str, extra: &[&str], env: &[(&str, &str)]) -> TestBroker {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join(format!("{app}.toml"));
         std::fs::write(&config_path, config).unwrap();
@@ -107,7 +112,7 @@ impl TestBroker {
             config_path.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        Self::spawn(app, dir, &args)
+        Self::spawn(app, dir, &args, env)
     }
 
     /// Runs `ally run APP -- COMMAND...` on the built-in defaults.
@@ -115,10 +120,15 @@ impl TestBroker {
         let dir = tempfile::tempdir().unwrap();
         let mut args: Vec<String> = vec!["run".into(), app.into(), "--".into()];
         args.extend(command.iter().map(|s| s.to_string()));
-        Self::spawn(app, dir, &args)
+        Self::spawn(app, dir, &args, &[])
     }
 
-    fn spawn(app: &str, dir: tempfile::TempDir, args: &[String]) -> TestBroker {
+    fn spawn(
+        app: &str,
+        dir: tempfile::TempDir,
+        args: &[String],
+        env: &[(&str, &str)],
+    ) -> TestBroker {
         let runtime_dir = dir.path().join("run");
         let log = dir.path().join("broker.log");
         std::fs::File::create(&log).unwrap();
@@ -137,6 +147,7 @@ impl TestBroker {
             .env("ALLY_LOG", "debug,zbus=warn")
             .env_remove("DBUS_SESSION_BUS_ADDRESS")
             .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::options().append(true).open(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap());
