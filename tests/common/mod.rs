@@ -151,21 +151,29 @@ impl TestBroker {
             .stdin(Stdio::null())
             .stdout(std::fs::File::options().append(true).open(&log).unwrap())
             .stderr(std::fs::File::options().append(true).open(&log).unwrap());
-        let child = cmd.spawn().expect("spawning ally run");
-        let broker = TestBroker {
+        let mut child = cmd.spawn().expect("spawning ally run");
+        let socket = runtime_dir.join("bus");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "ally run exited ({status}) before serving:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the broker's private socket never appeared"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        TestBroker {
             app: app.to_string(),
             dir,
             runtime_dir,
             child: Some(child),
             log,
-        };
-        let socket = broker.socket();
-        wait_until(
-            "the broker's private socket",
-            Duration::from_secs(10),
-            || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
-        );
-        broker
+        }
     }
 
     pub fn socket(&self) -> PathBuf {
@@ -280,7 +288,7 @@ impl Drop for TestBroker {
 /// A hello config on `port`; `extra` lines are appended.
 pub fn hello_config(port: u16, version: &str, extra: &str) -> String {
     format!(
-        "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\", \"--version\", {version:?}]\nstop_timeout = \"10s\"\nready_timeout = \"10s\"\nrestart_delay = \"100ms\"\n{extra}\n",
+        "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\", \"--version\", {version:?}]\nstop_timeout = \"10s\"\nready_timeout = \"10s\"\n{extra}\n",
         hello().display().to_string()
     )
 }
