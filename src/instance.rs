@@ -60,27 +60,48 @@ pub fn spawn(
     if let Some(dir) = &launch.working_directory {
         cmd.current_dir(dir);
     }
-    if let Some(gid) = launch.group {
-        cmd.gid(gid);
-    }
-    if let Some((uid, name)) = &launch.user {
-        cmd.uid(*uid);
-        if nix::unistd::geteuid().is_root() {
-            let name = std::ffi::CString::new(name.as_str())
-                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name has NUL"))?;
-            let gid = nix::unistd::Gid::from_raw(launch.group.unwrap_or(0));
-            // SAFETY: initgroups is async-signal-safe enough for the post-fork child
-            // (it reads the group database, as every setuid-spawning daemon does).
-            unsafe {
-                cmd.pre_exec(move || {
-                    nix::unistd::initgroups(&name, gid).map_err(io::Error::from)?;
-                    Ok(())
-                });
-            }
+    if launch.user.is_some() || launch.group.is_some() {
+        let (uid, name) = match &launch.user {
+            Some((uid, name)) => (Some(*uid), Some(name.clone())),
+            None => (None, None),
+        };
+        let name = name
+            .map(std::ffi::CString::new)
+            .transpose()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name has NUL"))?;
+        let gid = launch.group;
+        let privileged = nix::unistd::geteuid().is_root();
+        // std's own uid()/gid() run before pre_exec hooks, and initgroups needs
+        // root: the whole drop happens here, in order.
+        // SAFETY: the hook only makes the set*id calls every setuid-spawning daemon makes.
+        unsafe {
+            cmd.pre_exec(move || drop_privileges(uid, gid, name.as_deref(), privileged));
         }
     }
     cmd.spawn()
         .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+}
+
+fn drop_privileges(
+    uid: Option<u32>,
+    gid: Option<u32>,
+    name: Option<&std::ffi::CStr>,
+    privileged: bool,
+) -> io::Result<()> {
+    use nix::unistd::{Gid, Uid, initgroups, setgid, setgroups, setuid};
+    if let Some(gid) = gid.map(Gid::from_raw) {
+        if privileged {
+            match name {
+                Some(name) => initgroups(name, gid)?,
+                None => setgroups(&[gid])?,
+            }
+        }
+        setgid(gid)?;
+    }
+    if let Some(uid) = uid {
+        setuid(Uid::from_raw(uid))?;
+    }
+    Ok(())
 }
 
 /// Sends `signal` to the instance's main process. An instance that already

@@ -1,0 +1,184 @@
+//! Bad input gets a clear error naming what was wrong, and the broker keeps
+//! running and serving.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn reports(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn bad_listen_requests_are_refused_and_the_app_still_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let held_port = held.local_addr().unwrap().port();
+    let good_port = free_port();
+    let mut command: Vec<String> = vec![
+        probe().display().to_string(),
+        "--report".into(),
+        report.display().to_string(),
+    ];
+    let requests = [
+        ("sctp", "127.0.0.1:80".to_string()),
+        ("tcp", "127.0.0.1".to_string()),
+        ("tcp", "127.0.0.1:99999".to_string()),
+        ("tcp4", "[::1]:80".to_string()),
+        ("unix", "relative/path.sock".to_string()),
+        ("tcp", format!("127.0.0.1:{held_port}")),
+        ("tcp", format!("127.0.0.1:{good_port}")),
+    ];
+    for (network, address) in &requests {
+        command.extend(["--listen".into(), network.to_string(), address.clone()]);
+    }
+    command.push("--ready".into());
+    let config = format!("command = {command:?}\n");
+    let broker = TestBroker::start("bad", &config);
+    broker.wait_running(1);
+    let r = reports(&report);
+    let expect = [
+        ("InvalidArgument", "unknown network \"sctp\""),
+        ("InvalidArgument", "missing port"),
+        ("InvalidArgument", "port must be a number"),
+        ("InvalidArgument", "not an address of tcp4"),
+        ("InvalidArgument", "must be absolute"),
+        (
+            "AddressInUse",
+            &format!("127.0.0.1:{held_port} is already in use"),
+        ),
+    ];
+    for (i, (kind, text)) in expect.iter().enumerate() {
+        assert_eq!(r[i]["ok"], false, "{}", r[i]);
+        assert_eq!(r[i]["kind"], *kind, "{}", r[i]);
+        assert!(
+            r[i]["error"].as_str().unwrap().contains(text),
+            "{} should say {text:?}",
+            r[i]
+        );
+    }
+    assert_eq!(r[6]["ok"], true, "{}", r[6]);
+    assert_eq!(r[7]["op"], "ready");
+    assert_eq!(r[7]["ok"], true);
+    let status = broker.status();
+    assert_eq!(status["state"], "running");
+    assert_eq!(status["listeners"].as_array().unwrap().len(), 1, "{status}");
+    std::net::TcpStream::connect(("127.0.0.1", good_port)).unwrap();
+}
+
+fn ally_run(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(ALLY)
+        .arg("run")
+        .args(args)
+        .args(["--bus", "none"])
+        .output()
+        .unwrap();
+    (out.status.code(), stderr(&out))
+}
+
+fn broken_config(name: &str, text: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    let path = path.display().to_string();
+    (dir, path)
+}
+
+#[test]
+fn a_broken_config_is_one_line_naming_file_key_and_expectation() {
+    let cases = [
+        (
+            "command = [\"/bin/true\"]\nready_timeot = \"5s\"\n",
+            "unknown key `ready_timeot`",
+        ),
+        (
+            "command = [\"/bin/true\"]\nready_timeout = \"5 parsecs\"\n",
+            "key `ready_timeout`",
+        ),
+        (
+            "command = [\"/bin/true\"]\nstop_signal = \"SIGNOPE\"\n",
+            "key `stop_signal`",
+        ),
+        (
+            "command = [\"/bin/true\"]\nrestart_delay = 5\n",
+            "key `restart_delay`",
+        ),
+        (
+            "command = [\"/bin/true\"]\n[[listen]]\nnetwork = \"tcp\"\naddress = \"nope\"\n",
+            "key `listen[0].address`",
+        ),
+        ("stop_timeout = \"5s\"\n", "key `command` is missing"),
+        ("command = [\"/bin/true\"\n", "TOML syntax error"),
+    ];
+    for (text, expected) in cases {
+        let (dir, path) = broken_config("app.toml", text);
+        let runtime = dir.path().join("run").display().to_string();
+        let (code, err) = ally_run(&["app", "--config", &path, "--runtime-dir", &runtime]);
+        assert_eq!(code, Some(1), "{text:?}: {err}");
+        assert!(
+            err.starts_with(&format!("ally: {path}")),
+            "names the file: {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "{text:?}: {err:?} should contain {expected:?}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    }
+}
+
+#[test]
+fn a_missing_config_bad_app_name_and_second_broker_are_explained() {
+    let (code, err) = ally_run(&["nosuchapp-config-test"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        err.contains("no configuration for nosuchapp-config-test"),
+        "{err}"
+    );
+    let (code, err) = ally_run(&["bad/name", "--", "/bin/true"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("invalid app name \"bad/name\""), "{err}");
+
+    let port = free_port();
+    let broker = TestBroker::start("twice", &hello_config(port, "1", ""));
+    broker.wait_running(1);
+    let runtime = broker.runtime_dir.display().to_string();
+    let hello = hello().display().to_string();
+    let (code, err) = ally_run(&["twice", "--runtime-dir", &runtime, "--", &hello]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("another broker serves this app"), "{err}");
+    wait_until(
+        "the first broker still serving",
+        Duration::from_secs(2),
+        || broker.status()["state"] == "running",
+    );
+}
+
+#[test]
+fn admin_commands_explain_a_missing_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(ALLY)
+        .args(["reload", "ghost", "--runtime-dir"])
+        .arg(dir.path())
+        .env_remove("DBUS_SESSION_BUS_ADDRESS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("ally: no broker for ghost found (no socket at "),
+        "{err}"
+    );
+    let out = Command::new(ALLY).args(["reload"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
+}
