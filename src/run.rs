@@ -20,12 +20,11 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
     let broker = Broker::new(&args.app, config, address).map_err(|e| e.to_string())?;
     let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
+    let _socket_file = server::SocketFile::new(&socket);
     tokio::spawn(server::serve(listener, broker.clone()));
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
-    let code = broker.run().await;
-    let _ = std::fs::remove_file(&socket);
-    Ok(code)
+    Ok(broker.run().await)
 }
 
 fn load_config(args: &RunArgs) -> Result<Config, String> {

@@ -145,6 +145,7 @@ impl Broker1 {
 
 #[interface(name = "org.ally.Broker1", introspection_docs = false)]
 impl Broker1 {
+    #[zbus(out_args("fd"))]
     async fn listen(
         &self,
         network: &str,
@@ -160,6 +161,7 @@ impl Broker1 {
         Ok(fd.into())
     }
 
+    #[zbus(out_args("fd"))]
     async fn listen_with(
         &self,
         network: &str,
@@ -198,6 +200,7 @@ impl Broker1 {
         Ok(self.broker.ready(instance)?)
     }
 
+    #[zbus(out_args("generation"))]
     async fn reload(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -207,6 +210,7 @@ impl Broker1 {
         Ok(self.broker.reload().await?)
     }
 
+    #[zbus(out_args("status"))]
     async fn status(
         &self,
         #[zbus(header)] header: Header<'_>,

@@ -125,6 +125,31 @@ pub async fn forward_events(conn: &zbus::Connection, broker: &Broker) {
     }
 }
 
-pub fn socket_path(runtime_dir: &Path) -> PathBuf {
-    crate::runtime_dir::socket_path(runtime_dir)
+/// Removes the private socket file at exit, unless another broker has since
+/// bound a socket of its own at the same path.
+pub struct SocketFile {
+    path: PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    pub fn new(path: &Path) -> SocketFile {
+        use std::os::unix::fs::MetadataExt;
+        SocketFile {
+            path: path.to_path_buf(),
+            identity: std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino())),
+        }
+    }
+}
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let current = std::fs::metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if current.is_some() && current == self.identity {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
