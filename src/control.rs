@@ -4,23 +4,19 @@
 //! (it needs no bus daemon and is how root and the broker's user act), else on
 //! the system bus, else on the session bus, under `org.ally.<app>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use serde::Serialize;
-use zbus::{Connection, OwnedVariant};
+use ally_client::proxy::{self, BrokerProxy, Status};
+use zbus::Connection;
 
 use crate::cli::{ConnectArgs, ListArgs, StatusArgs, TargetArgs};
-use crate::dbus::{OBJECT_PATH, bus_name};
 use crate::runtime_dir;
-
-const INTERFACE: &str = "org.ally.Broker1";
 
 /// A connection to one broker.
 pub struct Target {
-    conn: Connection,
-    destination: Option<String>,
+    proxy: BrokerProxy<'static>,
     /// How it was reached, for messages.
     pub via: String,
 }
@@ -31,29 +27,31 @@ impl Target {
         let socket = runtime_dir::socket_path(&dir);
         let mut tried = vec![];
         if socket.exists() {
-            match connect_private(&socket).await {
-                Ok(conn) => {
+            let address = runtime_dir::dbus_address(&socket);
+            match proxy::connect(&address, Some(app)).await {
+                Ok(proxy) => {
                     return Ok(Target {
-                        conn,
-                        destination: None,
+                        proxy,
                         via: socket.display().to_string(),
                     });
                 }
-                Err(e) => tried.push(format!("{}: {e}", socket.display())),
+                Err(e) => tried.push(format!("{}: {}", socket.display(), e.message())),
             }
         } else {
             tried.push(format!("no socket at {}", socket.display()));
         }
-        let name = bus_name(app);
+        let name = proxy::bus_name(app);
         for (which, conn) in [
             ("system", Connection::system().await),
             ("session", Connection::session().await),
         ] {
             let Ok(conn) = conn else { continue };
             if name_has_owner(&conn, &name).await {
+                let proxy = proxy::proxy_on(&conn, Some(app))
+                    .await
+                    .map_err(|e| e.message())?;
                 return Ok(Target {
-                    conn,
-                    destination: Some(name),
+                    proxy,
                     via: format!("{which} bus"),
                 });
             }
@@ -62,48 +60,14 @@ impl Target {
         Err(format!("no broker for {app} found ({})", tried.join("; ")))
     }
 
-    async fn call<B, R>(&self, method: &str, body: &B) -> Result<R, String>
-    where
-        B: serde::Serialize + zbus::Type,
-        R: for<'d> serde::Deserialize<'d> + zbus::Type,
-    {
-        let reply = self
-            .conn
-            .call_method(
-                self.destination.as_deref(),
-                OBJECT_PATH,
-                Some(INTERFACE),
-                method,
-                body,
-            )
-            .await
-            .map_err(describe_error)?;
-        reply
-            .body()
-            .deserialize::<R>()
-            .map_err(|e| format!("unexpected reply to {method}: {e}"))
-    }
-
     pub async fn reload(&self) -> Result<u64, String> {
-        self.call("Reload", &()).await
+        self.proxy.reload().await.map_err(describe_error)
     }
 
-    pub async fn status(&self) -> Result<StatusReport, String> {
-        let dict: HashMap<String, OwnedVariant> = self.call("Status", &()).await?;
-        StatusReport::from_dict(dict)
+    pub async fn status(&self) -> Result<Status, String> {
+        let dict = self.proxy.status().await.map_err(describe_error)?;
+        Status::from_dict(dict).map_err(|e| e.message())
     }
-}
-
-async fn connect_private(socket: &std::path::Path) -> Result<Connection, String> {
-    let stream = tokio::net::UnixStream::connect(socket)
-        .await
-        .map_err(|e| e.to_string())?;
-    let stream = stream.into_std().map_err(|e| e.to_string())?;
-    zbus::connection::Builder::unix_stream(stream)
-        .p2p()
-        .build()
-        .await
-        .map_err(|e| e.to_string())
 }
 
 async fn name_has_owner(conn: &Connection, name: &str) -> bool {
@@ -141,127 +105,58 @@ pub async fn reload(args: TargetArgs) -> Result<i32, String> {
     }
 }
 
-#[derive(Debug, Serialize)]
-pub struct InstanceReport {
-    pub id: u64,
-    pub generation: u64,
-    pub pid: u32,
-    pub state: String,
-    pub started_usec: u64,
-    pub ready_usec: u64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ListenerReport {
-    pub network: String,
-    pub address: String,
-    pub refs: u32,
-}
-
-#[derive(Debug, Serialize)]
-pub struct StatusReport {
-    pub app: String,
-    pub state: String,
-    pub generation: u64,
-    pub pid: u32,
-    pub reloads: u64,
-    pub last_reload: String,
-    pub instances: Vec<InstanceReport>,
-    pub listeners: Vec<ListenerReport>,
-}
-
-impl StatusReport {
-    fn from_dict(mut dict: HashMap<String, OwnedVariant>) -> Result<Self, String> {
-        fn take<T>(dict: &mut HashMap<String, OwnedVariant>, key: &str) -> Result<T, String>
-        where
-            T: TryFrom<OwnedVariant>,
-        {
-            let value = dict
-                .remove(key)
-                .ok_or_else(|| format!("the broker's status has no {key:?}"))?;
-            T::try_from(value).map_err(|_| format!("the broker's status has a malformed {key:?}"))
-        }
-        let instances: Vec<(u64, u64, u32, String, u64, u64)> = take(&mut dict, "instances")?;
-        let listeners: Vec<(String, String, u32)> = take(&mut dict, "listeners")?;
-        Ok(StatusReport {
-            app: take(&mut dict, "app")?,
-            state: take(&mut dict, "state")?,
-            generation: take(&mut dict, "generation")?,
-            pid: take(&mut dict, "pid")?,
-            reloads: take(&mut dict, "reloads")?,
-            last_reload: take(&mut dict, "last_reload")?,
-            instances: instances
-                .into_iter()
-                .map(
-                    |(id, generation, pid, state, started_usec, ready_usec)| InstanceReport {
-                        id,
-                        generation,
-                        pid,
-                        state,
-                        started_usec,
-                        ready_usec,
-                    },
-                )
-                .collect(),
-            listeners: listeners
-                .into_iter()
-                .map(|(network, address, refs)| ListenerReport {
-                    network,
-                    address,
-                    refs,
-                })
-                .collect(),
-        })
+/// The status as a person reads it.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!(
+        "{} — {}, generation {}",
+        status.app, status.state, status.generation
+    ));
+    line(format!("    broker pid: {}", status.pid));
+    line(format!("       reloads: {}", status.reloads));
+    if !status.last_reload.is_empty() {
+        line(format!("   last reload: {}", status.last_reload));
     }
-
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let mut line = |s: String| {
-            out.push_str(&s);
-            out.push('\n');
-        };
-        line(format!(
-            "{} — {}, generation {}",
-            self.app, self.state, self.generation
-        ));
-        line(format!("    broker pid: {}", self.pid));
-        line(format!("       reloads: {}", self.reloads));
-        if !self.last_reload.is_empty() {
-            line(format!("   last reload: {}", self.last_reload));
-        }
-        line(String::new());
-        let now = SystemTime::now();
-        let mut rows = vec![[
-            "INSTANCE".to_string(),
-            "GEN".into(),
-            "PID".into(),
-            "STATE".into(),
-            "UPTIME".into(),
-            "READY FOR".into(),
-        ]];
-        for i in &self.instances {
-            rows.push([
-                i.id.to_string(),
-                i.generation.to_string(),
-                i.pid.to_string(),
-                i.state.clone(),
-                since(now, i.started_usec),
-                since(now, i.ready_usec),
-            ]);
-        }
-        for row in table(&rows) {
-            line(row);
-        }
-        line(String::new());
-        let mut rows = vec![["NETWORK".to_string(), "ADDRESS".into(), "REFS".into()]];
-        for l in &self.listeners {
-            rows.push([l.network.clone(), l.address.clone(), l.refs.to_string()]);
-        }
-        for row in table(&rows) {
-            line(row);
-        }
-        out
+    line(String::new());
+    let now = SystemTime::now();
+    let mut rows = vec![[
+        "INSTANCE".to_string(),
+        "GEN".into(),
+        "PID".into(),
+        "STATE".into(),
+        "UPTIME".into(),
+        "READY FOR".into(),
+    ]];
+    for i in &status.instances {
+        rows.push([
+            i.id.to_string(),
+            i.generation.to_string(),
+            i.pid.to_string(),
+            i.state.clone(),
+            since(now, i.started_usec),
+            since(now, i.ready_usec),
+        ]);
     }
+    for row in table(&rows) {
+        line(row);
+    }
+    line(String::new());
+    let mut rows = vec![["NETWORK".to_string(), "ADDRESS".into(), "REFS".into()]];
+    for l in &status.listeners {
+        rows.push([
+            l.network.clone(),
+            l.address.clone(),
+            l.references.to_string(),
+        ]);
+    }
+    for row in table(&rows) {
+        line(row);
+    }
+    out
 }
 
 fn since(now: SystemTime, usec: u64) -> String {
@@ -314,7 +209,7 @@ pub async fn status(args: StatusArgs) -> Result<i32, String> {
         };
         println!("{}", json.map_err(|e| e.to_string())?);
     } else {
-        let rendered: Vec<String> = reports.iter().map(StatusReport::render).collect();
+        let rendered: Vec<String> = reports.iter().map(render).collect();
         print!("{}", rendered.join("\n"));
         if apps.is_empty() {
             println!("no brokers found");

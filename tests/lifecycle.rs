@@ -160,7 +160,7 @@ fn sighup_reloads_and_sigterm_stops_every_instance_gracefully() {
     let logs = broker.logs();
     assert!(logs.contains("SIGHUP: reloading"), "{logs}");
     assert!(
-        logs.contains(&format!("asking instance to stop with SIGTERM")),
+        logs.contains("asking instance to stop with SIGTERM"),
         "{logs}"
     );
     assert!(logs.contains("instance exited with status 0"), "{logs}");

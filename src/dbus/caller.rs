@@ -112,15 +112,14 @@ mod tests {
         // The broker's own pid stops the walk, so for this test process the
         // chain is empty; a child of ours has us as the stop.
         assert!(chain.is_empty());
-        let child = std::process::Command::new("sleep")
+        let mut child = std::process::Command::new("sleep")
             .arg("5")
             .spawn()
             .unwrap();
         let chain = ancestry(child.id());
         assert_eq!(chain, vec![child.id()]);
-        let _ = std::process::Command::new("kill")
-            .arg(child.id().to_string())
-            .status();
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 
     #[test]

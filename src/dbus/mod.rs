@@ -10,7 +10,4 @@ pub mod server;
 
 pub const OBJECT_PATH: &str = "/org/ally";
 
-/// The well-known name of an app's broker on a bus.
-pub fn bus_name(app: &str) -> String {
-    format!("org.ally.{app}")
-}
+pub use ally_client::proxy::bus_name;
