@@ -102,16 +102,28 @@ pub struct Status {
     pub last_reload: String,
 }
 
-/// A socket the broker holds, with the file it created for a unix path so it
-/// unlinks only its own file.
+/// A socket the broker holds, with the file of a unix path socket so that
+/// closing it unlinks only that file, never one another process bound since.
 #[derive(Debug)]
 struct Held {
     fd: OwnedFd,
     unix_file: Option<(PathBuf, u64, u64)>,
 }
 
-impl Drop for Held {
-    fn drop(&mut self) {
+impl Held {
+    fn new(fd: OwnedFd, endpoint: &Endpoint) -> Held {
+        let unix_file = match endpoint {
+            Endpoint::Path(path) => std::fs::metadata(path)
+                .ok()
+                .map(|m| (path.clone(), m.dev(), m.ino())),
+            _ => None,
+        };
+        Held { fd, unix_file }
+    }
+
+    /// Closes the socket for good. Not done on exit: a restarted broker gets the
+    /// socket back from systemd's fd store and its file must still be there.
+    fn close(self) {
         if let Some((path, dev, ino)) = &self.unix_file
             && std::fs::metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino)
         {
@@ -207,11 +219,44 @@ impl Broker {
             coordinator_rx: Mutex::new(None),
             config,
         });
+        broker.adopt(systemd::inherited());
         for entry in &broker.config.listen {
-            broker.bind(&mut broker.lock(), &entry.addr, &entry.options, true)?;
+            let mut shared = broker.lock();
+            if !shared.listeners.contains(&entry.addr) {
+                broker.bind(&mut shared, &entry.addr, &entry.options, true)?;
+            }
         }
         *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
         Ok(broker)
+    }
+
+    /// Takes over the sockets systemd passed: our own from the fd store after a
+    /// restart, and those of a `.socket` unit, kept for the broker's life.
+    fn adopt(&self, sockets: Vec<systemd::Inherited>) {
+        let mut shared = self.lock();
+        for inherited in sockets {
+            let systemd::Inherited {
+                fd,
+                key,
+                aliases,
+                origin,
+            } = inherited;
+            if shared.listeners.contains(&key) {
+                systemd::unstore(&key);
+                continue;
+            }
+            let bound = net::local_address(&fd).unwrap_or_else(|_| key.endpoint.to_string());
+            let held = Held::new(fd, &key.endpoint);
+            let from = match origin {
+                systemd::Origin::FdStore => "the fd store",
+                systemd::Origin::SocketActivation => "socket activation",
+            };
+            tracing::info!("adopted {key} from {from}");
+            let pinned = origin == systemd::Origin::SocketActivation;
+            shared
+                .listeners
+                .insert(key, aliases, held, bound, pinned, Instant::now());
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
@@ -241,6 +286,7 @@ impl Broker {
             .expect("run once");
         tokio::spawn(self.clone().coordinate(rx));
         tokio::spawn(self.clone().sweep_listeners());
+        systemd::spawn_watchdog();
         let _ = self.requests.send(Request {
             kind: Kind::Start,
             reply: None,
@@ -341,18 +387,13 @@ impl Broker {
         let socket = net::bind(addr, options)?;
         let bound = net::local_address(&socket).unwrap_or_else(|_| addr.endpoint.to_string());
         let bound_key = ListenAddr::parse(addr.network.as_str(), &bound).ok();
-        let unix_file = match &addr.endpoint {
-            Endpoint::Path(path) => std::fs::metadata(path)
-                .ok()
-                .map(|m| (path.clone(), m.dev(), m.ino())),
-            _ => None,
-        };
         let fd: OwnedFd = socket.into();
         let copy = dup(&fd)?;
+        systemd::store(addr, &fd);
         shared.listeners.insert(
             addr.clone(),
-            bound_key,
-            Held { fd, unix_file },
+            bound_key.into_iter().collect(),
+            Held::new(fd, &addr.endpoint),
             bound,
             pinned,
             Instant::now(),
@@ -757,7 +798,8 @@ impl Broker {
                     "closing {addr}: no instance has used it for {}",
                     humantime::format_duration(self.config.listener_linger)
                 );
-                drop(held);
+                systemd::unstore(&addr);
+                held.close();
             }
         }
     }

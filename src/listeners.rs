@@ -54,18 +54,19 @@ impl<S> Registry<S> {
         self.entries.get(self.resolve(key)).map(|e| &e.socket)
     }
 
-    /// Adds a newly bound socket. `bound_key` is the key of the address the kernel
-    /// chose, when it differs from the request (port 0).
+    /// Adds a newly bound socket. `aliases` are other keys naming the same
+    /// socket: the address the kernel chose for a port-0 request, or `tcp` for an
+    /// adopted IPv4-only socket that is also `tcp4`.
     pub fn insert(
         &mut self,
         key: ListenAddr,
-        bound_key: Option<ListenAddr>,
+        aliases: Vec<ListenAddr>,
         socket: S,
         bound: String,
         pinned: bool,
         now: Instant,
     ) {
-        if let Some(alias) = bound_key.filter(|b| *b != key) {
+        for alias in aliases.into_iter().filter(|a| *a != key) {
             self.aliases.insert(alias, key.clone());
         }
         self.entries.insert(
@@ -162,8 +163,8 @@ impl<S> Registry<S> {
             .collect()
     }
 
-    pub fn sockets(&self) -> impl Iterator<Item = (&ListenAddr, &S)> {
-        self.entries.iter().map(|(k, e)| (k, &e.socket))
+    pub fn contains(&self, key: &ListenAddr) -> bool {
+        self.get(key).is_some()
     }
 
     pub fn len(&self) -> usize {
@@ -191,7 +192,7 @@ mod tests {
         let mut reg = Registry::default();
         reg.insert(
             key("127.0.0.1:80"),
-            None,
+            vec![],
             "sock",
             "127.0.0.1:80".into(),
             false,
@@ -213,7 +214,7 @@ mod tests {
         let mut reg = Registry::default();
         reg.insert(
             key("127.0.0.1:80"),
-            None,
+            vec![],
             "a",
             "127.0.0.1:80".into(),
             false,
@@ -231,7 +232,7 @@ mod tests {
     fn a_held_listener_never_expires() {
         let t0 = Instant::now();
         let mut reg = Registry::default();
-        reg.insert(key("127.0.0.1:80"), None, "a", "x".into(), false, t0);
+        reg.insert(key("127.0.0.1:80"), vec![], "a", "x".into(), false, t0);
         reg.add_ref(&key("127.0.0.1:80"), 7);
         assert!(
             reg.take_expired(t0 + LINGER * 100, LINGER, false)
@@ -243,7 +244,7 @@ mod tests {
     fn nothing_expires_while_the_app_restarts() {
         let t0 = Instant::now();
         let mut reg = Registry::default();
-        reg.insert(key("127.0.0.1:80"), None, "a", "x".into(), false, t0);
+        reg.insert(key("127.0.0.1:80"), vec![], "a", "x".into(), false, t0);
         reg.add_ref(&key("127.0.0.1:80"), 1);
         reg.release_instance(1, t0);
         assert!(reg.take_expired(t0 + LINGER * 3, LINGER, true).is_empty());
@@ -259,7 +260,7 @@ mod tests {
     fn pinned_listeners_stay() {
         let t0 = Instant::now();
         let mut reg = Registry::default();
-        reg.insert(key("127.0.0.1:80"), None, "a", "x".into(), true, t0);
+        reg.insert(key("127.0.0.1:80"), vec![], "a", "x".into(), true, t0);
         assert!(reg.take_expired(t0 + LINGER * 10, LINGER, false).is_empty());
     }
 
@@ -269,7 +270,7 @@ mod tests {
         let mut reg = Registry::default();
         reg.insert(
             key("127.0.0.1:0"),
-            Some(key("127.0.0.1:40001")),
+            vec![key("127.0.0.1:40001")],
             "a",
             "127.0.0.1:40001".into(),
             false,

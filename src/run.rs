@@ -44,18 +44,41 @@ fn load_config(args: &RunArgs) -> Result<Config, String> {
     }
 }
 
+/// Structured records to the journal when stderr is the journal (systemd sets
+/// `JOURNAL_STREAM`), else readable lines on stderr.
 fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("ALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let under_systemd = std::env::var_os("INVOCATION_ID").is_some();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = || EnvFilter::try_from_env("ALLY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    if stderr_is_journal()
+        && let Ok(journal) = tracing_journald::layer()
+    {
+        let journal = journal.with_syslog_identifier("ally".to_string());
+        let _ = tracing_subscriber::registry()
+            .with(filter())
+            .with(journal)
+            .try_init();
+        return;
+    }
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .with_target(false)
-        .with_ansi(!under_systemd && std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if under_systemd {
-        let _ = builder.without_time().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn stderr_is_journal() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Some(stream) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = stream.to_str().and_then(|s| s.split_once(':')) else {
+        return false;
+    };
+    let Ok(meta) = std::fs::metadata("/proc/self/fd/2") else {
+        return false;
+    };
+    dev.parse() == Ok(meta.dev()) && ino.parse() == Ok(meta.ino())
 }
