@@ -1,0 +1,312 @@
+//! End to end under a real systemd: boots a throwaway systemd (tests/e2e/sandbox.sh),
+//! installs the freshly built .deb with dpkg, and checks what users do through
+//! systemctl, busctl and ally.
+//!
+//! Needs root and the packages; .ci/run builds them and runs:
+//!   ALLY_E2E_DEB=... ALLY_E2E_DEB_UPGRADE=... cargo test --test e2e -- --ignored --nocapture
+
+#[path = "../common/mod.rs"]
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const SANDBOX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sandbox.sh");
+
+/// A booted systemd; powered off and unmounted on drop, whatever happened.
+struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    fn boot() -> Sandbox {
+        let dir = tempfile::Builder::new().prefix("ally-e2e-").tempdir().unwrap();
+        let out = Command::new(SANDBOX).arg("start").arg(dir.path()).output().unwrap();
+        let sandbox = Sandbox { dir };
+        assert!(out.status.success(), "booting systemd failed: {}{}", stdout(&out), stderr(&out));
+        sandbox
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_with_input(args, None)
+    }
+
+    fn run_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut cmd = Command::new(SANDBOX);
+        cmd.arg("exec").arg(self.dir.path()).args(args);
+        cmd.stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = input {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        }
+        // Bounded: a hung command fails the suite instead of hanging CI.
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("timed out: {args:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a command that must succeed; returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed ({}):\n{}{}\n--- journal ---\n{}",
+            out.status,
+            stdout(&out),
+            stderr(&out),
+            self.journal()
+        );
+        stdout(&out)
+    }
+
+    fn sh(&self, script: &str) -> String {
+        self.ok(&["sh", "-c", script])
+    }
+
+    fn write(&self, path: &str, content: &str) {
+        let out = self.run_with_input(
+            &["sh", "-c", &format!("mkdir -p \"$(dirname {path})\" && cat > {path}")],
+            Some(content),
+        );
+        assert!(out.status.success(), "writing {path}: {}", stderr(&out));
+    }
+
+    fn journal(&self) -> String {
+        let out = self.run(&["journalctl", "--no-pager", "-n", "80", "-u", "ally@*"]);
+        stdout(&out)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- journal of ally@* ---\n{}", self.journal());
+        }
+        let _ = Command::new(SANDBOX).arg("stop").arg(self.dir.path()).status();
+    }
+}
+
+fn package(var: &str) -> PathBuf {
+    let path = PathBuf::from(std::env::var(var).unwrap_or_else(|_| panic!("set {var} to a built package")));
+    assert!(path.exists(), "{} does not exist", path.display());
+    path.canonicalize().unwrap()
+}
+
+fn app_config(launcher: &str, extra: &str) -> String {
+    format!("command = [{launcher:?}]\nready_timeout = \"5s\"\nstop_timeout = \"10s\"\n{extra}")
+}
+
+/// A launcher that runs the hello example with the version in a file beside it,
+/// or fails the way the `mode` file says.
+fn launcher(dir: &str, port: u16) -> String {
+    format!(
+        r#"#!/bin/sh
+case "$(cat {dir}/mode 2>/dev/null)" in
+  exit) echo "broken release" >&2; exit 3 ;;
+esac
+exec {hello} --listen 127.0.0.1:{port} --version "$(cat {dir}/version)"
+"#,
+        hello = hello().display()
+    )
+}
+
+fn get(addr: SocketAddr) -> String {
+    http_get(addr).unwrap_or_else(|e| panic!("GET {addr}: {e}"))
+}
+
+fn assert_no_failures(what: &str, stats: &LoadStats) {
+    eprintln!(
+        "e2e {what}: {} ok, {} failed, {} retried, versions {:?}",
+        stats.ok, stats.failed, stats.retried, stats.versions
+    );
+    assert_eq!(stats.failed, 0, "{what}: {:?}", stats.errors);
+    assert!(stats.ok > 50, "{what}: too little load ({})", stats.ok);
+}
+
+#[test]
+#[ignore = "needs root, the built .deb packages and boots a throwaway systemd; run by .ci/run"]
+fn ally_under_systemd() {
+    assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
+    let deb = package("ALLY_E2E_DEB");
+    let deb_upgrade = package("ALLY_E2E_DEB_UPGRADE");
+    let sandbox = Sandbox::boot();
+
+    // Install.
+    sandbox.ok(&["dpkg", "-i", deb.to_str().unwrap()]);
+    sandbox.ok(&["test", "-x", "/usr/bin/ally"]);
+    sandbox.ok(&["test", "-f", "/usr/share/dbus-1/system.d/org.ally.conf"]);
+    sandbox.ok(&["test", "-f", "/usr/share/man/man1/ally.1.gz"]);
+    let verify = sandbox.run(&["systemd-analyze", "verify", "ally@hello.service"]);
+    assert!(
+        verify.status.success() && stderr(&verify).trim().is_empty(),
+        "systemd-analyze verify: {}{}",
+        stdout(&verify),
+        stderr(&verify)
+    );
+
+    // An app, started: `systemctl start` returns only once it answers.
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = "/srv/hello";
+    sandbox.write(&format!("{dir}/version"), "v1");
+    sandbox.write(&format!("{dir}/launch"), &launcher(dir, port));
+    sandbox.ok(&["chmod", "755", &format!("{dir}/launch")]);
+    sandbox.write(
+        "/etc/ally/hello.toml",
+        &app_config(&format!("{dir}/launch"), ""),
+    );
+    sandbox.ok(&["systemctl", "start", "ally@hello"]);
+    assert!(get(addr).starts_with("hello version=v1 "), "served right after start");
+    let status = sandbox.run(&["systemctl", "status", "--no-pager", "ally@hello"]);
+    let status = stdout(&status);
+    assert!(status.contains("Status: \"generation 1 ready (pid "), "{status}");
+    assert!(status.contains("active (running)"), "{status}");
+
+    // Reload under continuous load, as an upgrade.
+    let load = Load::start(addr, LoadMode::KeepAlive, 3);
+    let fresh = Load::start(addr, LoadMode::NewConnection, 2);
+    wait_until("load", Duration::from_secs(10), || load.ok() > 100);
+    for n in 2..=6 {
+        sandbox.write(&format!("{dir}/version"), &format!("v{n}"));
+        sandbox.ok(&["systemctl", "reload", "ally@hello"]);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_no_failures("reload, keep-alive", &load.finish());
+    assert_no_failures("reload, new connections", &fresh.finish());
+    assert!(get(addr).starts_with("hello version=v6 "));
+    let status = stdout(&sandbox.run(&["systemctl", "status", "--no-pager", "ally@hello"]));
+    assert!(status.contains("Status: \"generation 6 ready (pid "), "{status}");
+
+    // A broken release: the reload fails, the old version serves on.
+    let load = Load::start(addr, LoadMode::NewConnection, 2);
+    sandbox.write(&format!("{dir}/mode"), "exit");
+    let failed = sandbox.run(&["systemctl", "reload", "ally@hello"]);
+    assert!(!failed.status.success(), "a broken reload must fail systemctl reload");
+    let out = sandbox.run(&["ally", "reload", "hello"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("exited with status 3 before it was ready"), "{}", stderr(&out));
+    assert!(sandbox.journal().contains("exited with status 3 before it was ready"));
+    sandbox.ok(&["rm", &format!("{dir}/mode")]);
+    assert_no_failures("failed reload", &load.finish());
+    assert!(get(addr).starts_with("hello version=v6 "));
+    assert_eq!(
+        sandbox.ok(&["systemctl", "is-active", "ally@hello"]).trim(),
+        "active"
+    );
+
+    // The system bus: root may reload, others may only read.
+    let out = sandbox.ok(&["busctl", "call", "org.ally.hello", "/org/ally", "org.ally.Broker1", "Reload"]);
+    assert!(out.starts_with("t "), "{out}");
+    let nobody = |args: &[&str]| {
+        let mut full = vec!["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "busctl", "--system"];
+        full.extend_from_slice(args);
+        sandbox.run(&full)
+    };
+    let out = nobody(&["call", "org.ally.hello", "/org/ally", "org.ally.Broker1", "Status"]);
+    assert!(out.status.success(), "Status for nobody: {}", stderr(&out));
+    assert!(stdout(&out).contains("\"hello\""));
+    let out = nobody(&["get-property", "org.ally.hello", "/org/ally", "org.ally.Broker1", "State"]);
+    assert_eq!(stdout(&out).trim(), "s \"running\"", "{}", stderr(&out));
+    for (method, args) in [("Reload", vec![]), ("Listen", vec!["ss", "tcp", "127.0.0.1:0"])] {
+        let mut call = vec!["call", "org.ally.hello", "/org/ally", "org.ally.Broker1", method];
+        call.extend(args);
+        let out = nobody(&call);
+        assert!(!out.status.success(), "{method} must be denied to nobody");
+        assert!(stderr(&out).to_lowercase().contains("denied"), "{method}: {}", stderr(&out));
+    }
+
+    // `systemctl restart` and a SIGKILL of the broker: the sockets live on in
+    // the fd store, connections wait in the backlog and none is refused.
+    for (what, args) in [
+        ("restart", vec!["systemctl", "restart", "ally@hello"]),
+        ("SIGKILL", vec!["systemctl", "kill", "--kill-who=main", "--signal=SIGKILL", "ally@hello"]),
+    ] {
+        let before = sandbox.ok(&["systemctl", "show", "-P", "MainPID", "ally@hello"]);
+        let load = Load::start(addr, LoadMode::NewConnection, 3);
+        wait_until("load", Duration::from_secs(10), || load.ok() > 50);
+        sandbox.ok(&args);
+        wait_until(&format!("a new broker after {what}"), Duration::from_secs(30), || {
+            let pid = sandbox.ok(&["systemctl", "show", "-P", "MainPID", "ally@hello"]);
+            pid != before && pid.trim() != "0"
+                && sandbox.run(&["systemctl", "is-active", "ally@hello"]).status.success()
+        });
+        let settled = load.ok();
+        wait_until("requests after the restart", Duration::from_secs(10), || load.ok() > settled + 50);
+        let stats = load.finish();
+        eprintln!("e2e {what}: {} ok, {} failed: {:?}", stats.ok, stats.failed, stats.errors);
+        let refused = stats.errors.iter().filter(|e| e.contains("refused")).count();
+        assert_eq!(refused, 0, "{what}: refused connections: {:?}", stats.errors);
+        if what == "restart" {
+            assert_eq!(stats.failed, 0, "a clean restart loses nothing: {:?}", stats.errors);
+        }
+        assert!(sandbox.journal().contains(&format!("adopted tcp 127.0.0.1:{port} from the fd store")));
+        assert!(get(addr).starts_with("hello "));
+    }
+
+    // Socket activation: systemd owns the socket, the broker adopts it.
+    let sock_port = free_port();
+    let sock_addr: SocketAddr = format!("127.0.0.1:{sock_port}").parse().unwrap();
+    sandbox.write("/srv/act/version", "act");
+    sandbox.write("/srv/act/launch", &launcher("/srv/act", sock_port));
+    sandbox.ok(&["chmod", "755", "/srv/act/launch"]);
+    sandbox.write("/etc/ally/act.toml", &app_config("/srv/act/launch", ""));
+    sandbox.write(
+        "/etc/systemd/system/ally@act.socket.d/listen.conf",
+        &format!("[Socket]\nListenStream=127.0.0.1:{sock_port}\n"),
+    );
+    sandbox.ok(&["systemctl", "daemon-reload"]);
+    sandbox.ok(&["systemctl", "start", "ally@act.socket"]);
+    assert_eq!(
+        sandbox.ok(&["systemctl", "is-active", "ally@act.service"]).trim(),
+        "inactive",
+        "started only by the first connection"
+    );
+    assert!(get(sock_addr).starts_with("hello version=act "), "the first connection starts it");
+    assert!(sandbox.journal().contains(&format!("adopted tcp4 127.0.0.1:{sock_port} from socket activation")));
+
+    // A start that never becomes ready fails `systemctl start`.
+    sandbox.write("/srv/never/version", "never");
+    sandbox.write("/srv/never/mode", "exit");
+    sandbox.write("/srv/never/launch", &launcher("/srv/never", free_port()));
+    sandbox.ok(&["chmod", "755", "/srv/never/launch"]);
+    sandbox.write("/etc/ally/never.toml", &app_config("/srv/never/launch", "restart = \"never\"\n"));
+    let out = sandbox.run(&["systemctl", "start", "ally@never"]);
+    assert!(!out.status.success(), "start of an app that never becomes ready must fail");
+
+    // `systemctl stop`: instances get their stop signal and exit gracefully,
+    // well within stop_timeout.
+    let started = Instant::now();
+    sandbox.ok(&["systemctl", "stop", "ally@hello"]);
+    assert!(started.elapsed() < Duration::from_secs(10), "stop took {:?}", started.elapsed());
+    let journal = sandbox.ok(&["journalctl", "--no-pager", "-u", "ally@hello"]);
+    assert!(journal.contains("asking instance to stop with SIGTERM"), "{journal}");
+    assert!(journal.contains("hello: stopped pid="), "the app stopped gracefully: {journal}");
+    assert!(std::net::TcpStream::connect(addr).is_err(), "stopped means the port is closed");
+
+    // Upgrade keeps a changed conffile; remove and purge clean up.
+    sandbox.sh("echo '# edited by the admin' >> /etc/ally/example.toml");
+    sandbox.ok(&["dpkg", "-i", deb_upgrade.to_str().unwrap()]);
+    assert!(sandbox.sh("cat /etc/ally/example.toml").contains("# edited by the admin"));
+    sandbox.ok(&["systemctl", "start", "ally@hello"]);
+    assert!(get(addr).starts_with("hello "));
+    sandbox.ok(&["dpkg", "-r", "ally"]);
+    assert!(!sandbox.run(&["systemctl", "is-active", "ally@hello"]).status.success(), "removal stops brokers");
+    sandbox.ok(&["test", "!", "-e", "/usr/bin/ally"]);
+    sandbox.ok(&["dpkg", "-P", "ally"]);
+    sandbox.ok(&["test", "!", "-e", "/etc/ally/example.toml"]);
+    let _ = Path::new(dir);
+}
