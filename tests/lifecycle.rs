@@ -183,3 +183,61 @@ fn run_with_a_command_uses_the_defaults() {
             .starts_with("hello version=1 ")
     );
 }
+
+#[test]
+fn instances_get_their_environment_and_working_directory() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let seen = dir.path().join("seen");
+    let launcher = write_script(
+        dir.path(),
+        "launch",
+        &format!(
+            "{{ pwd; echo \"$GREETING $ALLY_APP $ALLY_INSTANCE $ALLY_GENERATION $ALLY_STOP_SIGNAL\"; echo \"$ALLY_ADDRESS\"; }} > {}\nexec {} --listen 127.0.0.1:{port}",
+            seen.display(),
+            hello().display()
+        ),
+    );
+    let config = format!(
+        "command = [{:?}]\nworking_directory = {:?}\nenvironment = {{ GREETING = \"hi there\" }}\nstop_signal = \"SIGINT\"\n",
+        launcher.display().to_string(),
+        dir.path().display().to_string()
+    );
+    let broker = TestBroker::start("envy", &config);
+    broker.wait_running(1);
+    let seen = std::fs::read_to_string(&seen).unwrap();
+    let lines: Vec<&str> = seen.lines().collect();
+    assert_eq!(
+        lines[0],
+        dir.path().canonicalize().unwrap().display().to_string()
+    );
+    assert_eq!(lines[1], "hi there envy 1 1 SIGINT");
+    assert_eq!(lines[2], broker.address());
+}
+
+#[test]
+fn max_draining_holds_a_reload_until_a_draining_instance_is_gone() {
+    let port = free_port();
+    let config = format!(
+        "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\", \"--ignore-stop\"]\nstop_timeout = \"2s\"\nmax_draining = 1\n",
+        hello().display().to_string()
+    );
+    let broker = TestBroker::start("drains", &config);
+    broker.wait_running(1);
+    assert!(broker.reload().status.success());
+    assert_eq!(broker.pids("draining").len(), 1);
+    let started = Instant::now();
+    let second = broker.reload();
+    let waited = started.elapsed();
+    assert!(second.status.success(), "{}", stderr(&second));
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "the reload did not wait for the drain slot: {waited:?}"
+    );
+    assert!(broker.pids("draining").len() <= 1);
+    assert!(
+        broker
+            .logs()
+            .contains("1 instances are draining (max_draining); waiting for one to exit")
+    );
+}
