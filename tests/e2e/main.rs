@@ -48,6 +48,10 @@ impl Sandbox {
     }
 
     fn run_with_input(&self, args: &[&str], input: Option<&str>) -> Output {
+        self.run_with_bytes(args, input.map(str::as_bytes))
+    }
+
+    fn run_with_bytes(&self, args: &[&str], input: Option<&[u8]>) -> Output {
         let mut cmd = Command::new(SANDBOX);
         cmd.arg("exec").arg(self.dir.path()).args(args);
         cmd.stdin(if input.is_some() {
@@ -59,12 +63,7 @@ impl Sandbox {
         let mut child = cmd.spawn().unwrap();
         if let Some(input) = input {
             use std::io::Write;
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
+            child.stdin.take().unwrap().write_all(input).unwrap();
         }
         // Bounded: a hung command fails the suite instead of hanging CI.
         let deadline = Instant::now() + Duration::from_secs(180);
@@ -110,6 +109,20 @@ impl Sandbox {
         assert!(out.status.success(), "writing {path}: {}", stderr(&out));
     }
 
+    /// Copies a host file in: the sandbox has its own /tmp, where a CI
+    /// checkout may live, so host paths are not to be relied on.
+    fn copy_in(&self, from: &Path, to: &str, mode: &str) {
+        let bytes = std::fs::read(from).unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+        let script = format!("mkdir -p \"$(dirname {to})\" && cat > {to} && chmod {mode} {to}");
+        let out = self.run_with_bytes(&["sh", "-c", &script], Some(&bytes));
+        assert!(
+            out.status.success(),
+            "copying {} in: {}",
+            from.display(),
+            stderr(&out)
+        );
+    }
+
     fn journal(&self) -> String {
         let out = self.run(&["journalctl", "--no-pager", "-n", "80", "-u", "ally@*"]);
         stdout(&out)
@@ -140,6 +153,9 @@ fn app_config(launcher: &str, extra: &str) -> String {
     format!("command = [{launcher:?}]\nready_timeout = \"5s\"\nstop_timeout = \"10s\"\n{extra}")
 }
 
+/// Where the hello example is copied inside the sandbox.
+const HELLO: &str = "/usr/local/lib/ally-e2e/hello";
+
 /// A launcher that runs the hello example with the version in a file beside it,
 /// or fails the way the `mode` file says.
 fn launcher(dir: &str, port: u16) -> String {
@@ -148,9 +164,8 @@ fn launcher(dir: &str, port: u16) -> String {
 case "$(cat {dir}/mode 2>/dev/null)" in
   exit) echo "broken release" >&2; exit 3 ;;
 esac
-exec {hello} --listen 127.0.0.1:{port} --version "$(cat {dir}/version)"
-"#,
-        hello = hello().display()
+exec {HELLO} --listen 127.0.0.1:{port} --version "$(cat {dir}/version)"
+"#
     )
 }
 
@@ -179,8 +194,12 @@ fn ally_under_systemd() {
     // scripts to touch services; a real host has none. (Only the overlay loses it.)
     sandbox.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
 
+    sandbox.copy_in(&deb, "/root/ally.deb", "644");
+    sandbox.copy_in(&deb_upgrade, "/root/ally-upgrade.deb", "644");
+    sandbox.copy_in(&hello(), HELLO, "755");
+
     // Install.
-    sandbox.ok(&["dpkg", "-i", deb.to_str().unwrap()]);
+    sandbox.ok(&["dpkg", "-i", "/root/ally.deb"]);
     sandbox.ok(&["test", "-x", "/usr/bin/ally"]);
     sandbox.ok(&["test", "-f", "/usr/share/dbus-1/system.d/org.ally.conf"]);
     sandbox.ok(&["test", "-f", "/usr/share/man/man1/ally.1.gz"]);
@@ -456,7 +475,7 @@ fn ally_under_systemd() {
 
     // Upgrade keeps a changed conffile; remove and purge clean up.
     sandbox.sh("echo '# edited by the admin' >> /etc/ally/example.toml");
-    sandbox.ok(&["dpkg", "-i", deb_upgrade.to_str().unwrap()]);
+    sandbox.ok(&["dpkg", "-i", "/root/ally-upgrade.deb"]);
     assert!(
         sandbox
             .sh("cat /etc/ally/example.toml")
