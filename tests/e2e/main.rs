@@ -188,6 +188,7 @@ fn ally_under_systemd() {
     assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
     let deb = package("ALLY_E2E_DEB");
     let deb_upgrade = package("ALLY_E2E_DEB_UPGRADE");
+    let rpm = package("ALLY_E2E_RPM");
     let sandbox = Sandbox::boot();
 
     // This machine's image carries Docker's policy-rc.d, which forbids package
@@ -196,6 +197,7 @@ fn ally_under_systemd() {
 
     sandbox.copy_in(&deb, "/root/ally.deb", "644");
     sandbox.copy_in(&deb_upgrade, "/root/ally-upgrade.deb", "644");
+    sandbox.copy_in(&rpm, "/root/ally.rpm", "644");
     sandbox.copy_in(&hello(), HELLO, "755");
 
     // Install.
@@ -494,5 +496,26 @@ fn ally_under_systemd() {
     sandbox.ok(&["test", "!", "-e", "/usr/bin/ally"]);
     sandbox.ok(&["dpkg", "-P", "ally"]);
     sandbox.ok(&["test", "!", "-e", "/etc/ally/example.toml"]);
+
+    // The RPM, on the same system: its scriptlets run against this systemd.
+    // (--nodeps: this is Debian, whose rpm database knows no systemd package.)
+    sandbox.ok(&["rpm", "-i", "--nodeps", "/root/ally.rpm"]);
+    sandbox.ok(&["systemctl", "daemon-reload"]);
+    sandbox.ok(&["systemd-analyze", "verify", "ally@hello.service"]);
+    sandbox.ok(&["systemctl", "start", "ally@hello"]);
+    assert!(
+        get(addr).starts_with("hello "),
+        "served from the RPM's broker"
+    );
+    sandbox.ok(&["systemctl", "reload", "ally@hello"]);
+    sandbox.ok(&["rpm", "-e", "ally"]);
+    assert!(
+        !sandbox
+            .run(&["systemctl", "is-active", "ally@hello"])
+            .status
+            .success(),
+        "rpm -e stops brokers"
+    );
+    sandbox.ok(&["test", "!", "-e", "/usr/bin/ally"]);
     let _ = Path::new(dir);
 }
