@@ -80,6 +80,7 @@ pub mod blocking;
 pub mod error;
 pub mod net;
 pub mod proxy;
+pub mod state;
 pub mod stdnet;
 mod stop;
 
