@@ -11,4 +11,5 @@ pub mod instance;
 pub mod listeners;
 pub mod run;
 pub mod runtime_dir;
+pub mod state;
 pub mod systemd;
