@@ -46,6 +46,11 @@ impl Ally {
         Ally::start(crate::Ally::simulate())
     }
 
+    pub(crate) fn simulate_on(simulation: &crate::Simulation) -> Result<Ally> {
+        let simulation = simulation.clone();
+        Ally::start(async move { crate::Ally::simulate_on(&simulation).await })
+    }
+
     fn start(make: impl Future<Output = Result<crate::Ally>>) -> Result<Ally> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -68,6 +68,11 @@ impl Simulation {
         Ally::simulate_on(self).await
     }
 
+    /// A blocking simulate-mode client on this state. Not from inside an async runtime.
+    pub fn blocking_ally(&self) -> Result<crate::blocking::Ally> {
+        crate::blocking::Ally::simulate_on(self)
+    }
+
     pub(crate) fn backend(&self) -> Backend {
         static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Backend::Simulated {
