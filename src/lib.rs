@@ -12,4 +12,5 @@ pub mod listeners;
 pub mod run;
 pub mod runtime_dir;
 pub mod state;
+pub mod state_cli;
 pub mod systemd;

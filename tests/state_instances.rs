@@ -198,3 +198,40 @@ fn state_survives_reloads_and_crashes() {
         "generation 1 finds nothing, 2 (after a reload) and 3 (after SIGKILL) find its value"
     );
 }
+
+#[test]
+fn the_cli_inspects_and_changes_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("report");
+    let broker = TestBroker::start("cli", &config(&path, &["--lock", "leader", "--ready"]));
+    broker.wait_running(1);
+    let ok = |args: &[&str]| {
+        let out = broker.ally(args);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    ok(&["cache", "set", "cli", "ns", "k", "hello", "--ttl", "1h"]);
+    assert_eq!(ok(&["cache", "get", "cli", "ns", "k"]), "hello");
+    assert_eq!(
+        ok(&["cache", "get", "cli", "ns", "k", "--json"]).trim(),
+        r#"{"found":true,"value":"hello"}"#
+    );
+    assert_eq!(ok(&["cache", "keys", "cli", "ns"]), "k\n");
+    assert_eq!(ok(&["cache", "count", "cli", "ns"]), "1\n");
+    ok(&["cache", "del", "cli", "ns", "k"]);
+    let out = broker.ally(&["cache", "get", "cli", "ns", "k"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(stderr(&out).trim(), "ally: ns/k: no such key");
+    let out = broker.ally(&["cache", "set", "cli", "ns", &"k".repeat(2000), "v"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("max_key_bytes"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1);
+    assert_eq!(ok(&["atomic", "add", "cli", "n", "-3"]), "-3\n");
+    ok(&["atomic", "set", "cli", "n", "40"]);
+    assert_eq!(ok(&["atomic", "get", "cli", "n"]), "40\n");
+    assert_eq!(ok(&["atomic", "list", "cli"]), "n\t40\n");
+    let status = ok(&["lock", "status", "cli", "leader"]);
+    assert!(status.starts_with("leader:\n  held  write  by instance 1 for"), "{status}");
+    assert_eq!(ok(&["lock", "release", "cli", "leader"]), "leader: released 1 holder(s)\n");
+    assert_eq!(ok(&["lock", "status", "cli"]), "");
+}

@@ -36,7 +36,8 @@ macro_rules! store {
     };
 }
 
-#[interface(name = "org.ally.Cache1", introspection_docs = false)]
+// Every method answers at once: run them in the dispatcher, without a task each.
+#[interface(name = "org.ally.Cache1", introspection_docs = false, spawn = false)]
 impl Cache1 {
     async fn set(
         &self,
@@ -186,7 +187,7 @@ impl Atomic1 {
     }
 }
 
-#[interface(name = "org.ally.Atomic1", introspection_docs = false)]
+#[interface(name = "org.ally.Atomic1", introspection_docs = false, spawn = false)]
 impl Atomic1 {
     #[zbus(out_args("value"))]
     async fn add(
