@@ -231,7 +231,13 @@ fn the_cli_inspects_and_changes_state() {
     assert_eq!(ok(&["atomic", "get", "cli", "n"]), "40\n");
     assert_eq!(ok(&["atomic", "list", "cli"]), "n\t40\n");
     let status = ok(&["lock", "status", "cli", "leader"]);
-    assert!(status.starts_with("leader:\n  held  write  by instance 1 for"), "{status}");
-    assert_eq!(ok(&["lock", "release", "cli", "leader"]), "leader: released 1 holder(s)\n");
+    assert!(
+        status.starts_with("leader:\n  held  write  by instance 1 for"),
+        "{status}"
+    );
+    assert_eq!(
+        ok(&["lock", "release", "cli", "leader"]),
+        "leader: released 1 holder(s)\n"
+    );
     assert_eq!(ok(&["lock", "status", "cli"]), "");
 }
