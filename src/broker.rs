@@ -20,6 +20,7 @@ use crate::config::{Config, RestartPolicy};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
 use crate::instance::{self, Launch};
 use crate::listeners::{ListenerInfo, Registry};
+use crate::state::State;
 use crate::systemd;
 
 /// An instance that stays ready this long has recovered: its next crash
@@ -182,6 +183,8 @@ pub struct Broker {
     stopping: watch::Sender<bool>,
     exit_code: watch::Sender<Option<i32>>,
     coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
+    /// Cache, counters and locks shared by the instances; outlives every one of them.
+    state: State,
 }
 
 impl Broker {
@@ -217,6 +220,7 @@ impl Broker {
             stopping: watch::channel(false).0,
             exit_code: watch::channel(None).0,
             coordinator_rx: Mutex::new(None),
+            state: State::new(&config.limits),
             config,
         });
         broker.adopt(systemd::inherited());
@@ -267,6 +271,10 @@ impl Broker {
         &self.app
     }
 
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
     }
@@ -287,6 +295,8 @@ impl Broker {
         tokio::spawn(self.clone().coordinate(rx));
         tokio::spawn(self.clone().sweep_listeners());
         systemd::spawn_watchdog();
+        let broker = self.clone();
+        tokio::spawn(async move { broker.state.sweep().await });
         let _ = self.requests.send(Request {
             kind: Kind::Start,
             reply: None,
@@ -740,6 +750,7 @@ impl Broker {
             }
             shared.table.exited(id, now)
         };
+        self.state.instance_exited(id);
         self.exits.send_modify(|n| *n += 1);
         let Some(departure) = departure else { return };
         let instance = &departure.instance;

@@ -32,6 +32,130 @@ pub enum Command {
     Status(StatusArgs),
     /// List the brokers that can be reached.
     List(ListArgs),
+    /// Inspect and change APP's shared cache.
+    #[command(subcommand)]
+    Cache(CacheCommand),
+    /// Inspect and change APP's shared counters.
+    #[command(subcommand)]
+    Atomic(AtomicCommand),
+    /// Inspect and repair APP's shared locks.
+    #[command(subcommand)]
+    Lock(LockCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print a value (raw bytes to stdout); exit status 1 when absent.
+    Get {
+        app: String,
+        namespace: String,
+        key: String,
+        /// Print {"found": .., "value": ..} (the value as a UTF-8 string, else as bytes).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Store a value.
+    Set {
+        app: String,
+        namespace: String,
+        key: String,
+        value: String,
+        /// Expire after this long, e.g. 30s [default: never].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ttl: Option<std::time::Duration>,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Delete a key; exit status 1 when it was absent.
+    Del {
+        app: String,
+        namespace: String,
+        key: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List the keys of a namespace.
+    Keys {
+        app: String,
+        namespace: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Count the keys of a namespace.
+    Count {
+        app: String,
+        namespace: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Delete every key of a namespace; prints how many.
+    Flush {
+        app: String,
+        namespace: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AtomicCommand {
+    /// Print a counter's value.
+    Get {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Set a counter.
+    Set {
+        app: String,
+        name: String,
+        #[arg(allow_negative_numbers = true)]
+        value: i64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Add to a counter (wrapping); prints the new value.
+    Add {
+        app: String,
+        name: String,
+        #[arg(allow_negative_numbers = true)]
+        delta: i64,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Every counter with its value.
+    List {
+        app: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCommand {
+    /// Holders and waiters of a lock (of every lock without NAME).
+    Status {
+        app: String,
+        name: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Repair: drop every holder of a lock (the next waiters get it).
+    Release {
+        app: String,
+        name: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -60,6 +60,10 @@ impl Target {
         Err(format!("no broker for {app} found ({})", tried.join("; ")))
     }
 
+    pub fn connection(&self) -> &Connection {
+        self.proxy.inner().connection()
+    }
+
     pub async fn reload(&self) -> Result<u64, String> {
         self.proxy.reload().await.map_err(describe_error)
     }
@@ -81,7 +85,7 @@ async fn name_has_owner(conn: &Connection, name: &str) -> bool {
 }
 
 /// `org.ally.Error.ReloadFailed: msg` reads as just the message.
-fn describe_error(e: zbus::Error) -> String {
+pub fn describe_error(e: zbus::Error) -> String {
     match e {
         zbus::Error::MethodError(name, Some(message), _) => {
             if name.starts_with("org.ally.Error.") {

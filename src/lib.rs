@@ -11,4 +11,6 @@ pub mod instance;
 pub mod listeners;
 pub mod run;
 pub mod runtime_dir;
+pub mod state;
+pub mod state_cli;
 pub mod systemd;

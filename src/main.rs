@@ -22,6 +22,9 @@ fn main() -> ExitCode {
             Command::Reload(args) => ally::control::reload(args).await,
             Command::Status(args) => ally::control::status(args).await,
             Command::List(args) => ally::control::list(args).await,
+            Command::Cache(cmd) => ally::state_cli::cache(cmd).await,
+            Command::Atomic(cmd) => ally::state_cli::atomic(cmd).await,
+            Command::Lock(cmd) => ally::state_cli::lock(cmd).await,
         }
     });
     match result {

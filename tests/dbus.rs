@@ -11,10 +11,10 @@ use std::time::Duration;
 use common::*;
 use futures_util::StreamExt;
 
-fn interface_block(xml: &str) -> Vec<String> {
+fn interface_block(xml: &str, interface: &str) -> Vec<String> {
     let start = xml
-        .find("<interface name=\"org.ally.Broker1\">")
-        .expect("no org.ally.Broker1 interface");
+        .find(&format!("<interface name=\"{interface}\">"))
+        .unwrap_or_else(|| panic!("no {interface} interface"));
     let end = start + xml[start..].find("</interface>").unwrap();
     xml[start..end]
         .lines()
@@ -49,16 +49,23 @@ fn the_interface_xml_matches_the_live_broker() {
     assert!(out.status.success(), "{}", stderr(&out));
     let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let live = reply["data"][0].as_str().unwrap();
-    let kept = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/dbus/org.ally.Broker1.xml"
-    ))
-    .unwrap();
-    assert_eq!(
-        interface_block(&kept),
-        interface_block(live),
-        "dbus/org.ally.Broker1.xml is out of date with the broker"
-    );
+    for interface in [
+        "org.ally.Broker1",
+        "org.ally.Cache1",
+        "org.ally.Atomic1",
+        "org.ally.Locker1",
+    ] {
+        let kept = std::fs::read_to_string(format!(
+            "{}/dbus/{interface}.xml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap();
+        assert_eq!(
+            interface_block(&kept, interface),
+            interface_block(live, interface),
+            "dbus/{interface}.xml is out of date with the broker"
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,8 @@ use zbus::Variant;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::{self, ListenAddr, ListenOptions, Network};
-use crate::proxy::{self, BrokerProxy, Instance, Listener, Status};
+use crate::proxy::{self, BrokerProxy, Instance, Listener, StateProxies, Status};
+use crate::shared::{Atomic, Backend, Cache, Locker, Simulation};
 use crate::stop::{StopHandle, parse_signal};
 
 /// Sockets of simulate mode, shared by every [`Ally`] of the process, as the broker
@@ -37,6 +38,7 @@ struct Inner {
     started_usec: u64,
     /// 0 until `ready()`.
     ready_usec: AtomicU64,
+    state: Backend,
 }
 
 impl Ally {
@@ -61,13 +63,27 @@ impl Ally {
         stop.install(&[stop_signal()?])?;
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
         let broker = proxy::connect(address, app.as_deref()).await?;
-        Ally::new(Some(broker), app.unwrap_or_else(program_name), stop)
+        let state = StateProxies::on(broker.inner().connection(), app.as_deref()).await?;
+        Ally::new(
+            Some(broker),
+            app.unwrap_or_else(program_name),
+            stop,
+            Backend::Broker(state),
+        )
     }
 
     /// Runs without a broker: sockets are bound in this process (with the broker's
     /// normalisation and sharing rules), `ready()` does nothing, and `SIGINT` stops the
     /// instance as well as the stop signal, so Ctrl-C works.
+    ///
+    /// The shared state ([`cache`](Self::cache), [`atomic`](Self::atomic),
+    /// [`locker`](Self::locker)) is the process's [`Simulation`]; each `Ally` acts as one
+    /// lock owner.
     pub async fn simulate() -> Result<Ally> {
+        Ally::simulate_on(&Simulation::process()).await
+    }
+
+    pub(crate) async fn simulate_on(simulation: &Simulation) -> Result<Ally> {
         let stop = StopHandle::new();
         let sig = stop_signal()?;
         if sig == Signal::SIGINT {
@@ -79,10 +95,15 @@ impl Ally {
             .ok()
             .filter(|a| !a.is_empty())
             .unwrap_or_else(program_name);
-        Ally::new(None, app, stop)
+        Ally::new(None, app, stop, simulation.backend())
     }
 
-    fn new(broker: Option<BrokerProxy<'static>>, app: String, stop: StopHandle) -> Result<Ally> {
+    fn new(
+        broker: Option<BrokerProxy<'static>>,
+        app: String,
+        stop: StopHandle,
+        state: Backend,
+    ) -> Result<Ally> {
         Ok(Ally {
             inner: Arc::new(Inner {
                 broker,
@@ -92,8 +113,28 @@ impl Ally {
                 stop,
                 started_usec: now_usec(),
                 ready_usec: AtomicU64::new(0),
+                state,
             }),
         })
+    }
+
+    pub(crate) fn backend(&self) -> &Backend {
+        &self.inner.state
+    }
+
+    /// Namespace `namespace` of the app's shared cache.
+    pub fn cache(&self, namespace: &str) -> Cache {
+        Cache::new(self.clone(), namespace)
+    }
+
+    /// The app's shared counter `name`.
+    pub fn atomic(&self, name: &str) -> Atomic {
+        Atomic::new(self.clone(), name)
+    }
+
+    /// The app's shared read/write locks.
+    pub fn locker(&self) -> Locker {
+        Locker::new(self.clone())
     }
 
     /// Whether a broker manages this instance (false in simulate mode).

@@ -11,6 +11,12 @@ use std::net::{TcpListener, UdpSocket};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::{UnixDatagram, UnixListener};
 
+use std::time::Duration;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::Queues;
 use crate::error::{Error, Result};
 use crate::net::ListenOptions;
 use crate::proxy::Status;
@@ -38,6 +44,11 @@ impl Ally {
     /// See [`crate::Ally::simulate`].
     pub fn simulate() -> Result<Ally> {
         Ally::start(crate::Ally::simulate())
+    }
+
+    pub(crate) fn simulate_on(simulation: &crate::Simulation) -> Result<Ally> {
+        let simulation = simulation.clone();
+        Ally::start(async move { crate::Ally::simulate_on(&simulation).await })
     }
 
     fn start(make: impl Future<Output = Result<crate::Ally>>) -> Result<Ally> {
@@ -151,5 +162,213 @@ impl Ally {
     /// Network `unixpacket`.
     pub fn unix_seqpacket(&self, address: &str) -> Result<OwnedFd> {
         self.runtime.block_on(self.inner.unix_seqpacket(address))
+    }
+}
+
+impl Ally {
+    /// See [`crate::Ally::cache`].
+    pub fn cache(&self, namespace: &str) -> Cache<'_> {
+        Cache {
+            inner: self.inner.cache(namespace),
+            runtime: &self.runtime,
+        }
+    }
+
+    /// See [`crate::Ally::atomic`].
+    pub fn atomic(&self, name: &str) -> Atomic<'_> {
+        Atomic {
+            inner: self.inner.atomic(name),
+            runtime: &self.runtime,
+        }
+    }
+
+    /// See [`crate::Ally::locker`].
+    pub fn locker(&self) -> Locker<'_> {
+        Locker {
+            inner: self.inner.locker(),
+            runtime: &self.runtime,
+        }
+    }
+}
+
+/// Blocking twin of [`crate::Cache`].
+#[derive(Debug)]
+pub struct Cache<'a> {
+    inner: crate::Cache,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl Cache<'_> {
+    pub fn set(&self, key: &str, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<()> {
+        self.runtime.block_on(self.inner.set(key, value, ttl))
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        self.runtime.block_on(self.inner.get(key))
+    }
+
+    pub fn get_string(&self, key: &str) -> Result<Option<String>> {
+        self.runtime.block_on(self.inner.get_string(key))
+    }
+
+    pub fn set_json<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.runtime.block_on(self.inner.set_json(key, value, ttl))
+    }
+
+    pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        self.runtime.block_on(self.inner.get_json(key))
+    }
+
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.runtime.block_on(self.inner.delete(key))
+    }
+
+    pub fn exists(&self, key: &str) -> Result<bool> {
+        self.runtime.block_on(self.inner.exists(key))
+    }
+
+    pub fn keys(&self) -> Result<Vec<String>> {
+        self.runtime.block_on(self.inner.keys())
+    }
+
+    pub fn count(&self) -> Result<u64> {
+        self.runtime.block_on(self.inner.count())
+    }
+
+    pub fn flush(&self) -> Result<u64> {
+        self.runtime.block_on(self.inner.flush())
+    }
+
+    pub fn set_if_absent(
+        &self,
+        key: &str,
+        value: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        self.runtime
+            .block_on(self.inner.set_if_absent(key, value, ttl))
+    }
+
+    pub fn compare_and_swap(
+        &self,
+        key: &str,
+        old: impl AsRef<[u8]>,
+        new: impl AsRef<[u8]>,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        self.runtime
+            .block_on(self.inner.compare_and_swap(key, old, new, ttl))
+    }
+}
+
+/// Blocking twin of [`crate::Atomic`].
+#[derive(Debug)]
+pub struct Atomic<'a> {
+    inner: crate::Atomic,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl Atomic<'_> {
+    pub fn add(&self, delta: i64) -> Result<i64> {
+        self.runtime.block_on(self.inner.add(delta))
+    }
+
+    pub fn load(&self) -> Result<i64> {
+        self.runtime.block_on(self.inner.load())
+    }
+
+    pub fn store(&self, value: i64) -> Result<()> {
+        self.runtime.block_on(self.inner.store(value))
+    }
+
+    pub fn swap(&self, value: i64) -> Result<i64> {
+        self.runtime.block_on(self.inner.swap(value))
+    }
+
+    pub fn compare_and_swap(&self, old: i64, new: i64) -> Result<bool> {
+        self.runtime.block_on(self.inner.compare_and_swap(old, new))
+    }
+}
+
+/// Blocking twin of [`crate::Locker`].
+#[derive(Debug)]
+pub struct Locker<'a> {
+    inner: crate::Locker,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl<'a> Locker<'a> {
+    fn guard(&self, guard: crate::LockGuard) -> LockGuard<'a> {
+        LockGuard {
+            inner: Some(guard),
+            runtime: self.runtime,
+        }
+    }
+
+    pub fn lock(&self, name: &str, timeout: Option<Duration>) -> Result<LockGuard<'a>> {
+        let g = self.runtime.block_on(self.inner.lock(name, timeout))?;
+        Ok(self.guard(g))
+    }
+
+    pub fn rlock(&self, name: &str, timeout: Option<Duration>) -> Result<LockGuard<'a>> {
+        let g = self.runtime.block_on(self.inner.rlock(name, timeout))?;
+        Ok(self.guard(g))
+    }
+
+    pub fn try_lock(&self, name: &str) -> Result<Option<LockGuard<'a>>> {
+        let g = self.runtime.block_on(self.inner.try_lock(name))?;
+        Ok(g.map(|g| self.guard(g)))
+    }
+
+    pub fn try_rlock(&self, name: &str) -> Result<Option<LockGuard<'a>>> {
+        let g = self.runtime.block_on(self.inner.try_rlock(name))?;
+        Ok(g.map(|g| self.guard(g)))
+    }
+
+    pub fn unlock(&self, name: &str) -> Result<()> {
+        self.runtime.block_on(self.inner.unlock(name))
+    }
+
+    pub fn runlock(&self, name: &str) -> Result<()> {
+        self.runtime.block_on(self.inner.runlock(name))
+    }
+
+    pub fn queues(&self, name: &str) -> Result<Queues> {
+        self.runtime.block_on(self.inner.queues(name))
+    }
+}
+
+/// A held lock, released (synchronously) when dropped.
+#[derive(Debug)]
+#[must_use = "the lock is released when the guard is dropped"]
+pub struct LockGuard<'a> {
+    inner: Option<crate::LockGuard>,
+    runtime: &'a tokio::runtime::Runtime,
+}
+
+impl LockGuard<'_> {
+    pub fn name(&self) -> &str {
+        self.inner.as_ref().map_or("", |g| g.name())
+    }
+
+    /// Releases the lock now, reporting errors.
+    pub fn unlock(mut self) -> Result<()> {
+        match self.inner.take() {
+            Some(g) => self.runtime.block_on(g.unlock()),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(g) = self.inner.take() {
+            let _ = self.runtime.block_on(g.unlock());
+        }
     }
 }

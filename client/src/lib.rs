@@ -80,10 +80,13 @@ pub mod blocking;
 pub mod error;
 pub mod net;
 pub mod proxy;
+mod shared;
+pub mod state;
 pub mod stdnet;
 mod stop;
 
 pub use ally::Ally;
 pub use error::{Error, ErrorKind, Result};
 pub use net::ListenOptions;
+pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};
 pub use stop::{StopHandle, parse_signal};

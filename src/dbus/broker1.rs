@@ -25,39 +25,59 @@ pub enum Peer {
     Private {
         pid: u32,
         uid: u32,
+        /// The connection's number, for the locks taken through it.
+        conn: u64,
         instance: OnceLock<InstanceId>,
+        /// A role other than instance, once known: a process that is not an
+        /// instance's cannot become one, so it holds for the connection's life.
+        other: OnceLock<Role>,
     },
     /// A bus connection: every call may come from another sender.
     Bus,
 }
 
 impl Peer {
-    pub fn private(pid: u32, uid: u32) -> Self {
+    pub fn private(pid: u32, uid: u32, conn: u64) -> Self {
         Peer::Private {
             pid,
             uid,
+            conn,
             instance: OnceLock::new(),
+            other: OnceLock::new(),
         }
     }
 }
 
-pub struct Broker1 {
+/// Who may call what on one connection, shared by every interface served on it.
+pub struct Access {
     broker: Arc<Broker>,
     peer: Peer,
 }
 
-impl Broker1 {
-    pub fn new(broker: Arc<Broker>, peer: Peer) -> Self {
-        Broker1 { broker, peer }
+impl Access {
+    pub fn new(broker: Arc<Broker>, peer: Peer) -> Arc<Self> {
+        Arc::new(Access { broker, peer })
     }
 
-    async fn role(&self, header: Option<&Header<'_>>, conn: &Connection) -> Result<Role> {
+    pub fn broker(&self) -> &Arc<Broker> {
+        &self.broker
+    }
+
+    pub async fn role(&self, header: Option<&Header<'_>>, conn: &Connection) -> Result<Role> {
         let (pid, uid, transport) = match &self.peer {
-            Peer::Private { pid, uid, instance } => {
-                if let Some(id) = instance.get()
-                    && self.broker.instance_alive(*id)
-                {
-                    return Ok(Role::Instance(*id));
+            Peer::Private {
+                pid,
+                uid,
+                instance,
+                other,
+                ..
+            } => {
+                if let Some(id) = instance.get() {
+                    if self.broker.instance_alive(*id) {
+                        return Ok(Role::Instance(*id));
+                    }
+                } else if let Some(role) = other.get() {
+                    return Ok(*role);
                 }
                 (*pid, *uid, Transport::PrivateSocket)
             }
@@ -89,13 +109,25 @@ impl Broker1 {
             broker_uid,
             transport,
         );
-        if let (Role::Instance(id), Peer::Private { instance, .. }) = (role, &self.peer) {
-            let _ = instance.set(id);
+        if let Peer::Private {
+            instance, other, ..
+        } = &self.peer
+        {
+            match role {
+                Role::Instance(id) => {
+                    let _ = instance.set(id);
+                }
+                // An instance that exited leaves a process that is no instance.
+                _ if instance.get().is_none() => {
+                    let _ = other.set(role);
+                }
+                _ => {}
+            }
         }
         Ok(role)
     }
 
-    async fn require_instance(
+    pub async fn require_instance(
         &self,
         header: Option<&Header<'_>>,
         conn: &Connection,
@@ -111,19 +143,36 @@ impl Broker1 {
         }
     }
 
-    async fn require_admin(
+    /// Instances and admins.
+    pub async fn require_admin(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        method: &str,
+    ) -> Result<Role> {
+        match self.role(header, conn).await? {
+            role @ (Role::Instance(_) | Role::Admin) => Ok(role),
+            _ => Err(self.denied(method)),
+        }
+    }
+
+    /// Admins that are not instances: repair.
+    pub async fn require_operator(
         &self,
         header: Option<&Header<'_>>,
         conn: &Connection,
         method: &str,
     ) -> Result<()> {
         match self.role(header, conn).await? {
-            Role::Instance(_) | Role::Admin => Ok(()),
+            Role::Admin => Ok(()),
+            Role::Instance(_) => Err(AccessDenied(format!(
+                "{method} is for admins (root or the broker's user), not instances"
+            ))),
             _ => Err(self.denied(method)),
         }
     }
 
-    async fn require_reader(
+    pub async fn require_reader(
         &self,
         header: Option<&Header<'_>>,
         conn: &Connection,
@@ -135,11 +184,51 @@ impl Broker1 {
         }
     }
 
+    /// The lock owner and connection number of a caller that may lock: an instance
+    /// owns its locks; anyone else, the connection (see `crate::state`).
+    pub async fn lock_owner(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        method: &str,
+    ) -> Result<(u64, u64)> {
+        let role = self.require_admin(header, conn, method).await?;
+        let conn_id = match &self.peer {
+            Peer::Private { conn, .. } => *conn,
+            Peer::Bus => {
+                let sender = header
+                    .and_then(|h| h.sender())
+                    .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
+                self.broker.state().sender_conn(sender.as_str())
+            }
+        };
+        Ok(match role {
+            Role::Instance(id) => (id, conn_id),
+            _ => (crate::state::CONNECTION_OWNER + conn_id, conn_id),
+        })
+    }
+
     fn denied(&self, what: &str) -> AllyError {
         AllyError::AccessDenied(format!(
             "{what} denied: the caller is neither root, the broker's user, nor an instance of {}",
             self.broker.app()
         ))
+    }
+}
+
+use AllyError::AccessDenied;
+
+pub struct Broker1 {
+    broker: Arc<Broker>,
+    access: Arc<Access>,
+}
+
+impl Broker1 {
+    pub fn new(access: Arc<Access>) -> Self {
+        Broker1 {
+            broker: access.broker().clone(),
+            access,
+        }
     }
 }
 
@@ -153,7 +242,10 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd> {
-        let instance = self.require_instance(Some(&header), conn, "Listen").await?;
+        let instance = self
+            .access
+            .require_instance(Some(&header), conn, "Listen")
+            .await?;
         let addr = parse_address(network, address).await?;
         let fd = self
             .broker
@@ -171,6 +263,7 @@ impl Broker1 {
         #[zbus(connection)] conn: &Connection,
     ) -> Result<zbus::OwnedFd> {
         let instance = self
+            .access
             .require_instance(Some(&header), conn, "ListenWith")
             .await?;
         let options = parse_options(&options)?;
@@ -186,7 +279,10 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let instance = self.require_instance(Some(&header), conn, "Close").await?;
+        let instance = self
+            .access
+            .require_instance(Some(&header), conn, "Close")
+            .await?;
         let addr = parse_address(network, address).await?;
         Ok(self.broker.close(instance, &addr)?)
     }
@@ -196,7 +292,10 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<()> {
-        let instance = self.require_instance(Some(&header), conn, "Ready").await?;
+        let instance = self
+            .access
+            .require_instance(Some(&header), conn, "Ready")
+            .await?;
         Ok(self.broker.ready(instance)?)
     }
 
@@ -206,7 +305,9 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u64> {
-        self.require_admin(Some(&header), conn, "Reload").await?;
+        self.access
+            .require_admin(Some(&header), conn, "Reload")
+            .await?;
         Ok(self.broker.reload().await?)
     }
 
@@ -216,7 +317,9 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<HashMap<String, OwnedVariant>> {
-        self.require_reader(Some(&header), conn, "Status").await?;
+        self.access
+            .require_reader(Some(&header), conn, "Status")
+            .await?;
         status_dict(&self.broker.status())
     }
 
@@ -287,7 +390,8 @@ impl Broker1 {
         header: Option<&Header<'_>>,
         conn: &Connection,
     ) -> zbus::fdo::Result<()> {
-        self.require_reader(header, conn, "reading properties")
+        self.access
+            .require_reader(header, conn, "reading properties")
             .await
             .map_err(|e| zbus::fdo::Error::AccessDenied(e.to_string()))
     }

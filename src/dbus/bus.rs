@@ -2,7 +2,8 @@
 
 use std::sync::Arc;
 
-use super::broker1::{Broker1, Peer};
+use super::broker1::{Access, Broker1, Peer};
+use super::state1::{Atomic1, Cache1, Locker1};
 use super::{OBJECT_PATH, bus_name};
 use crate::broker::Broker;
 
@@ -48,16 +49,23 @@ pub async fn register(
     } else {
         "session"
     };
+    let access = Access::new(broker.clone(), Peer::Bus);
     let result = builder
         .name(name.as_str())
-        .serve_at(OBJECT_PATH, Broker1::new(broker.clone(), Peer::Bus))
+        .serve_at(OBJECT_PATH, Broker1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Cache1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Atomic1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Locker1::new(access))
         .build()
         .await;
     match result {
         Ok(conn) => {
             tracing::info!("serving {name} on the {which} bus");
             let events = conn.clone();
+            let departures = conn.clone();
+            let state_broker = broker.clone();
             tokio::spawn(async move { super::server::forward_events(&events, &broker).await });
+            tokio::spawn(async move { release_departed(&departures, &state_broker).await });
             Ok(Some(conn))
         }
         Err(e) => {
@@ -68,6 +76,24 @@ pub async fn register(
             } else {
                 Err(message)
             }
+        }
+    }
+}
+
+/// Locks taken by a bus client that is not an instance end when it leaves the bus.
+async fn release_departed(conn: &zbus::Connection, broker: &Broker) {
+    use futures_util::StreamExt;
+    let Ok(dbus) = zbus::fdo::DBusProxy::new(conn).await else {
+        return;
+    };
+    let Ok(mut changes) = dbus.receive_name_owner_changed().await else {
+        tracing::warn!("cannot watch bus clients leave: their locks stay until released");
+        return;
+    };
+    while let Some(change) = changes.next().await {
+        let Ok(args) = change.args() else { continue };
+        if args.name().as_str().starts_with(':') && args.new_owner().is_none() {
+            broker.state().sender_gone(args.name().as_str());
         }
     }
 }

@@ -30,3 +30,14 @@ impl From<crate::broker::Error> for AllyError {
 }
 
 pub type Result<T> = std::result::Result<T, AllyError>;
+
+impl From<ally_client::state::StateError> for AllyError {
+    fn from(e: ally_client::state::StateError) -> Self {
+        use ally_client::state::StateError as E;
+        match e {
+            E::InvalidArgument(m) => AllyError::InvalidArgument(m),
+            E::LimitExceeded(m) => AllyError::LimitExceeded(m),
+            E::NotOwner(m) => AllyError::NotOwner(m),
+        }
+    }
+}

@@ -7,6 +7,7 @@ pub mod bus_shim;
 pub mod caller;
 pub mod errors;
 pub mod server;
+pub mod state1;
 
 pub const OBJECT_PATH: &str = "/org/ally";
 

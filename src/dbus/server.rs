@@ -9,7 +9,8 @@ use std::sync::Arc;
 use tokio::net::{UnixListener, UnixStream};
 use zbus::object_server::SignalEmitter;
 
-use super::broker1::{Broker1, Broker1Signals, Peer};
+use super::broker1::{Access, Broker1, Broker1Signals, Peer};
+use super::state1::{Atomic1, Cache1, Locker1};
 use super::{OBJECT_PATH, bus_shim};
 use crate::broker::{Broker, Event};
 
@@ -72,8 +73,9 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
 }
 
 async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
+    let conn_id = broker.state().new_conn();
     let peer = match stream.peer_cred() {
-        Ok(cred) => Peer::private(cred.pid().unwrap_or(0) as u32, cred.uid()),
+        Ok(cred) => Peer::private(cred.pid().unwrap_or(0) as u32, cred.uid(), conn_id),
         Err(e) => {
             tracing::warn!("cannot read peer credentials: {e}");
             return;
@@ -83,10 +85,14 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
         Ok(s) => s,
         Err(e) => return tracing::warn!("{e}"),
     };
+    let access = Access::new(broker.clone(), peer);
     let conn = zbus::connection::Builder::unix_stream(stream)
         .server(zbus::Guid::generate())
         .p2p()
-        .serve_at(OBJECT_PATH, Broker1::new(broker.clone(), peer))
+        .serve_at(OBJECT_PATH, Broker1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Cache1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Atomic1::new(access.clone()))
+        .serve_at(OBJECT_PATH, Locker1::new(access))
         .serve_at(bus_shim::PATH, bus_shim::BusShim)
         .build()
         .await;
@@ -95,6 +101,8 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
         Err(e) => return tracing::debug!("private socket handshake failed: {e}"),
     };
     forward_events(&conn, &broker).await;
+    // Locks taken through this connection, and waits on it, end with it.
+    broker.state().connection_closed(conn_id);
 }
 
 /// Emits the broker's events as signals on `conn` until it closes.
