@@ -3,20 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
-
-fn reports(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
 
 #[test]
 fn bad_listen_requests_are_refused_and_the_app_still_serves() {
@@ -46,7 +36,7 @@ fn bad_listen_requests_are_refused_and_the_app_still_serves() {
     let config = format!("command = {command:?}\n");
     let broker = TestBroker::start("bad", &config);
     broker.wait_running(1);
-    let r = reports(&report);
+    let r = wait_for_report(&report, "waiting", 1);
     let expect = [
         ("InvalidArgument", "unknown network \"sctp\""),
         ("InvalidArgument", "missing port"),

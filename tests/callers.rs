@@ -50,11 +50,7 @@ fn another_user_that_is_not_an_instance_is_refused() {
     let broker = TestBroker::start("multi", &config);
     std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     broker.wait_running(1);
-    let reported: Vec<serde_json::Value> = std::fs::read_to_string(&report)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let reported = wait_for_report(&report, "waiting", 1);
     assert_eq!(
         reported[0]["ok"], true,
         "the nobody instance may Listen: {}",

@@ -3,28 +3,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
-
-fn read_report(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn wait_for_ops(path: &Path, op: &str, count: usize) -> Vec<Value> {
-    wait_until(
-        &format!("{count} {op} reports"),
-        Duration::from_secs(10),
-        || read_report(path).iter().filter(|r| r["op"] == op).count() >= count,
-    );
-    read_report(path)
-}
 
 fn config_for(command: &[String]) -> String {
     format!("command = {command:?}\nready_timeout = \"10s\"\nstop_timeout = \"5s\"\n")
@@ -71,7 +53,7 @@ fn every_network_and_the_same_socket_across_generations() {
     command.push("--ready".into());
     let broker = TestBroker::start("nets", &config_for(&command));
     broker.wait_running(1);
-    let first = wait_for_ops(&report, "waiting", 1);
+    let first = wait_for_report(&report, "waiting", 1);
     let results: Vec<&Value> = first.iter().filter(|r| r["op"] == "listen").collect();
     assert_eq!(results.len(), listeners.len() + 1);
     for r in &results {
@@ -93,7 +75,7 @@ fn every_network_and_the_same_socket_across_generations() {
     std::net::TcpStream::connect(("127.0.0.1", tcp_port)).unwrap();
 
     assert!(broker.reload().status.success());
-    let both = wait_for_ops(&report, "waiting", 2);
+    let both = wait_for_report(&report, "waiting", 2);
     let listens: Vec<&Value> = both.iter().filter(|r| r["op"] == "listen").collect();
     let (gen1, gen2) = listens.split_at(listeners.len() + 1);
     for (a, b) in gen1.iter().zip(gen2) {
@@ -132,7 +114,7 @@ fn a_child_of_an_instance_acts_as_the_instance() {
     ];
     let broker = TestBroker::start("child", &config_for(&command));
     broker.wait_running(1);
-    let results = wait_for_ops(&report, "waiting", 1);
+    let results = wait_for_report(&report, "waiting", 1);
     assert_eq!(results[0]["ok"], true, "{}", results[0]);
     assert_eq!(results[1]["op"], "ready");
     assert_eq!(results[1]["ok"], true, "{}", results[1]);
@@ -171,7 +153,7 @@ fn listen_options_apply_and_are_checked() {
     ];
     let broker = TestBroker::start("opts", &config_for(&command));
     broker.wait_running(1);
-    let r = wait_for_ops(&report, "waiting", 1);
+    let r = wait_for_report(&report, "waiting", 1);
     assert_eq!(r[0]["ok"], true, "{}", r[0]);
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -223,7 +205,7 @@ fn unreferenced_listeners_close_after_the_linger() {
     let config = format!("{}listener_linger = \"1s\"\n", config_for(&command));
     let broker = TestBroker::start("linger", &config);
     broker.wait_running(1);
-    let r = wait_for_ops(&report, "waiting", 1);
+    let r = wait_for_report(&report, "waiting", 1);
     assert_eq!(r[1]["ok"], true, "{}", r[1]);
     assert_eq!(
         r[2]["ok"], false,

@@ -12,11 +12,7 @@ use common::*;
 use serde_json::Value;
 
 fn report(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
+    json_lines(path)
 }
 
 fn config(report: &Path, args: &[&str]) -> String {
