@@ -110,6 +110,41 @@ fn raw_round_trips(secs: f64) -> f64 {
     rate
 }
 
+/// The D-Bus library's own floor: a peer-to-peer zbus method call that does
+/// nothing, server and client in this process on the same runtime as the
+/// measured clients. What the broker adds is the distance to this.
+struct Nop;
+
+#[zbus::interface(name = "org.ally.BenchNop1")]
+impl Nop {
+    fn nop(&self) {}
+}
+
+async fn zbus_floor(secs: f64) -> f64 {
+    let (a, b) = tokio::net::UnixStream::pair().unwrap();
+    let guid = zbus::Guid::generate();
+    let server = zbus::connection::Builder::unix_stream(a.into_std().unwrap())
+        .server(guid)
+        .p2p()
+        .serve_at("/nop", Nop);
+    let client = zbus::connection::Builder::unix_stream(b.into_std().unwrap()).p2p();
+    let (server, client) = tokio::join!(server.build(), client.build());
+    let (_server, client) = (server.unwrap(), client.unwrap());
+    let call = || client.call_method(None::<&str>, "/nop", Some("org.ally.BenchNop1"), "Nop", &());
+    for _ in 0..200 {
+        call().await.unwrap();
+    }
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..100 {
+            call().await.unwrap();
+        }
+        n += 100;
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 #[derive(Clone, Copy)]
 enum Op {
     Add,
@@ -217,6 +252,18 @@ fn main() {
     let raw_us = 1e6 / raw;
     println!("raw unix-socket round trip: {raw:>10.0} /s  {raw_us:>6.1} µs  (floor)");
     rt.block_on(async {
+        let zbus = median({
+            let mut v = Vec::new();
+            for _ in 0..runs {
+                v.push(zbus_floor(secs).await);
+            }
+            v
+        });
+        let zbus_us = 1e6 / zbus;
+        println!(
+            "zbus p2p no-op call:        {zbus:>7.0} /s  {zbus_us:>6.1} µs  = {:.2}× raw (the D-Bus library's floor)",
+            zbus_us / raw_us
+        );
         let one = Ally::connect(&broker.address).await.unwrap();
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
@@ -241,10 +288,11 @@ fn main() {
             }
             let conc = median(conc);
             println!(
-                "{:<11} 1 client : {seq:>8.0} ops/s {} (≥ 50000)  latency {us:>6.1} µs = {ratio:.2}× raw {} (≤ 1.5×)",
+                "{:<11} 1 client : {seq:>8.0} ops/s {} (≥ 50000)  latency {us:>6.1} µs = {ratio:.2}× raw {} (≤ 1.5×), {:.2}× the zbus floor",
                 op.name(),
                 verdict(seq >= 50_000.0),
                 verdict(ratio <= 1.5),
+                us / zbus_us,
             );
             println!(
                 "{:<11} {CLIENTS} clients: {conc:>8.0} ops/s {} (≥ 100000)",
