@@ -531,6 +531,7 @@ async fn run_scenario(
         restart_errors: failures,
         summary,
         retried: result.retried,
+        retried_kinds: result.retried_kinds,
         reload_ms,
         errors: result.errors,
         series: stats::per_second(&result.samples, seconds),

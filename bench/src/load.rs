@@ -55,6 +55,8 @@ pub struct LoadResult {
     pub errors: BTreeMap<String, u64>,
     /// Requests sent again under the retry rule (each counted once, as one request).
     pub retried: u64,
+    /// What the retried requests met the first time, by class.
+    pub retried_kinds: BTreeMap<String, u64>,
     pub duration_us: u64,
 }
 
@@ -97,6 +99,9 @@ pub async fn run(config: LoadConfig, stop: StopFlag, start: Instant) -> LoadResu
         if let Ok(r) = task.await {
             total.samples.extend(r.samples);
             total.retried += r.retried;
+            for (k, v) in r.retried_kinds {
+                *total.retried_kinds.entry(k).or_default() += v;
+            }
             for (k, v) in r.errors {
                 *total.errors.entry(k).or_default() += v;
             }
@@ -113,6 +118,13 @@ struct Worker {
 }
 
 impl Worker {
+    fn note_retry(&mut self, f: &Failure) {
+        self.result.retried += 1;
+        let mut class = f.class();
+        class.truncate(160);
+        *self.result.retried_kinds.entry(class).or_default() += 1;
+    }
+
     fn record(&mut self, began: Instant, failure: Option<String>) {
         let now = Instant::now();
         self.result.samples.push(Sample {
@@ -139,7 +151,7 @@ impl Worker {
             if let Err(f) = &outcome
                 && f.retryable()
             {
-                self.result.retried += 1;
+                self.note_retry(f);
                 outcome = request(&mut conn, config, close).await;
             }
             self.record(began, outcome.err().map(|f| f.class()));
@@ -164,17 +176,16 @@ impl Worker {
                 break;
             }
             let began = Instant::now();
-            let outcome = tokio::time::timeout(
-                config.timeout,
-                crate::grpc::echo(channel.clone(), "bench"),
-            )
-            .await;
-            let failure = match outcome {
-                Err(_) => Some("timeout".to_string()),
-                Ok(Ok(reply)) if reply.message == "bench" && reply.pid != 0 => None,
-                Ok(Ok(reply)) => Some(format!("wrong answer: {reply:?}")),
-                Ok(Err(status)) => Some(format!("grpc {:?}: {}", status.code(), status.message())),
-            };
+            let mut outcome = grpc_call(&channel, config.timeout).await;
+            if let Err(f) = &outcome
+                && f.retryable()
+            {
+                // Never seen by the server: a gRPC client retries it transparently.
+                self.note_retry(f);
+                channel = endpoint.connect_lazy();
+                outcome = grpc_call(&channel, config.timeout).await;
+            }
+            let failure = outcome.err().map(|f| f.class());
             if failure.is_some() {
                 // Start afresh, as a client would after a broken channel.
                 channel = endpoint.connect_lazy();
@@ -196,4 +207,41 @@ async fn request(conn: &mut Option<Conn>, config: &LoadConfig, close: bool) -> R
         *conn = Some(c);
     }
     Ok(())
+}
+
+async fn grpc_call(channel: &tonic::transport::Channel, timeout: Duration) -> Result<(), Failure> {
+    match tokio::time::timeout(timeout, crate::grpc::echo(channel.clone(), "bench")).await {
+        Err(_) => Err(Failure::Timeout),
+        Ok(Ok(reply)) if reply.message == "bench" && reply.pid != 0 => Ok(()),
+        Ok(Ok(reply)) => Err(Failure::WrongAnswer(format!("{reply:?}"))),
+        Ok(Err(status)) => Err(grpc_failure(&status)),
+    }
+}
+
+/// Classifies a failed call: `Unanswered` when the server never saw the request —
+/// the client dropped it before sending (hyper: canceled), or the server refused
+/// the stream (`GOAWAY` naming a lower last stream, `REFUSED_STREAM`). gRPC
+/// clients retry exactly these transparently.
+pub fn grpc_failure(status: &tonic::Status) -> Failure {
+    let mut chain = vec![format!("grpc {:?}: {}", status.code(), status.message())];
+    let mut unprocessed = false;
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(e) = source {
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            unprocessed |= h.is_canceled();
+        }
+        if let Some(h) = e.downcast_ref::<h2::Error>() {
+            unprocessed |= h.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h.is_go_away() && h.is_remote() && h.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        chain.push(e.to_string());
+        source = e.source();
+    }
+    chain.dedup();
+    let text = chain.join(": ");
+    if unprocessed {
+        Failure::Unanswered(text)
+    } else {
+        Failure::Broken(text)
+    }
 }

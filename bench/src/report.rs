@@ -15,6 +15,7 @@ pub struct Row {
     pub restart_errors: Vec<String>,
     pub summary: Summary,
     pub retried: u64,
+    pub retried_kinds: BTreeMap<String, u64>,
     /// Duration of each successful reload/restart, ms.
     pub reload_ms: Vec<f64>,
     pub errors: BTreeMap<String, u64>,
@@ -118,7 +119,15 @@ pub fn row_line(r: &Row) -> String {
         } else {
             String::new()
         }
-    )
+    ) + &if r.errors.is_empty() {
+        String::new()
+    } else {
+        format!("\n    errors: {}", top_errors(&r.errors, 4))
+    } + &if r.retried_kinds.is_empty() {
+        String::new()
+    } else {
+        format!("\n    retried: {}", top_errors(&r.retried_kinds, 4))
+    }
 }
 
 /// The main table, markdown.
@@ -451,6 +460,10 @@ pub fn markdown(doc: &Doc) -> String {
     }
     if !any {
         m.push_str("None.\n");
+    }
+    m.push_str("\n### Retried requests, by what they met first\n\n");
+    for r in doc.rows.iter().filter(|r| !r.retried_kinds.is_empty()) {
+        let _ = writeln!(m, "- {} / {}: {}", r.scenario, r.mode, top_errors(&r.retried_kinds, 4));
     }
     if let Some(d) = &doc.datapath {
         let _ = writeln!(m, "\n## Data path\n\n{}.\n", datapath_line(d));
