@@ -77,7 +77,18 @@ fn bins() -> Result<Bins> {
     // the run measures the broker of this tree.
     if let Ok(cargo) = std::env::var("CARGO") {
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "--quiet", "-p", "ally", "--bin", "ally", "-p", "ally-bench", "--bin", "bench-server"]);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "ally",
+            "--bin",
+            "ally",
+            "-p",
+            "ally-bench",
+            "--bin",
+            "bench-server",
+        ]);
         if release {
             cmd.arg("--release");
         }
@@ -91,7 +102,11 @@ fn bins() -> Result<Bins> {
     };
     for p in [&b.ally, &b.server] {
         if !p.exists() {
-            return Err(format!("{} is missing: cargo build --release --workspace", p.display()).into());
+            return Err(format!(
+                "{} is missing: cargo build --release --workspace",
+                p.display()
+            )
+            .into());
         }
     }
     Ok(b)
@@ -122,10 +137,14 @@ pub async fn main(args: Vec<String>) -> Result<()> {
                 settings.write = false;
             }
             "--no-write" => settings.write = false,
-            "--connections" => settings.connections = it.next().ok_or("--connections N")?.parse()?,
+            "--connections" => {
+                settings.connections = it.next().ok_or("--connections N")?.parse()?
+            }
             "--reloads" => settings.ally_reloads = it.next().ok_or("--reloads N")?.parse()?,
             "--restarts" => settings.alt_restarts = it.next().ok_or("--restarts N")?.parse()?,
-            "--soak-reloads" => settings.soak_reloads = it.next().ok_or("--soak-reloads N")?.parse()?,
+            "--soak-reloads" => {
+                settings.soak_reloads = it.next().ok_or("--soak-reloads N")?.parse()?
+            }
             "--only" => settings.only = Some(it.next().ok_or("--only SUBSTRING")?.clone()),
             other => return Err(format!("unknown argument {other:?}").into()),
         }
@@ -152,7 +171,12 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
             if mode == Mode::Grpc {
                 plan.push((Scenario::Ally { plain_grpc: true }, mode, s.ally_reloads));
             }
-            for alt in [Scenario::Restart, Scenario::Parent, Scenario::ReusePort, Scenario::Shellflip] {
+            for alt in [
+                Scenario::Restart,
+                Scenario::Parent,
+                Scenario::ReusePort,
+                Scenario::Shellflip,
+            ] {
                 plan.push((alt, mode, s.alt_restarts));
             }
         }
@@ -165,7 +189,10 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
         {
             continue;
         }
-        eprintln!("ally-bench: {label}: {restarts} restarts under {} connections", s.connections);
+        eprintln!(
+            "ally-bench: {label}: {restarts} restarts under {} connections",
+            s.connections
+        );
         let row = run_scenario(bins, scenario, mode, restarts, s).await?;
         eprintln!("ally-bench:   {}", report::row_line(&row));
         rows.push(row);
@@ -196,7 +223,9 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
     }
     println!("{}", report::soak_table(&doc.soak));
     if s.write {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("docs");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join("docs");
         std::fs::write(root.join("benchmarks.svg"), report::svg(&doc.rows))?;
         std::fs::write(root.join("benchmarks.md"), report::markdown(&doc))?;
         eprintln!("ally-bench: wrote docs/benchmarks.md and docs/benchmarks.svg");
@@ -205,12 +234,16 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
 }
 
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// A spawned process whose stdout lines arrive on `lines`.
 fn spawn_with_lines(mut cmd: Command, lines: &mpsc::UnboundedSender<String>) -> Result<Child> {
-    cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
+    cmd.stdout(Stdio::piped())
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
     let mut child = cmd.spawn()?;
     let stdout = child.stdout.take().ok_or("no stdout")?;
     let tx = lines.clone();
@@ -258,7 +291,10 @@ async fn stop_child(mut child: Child) {
     if let Some(pid) = child.id() {
         signal(pid, nix::sys::signal::Signal::SIGTERM);
     }
-    if tokio::time::timeout(Duration::from_secs(20), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .is_err()
+    {
         let _ = child.kill().await;
     }
 }
@@ -287,9 +323,21 @@ struct Target {
 impl Target {
     fn server_cmd(&self, mode: &str) -> Command {
         let mut cmd = Command::new(&self.bins_server);
-        cmd.args(["--mode", mode, "--http", &self.http.to_string(), "--grpc", &self.grpc.to_string()]);
-        cmd.args(["--shellflip-socket", &self.dir.join("shellflip.sock").display().to_string()]);
-        cmd.env_remove("NOTIFY_SOCKET").env_remove("LISTEN_FDS").env_remove("LISTEN_PID");
+        cmd.args([
+            "--mode",
+            mode,
+            "--http",
+            &self.http.to_string(),
+            "--grpc",
+            &self.grpc.to_string(),
+        ]);
+        cmd.args([
+            "--shellflip-socket",
+            &self.dir.join("shellflip.sock").display().to_string(),
+        ]);
+        cmd.env_remove("NOTIFY_SOCKET")
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID");
         cmd
     }
 
@@ -342,7 +390,9 @@ impl Target {
                     .stderr(std::fs::File::create(t.dir.join("broker.log"))?);
                 t.child = Some(spawn_with_lines(cmd, &t.lines_tx)?);
             }
-            Scenario::Restart => t.child = Some(spawn_with_lines(t.server_cmd("bind"), &t.lines_tx)?),
+            Scenario::Restart => {
+                t.child = Some(spawn_with_lines(t.server_cmd("bind"), &t.lines_tx)?)
+            }
             Scenario::ReusePort => {
                 t.child = Some(spawn_with_lines(t.server_cmd("reuseport"), &t.lines_tx)?)
             }
@@ -351,7 +401,11 @@ impl Target {
             }
             Scenario::Parent => {
                 for addr in [t.http, t.grpc] {
-                    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM.cloexec(), None)?;
+                    let socket = socket2::Socket::new(
+                        socket2::Domain::IPV4,
+                        socket2::Type::STREAM.cloexec(),
+                        None,
+                    )?;
                     socket.set_reuse_address(true)?;
                     socket.bind(&addr.into())?;
                     socket.listen(1024)?;
@@ -398,7 +452,11 @@ impl Target {
                     .output()
                     .await?;
                 if !out.status.success() {
-                    return Err(format!("ally reload: {}", String::from_utf8_lossy(&out.stderr).trim()).into());
+                    return Err(format!(
+                        "ally reload: {}",
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    )
+                    .into());
                 }
             }
             Scenario::Restart | Scenario::Parent => {
@@ -485,7 +543,10 @@ async fn run_scenario(
         grpc: target.grpc,
         connections: s.connections,
         // Generous bound: restarts that take 2 s each and then some.
-        max_duration: STEADY_BEFORE + STEADY_AFTER + (s.gap + Duration::from_secs(2)) * restarts as u32 + Duration::from_secs(30),
+        max_duration: STEADY_BEFORE
+            + STEADY_AFTER
+            + (s.gap + Duration::from_secs(2)) * restarts as u32
+            + Duration::from_secs(30),
         max_requests: 50_000_000,
         timeout: Duration::from_secs(5),
     };
@@ -621,7 +682,13 @@ async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
     let mut points = Vec::new();
     let mut failed_reloads = 0;
     let (rss, fds) = broker_usage(pid);
-    points.push(SoakPoint { reloads: 0, rss_kib: rss, fds, failed_requests: 0, failed_reloads: 0 });
+    points.push(SoakPoint {
+        reloads: 0,
+        rss_kib: rss,
+        fds,
+        failed_requests: 0,
+        failed_reloads: 0,
+    });
     eprintln!("ally-bench: soak: {} reloads", s.soak_reloads);
     for i in 1..=s.soak_reloads {
         if target.restart().await.is_err() {
@@ -632,7 +699,13 @@ async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
             // Let the drained generations exit before measuring.
             let (rss, fds) = broker_usage(pid);
             eprintln!("ally-bench: soak: {i} reloads: RSS {rss} KiB, {fds} fds");
-            points.push(SoakPoint { reloads: i, rss_kib: rss, fds, failed_requests: 0, failed_reloads });
+            points.push(SoakPoint {
+                reloads: i,
+                rss_kib: rss,
+                fds,
+                failed_requests: 0,
+                failed_reloads,
+            });
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;

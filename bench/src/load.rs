@@ -159,17 +159,21 @@ impl Worker {
     }
 
     async fn grpc(&mut self, config: &LoadConfig, stop: &StopFlag, deadline: Instant) {
-        let endpoint = match tonic::transport::Endpoint::from_shared(format!("http://{}", config.grpc))
-        {
-            Ok(e) => e
-                .connect_timeout(config.timeout)
-                .timeout(config.timeout)
-                .tcp_nodelay(true),
-            Err(e) => {
-                *self.result.errors.entry(format!("endpoint: {e}")).or_default() += 1;
-                return;
-            }
-        };
+        let endpoint =
+            match tonic::transport::Endpoint::from_shared(format!("http://{}", config.grpc)) {
+                Ok(e) => e
+                    .connect_timeout(config.timeout)
+                    .timeout(config.timeout)
+                    .tcp_nodelay(true),
+                Err(e) => {
+                    *self
+                        .result
+                        .errors
+                        .entry(format!("endpoint: {e}"))
+                        .or_default() += 1;
+                    return;
+                }
+            };
         let mut channel = endpoint.connect_lazy();
         for _ in 0..config.max_requests {
             if stop.is_stopped() || Instant::now() >= deadline {

@@ -72,7 +72,11 @@ pub struct DataPath {
 impl DataPath {
     pub fn ratio(&self) -> f64 {
         let own = median(&self.own);
-        if own == 0.0 { 0.0 } else { median(&self.ally) / own }
+        if own == 0.0 {
+            0.0
+        } else {
+            median(&self.ally) / own
+        }
     }
 }
 
@@ -214,7 +218,9 @@ const COLORS: [&str; 6] = [
 ];
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 /// Successful requests per second per scenario, one panel per kind of load;
@@ -451,7 +457,13 @@ pub fn markdown(doc: &Doc) -> String {
     for r in &doc.rows {
         if !r.errors.is_empty() || !r.restart_errors.is_empty() {
             any = true;
-            let _ = write!(m, "- {} / {}: {}", r.scenario, r.mode, top_errors(&r.errors, 4));
+            let _ = write!(
+                m,
+                "- {} / {}: {}",
+                r.scenario,
+                r.mode,
+                top_errors(&r.errors, 4)
+            );
             if !r.restart_errors.is_empty() {
                 let _ = write!(m, "; restarts failed: {}", r.restart_errors.join("; "));
             }
@@ -463,7 +475,13 @@ pub fn markdown(doc: &Doc) -> String {
     }
     m.push_str("\n### Retried requests, by what they met first\n\n");
     for r in doc.rows.iter().filter(|r| !r.retried_kinds.is_empty()) {
-        let _ = writeln!(m, "- {} / {}: {}", r.scenario, r.mode, top_errors(&r.retried_kinds, 4));
+        let _ = writeln!(
+            m,
+            "- {} / {}: {}",
+            r.scenario,
+            r.mode,
+            top_errors(&r.retried_kinds, 4)
+        );
     }
     if let Some(d) = &doc.datapath {
         let _ = writeln!(m, "\n## Data path\n\n{}.\n", datapath_line(d));
@@ -500,8 +518,18 @@ mod tests {
                 requests: 100,
                 failed,
                 rps: 10.0,
-                steady: Latency { count: 10, p50: 1, p99: 10, max: 10 },
-                reload: Latency { count: 10, p50: 1, p99, max: p99 },
+                steady: Latency {
+                    count: 10,
+                    p50: 1,
+                    p99: 10,
+                    max: 10,
+                },
+                reload: Latency {
+                    count: 10,
+                    p50: 1,
+                    p99,
+                    max: p99,
+                },
             },
             reload_ms,
             series: vec![(5, 0), (6, 2), (7, 0)],
@@ -534,7 +562,10 @@ mod tests {
 
     #[test]
     fn svg_marks_failures_and_reloads() {
-        let rows = vec![row("ally reload", 0, vec![1.0], 1), row("shellflip", 2, vec![1.0], 1)];
+        let rows = vec![
+            row("ally reload", 0, vec![1.0], 1),
+            row("shellflip", 2, vec![1.0], 1),
+        ];
         let svg = svg(&rows);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
