@@ -450,7 +450,7 @@ pub fn markdown(doc: &Doc) -> String {
     );
     m.push_str("\n## Results\n\n");
     m.push_str(&table(&doc.rows));
-    m.push_str("\n¹ requests sent again under the HTTP client retry rule (a reused keep-alive connection the server closed before answering); each counts once, as one request, and is a failure only if the retry fails too.\n\n");
+    m.push_str("\n¹ requests sent again because the server never saw them: HTTP, a reused keep-alive connection the server closed before answering; gRPC, a call refused by the server's GOAWAY or dropped by the client on a closing connection (gRPC transparent retry; tonic does not retry, so a plain tonic client reports each as a failed call). Each counts once, as one request, and is a failure only if the retry fails too.\n\n");
     m.push_str("![throughput and failures over time, reloads marked](benchmarks.svg)\n\n");
     m.push_str("### Failures, by kind\n\n");
     let mut any = false;
