@@ -77,6 +77,7 @@
 
 mod ally;
 pub mod blocking;
+pub mod drain;
 pub mod error;
 pub mod net;
 pub mod proxy;

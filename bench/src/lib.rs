@@ -1,0 +1,11 @@
+//! Load harness for Ally: a load generator (HTTP/1.1 per-request connections,
+//! HTTP/1.1 keep-alive, gRPC), the one server every scenario runs
+//! (`bench-server`), and the driver that runs the scenarios side by side and
+//! writes `docs/benchmarks.md`.
+
+pub mod grpc;
+pub mod http;
+pub mod load;
+pub mod report;
+pub mod serve;
+pub mod stats;
