@@ -232,7 +232,7 @@ pub fn svg(rows: &[Row]) -> String {
             modes.push(&r.mode);
         }
     }
-    let (w, left, right) = (1000.0, 70.0, 260.0);
+    let (w, left, right) = (1120.0, 70.0, 380.0);
     let plot_w = w - left - right;
     let plot_h = 220.0;
     let tick_row = 7.0;
