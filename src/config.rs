@@ -88,25 +88,9 @@ pub struct ListenEntry {
     pub options: ListenOptions,
 }
 
-/// Limits on shared state, `[limits]`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
-    pub max_key_bytes: u64,
-    pub max_value_bytes: u64,
-    pub max_keys_per_namespace: u64,
-    pub max_total_bytes: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_key_bytes: 1024,
-            max_value_bytes: 1 << 20,
-            max_keys_per_namespace: 100_000,
-            max_total_bytes: 64 << 20,
-        }
-    }
-}
+/// Limits on shared state, `[limits]`: the stores' own type, so a default
+/// lives in one place.
+pub use ally_client::state::Limits;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RestartPolicy {

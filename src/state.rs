@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ally_client::state::{Limits, SharedStore};
+use ally_client::state::SharedStore;
 
 use crate::config;
 
@@ -32,12 +32,7 @@ pub struct State {
 impl State {
     pub fn new(limits: &config::Limits) -> State {
         State {
-            store: SharedStore::new(Limits {
-                max_key_bytes: limits.max_key_bytes,
-                max_value_bytes: limits.max_value_bytes,
-                max_keys_per_namespace: limits.max_keys_per_namespace,
-                max_total_bytes: limits.max_total_bytes,
-            }),
+            store: SharedStore::new(*limits),
             next_conn: AtomicU64::new(1),
             senders: Mutex::new(HashMap::new()),
         }

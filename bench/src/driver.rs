@@ -318,6 +318,8 @@ struct Target {
     /// Every server pid seen (shellflip spawns its own).
     pids: Vec<u32>,
     restarts_failed: u64,
+    /// An admin connection to the broker (Ally), made at the first reload.
+    admin: Option<ally_client::Ally>,
 }
 
 impl Target {
@@ -357,6 +359,7 @@ impl Target {
             held: Vec::new(),
             pids: Vec::new(),
             restarts_failed: 0,
+            admin: None,
         };
         match scenario {
             Scenario::Ally { plain_grpc } => {
@@ -445,19 +448,14 @@ impl Target {
         let ready_timeout = Duration::from_secs(30);
         match self.scenario {
             Scenario::Ally { .. } => {
-                let out = Command::new(&self.ally)
-                    .args(["reload", "bench", "--runtime-dir"])
-                    .arg(self.dir.join("run"))
-                    .env_remove("DBUS_SESSION_BUS_ADDRESS")
-                    .output()
-                    .await?;
-                if !out.status.success() {
-                    return Err(format!(
-                        "ally reload: {}",
-                        String::from_utf8_lossy(&out.stderr).trim()
-                    )
-                    .into());
+                // D-Bus `Reload`, as a deploy tool would call it; `ally reload`
+                // makes the same call but adds a process start to every window.
+                if self.admin.is_none() {
+                    let address = format!("unix:path={}", self.dir.join("run/bus").display());
+                    self.admin = Some(ally_client::Ally::connect(&address).await?);
                 }
+                let admin = self.admin.as_ref().expect("connected above");
+                admin.reload().await.map_err(|e| format!("Reload: {e}"))?;
             }
             Scenario::Restart | Scenario::Parent => {
                 if let Some(old) = self.child.take() {
