@@ -104,3 +104,53 @@ fn another_user_that_is_not_an_instance_is_refused() {
         broker.status()["state"] == "running"
     });
 }
+
+/// An admin tool that uses `Ally::connect` (to call Reload, say) is not an
+/// instance: it must keep SIGTERM's default action and die from it.
+#[test]
+fn an_admin_tool_keeps_its_sigterm() {
+    if let Ok(address) = std::env::var("ALLY_TEST_ADMIN_ADDRESS") {
+        let ally = ally_client::blocking::Ally::connect(&address).unwrap();
+        assert!(ally.status().is_ok());
+        println!("connected");
+        std::thread::sleep(Duration::from_secs(30));
+        return;
+    }
+    let broker = TestBroker::start("admintool", &hello_config(free_port(), "1", ""));
+    broker.wait_running(1);
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "an_admin_tool_keeps_its_sigterm",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("ALLY_TEST_ADMIN_ADDRESS", broker.address())
+        .env_remove("ALLY_INSTANCE")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("connected") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0,
+            "the child exited early"
+        );
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let started = std::time::Instant::now();
+    let status = child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(
+        status.signal(),
+        Some(15),
+        "SIGTERM must end an admin tool: {status}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -58,9 +58,17 @@ impl Ally {
 
     /// Connects to the broker at `address` (a D-Bus address such as `unix:path=/run/ally/web/bus`);
     /// the rest of the identity still comes from the environment.
+    ///
+    /// In an instance (`ALLY_INSTANCE` set by the broker) the stop signal's handler is
+    /// installed as by [`from_env`](Self::from_env). A program that is not an instance — a
+    /// deploy tool calling [`reload`](Self::reload), say — keeps its signals as they were,
+    /// so SIGTERM still ends it; its [`stopped`](Self::stopped) resolves only on
+    /// [`StopHandle::stop`].
     pub async fn connect(address: &str) -> Result<Ally> {
         let stop = StopHandle::new();
-        stop.install(&[stop_signal()?])?;
+        if std::env::var_os("ALLY_INSTANCE").is_some_and(|v| !v.is_empty()) {
+            stop.install(&[stop_signal()?])?;
+        }
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
         let broker = proxy::connect(address, app.as_deref()).await?;
         let state = StateProxies::on(broker.inner().connection(), app.as_deref()).await?;
