@@ -122,12 +122,6 @@ impl Table {
         self.instances.get(&id)
     }
 
-    pub fn by_pid(&self, pid: u32) -> Option<&Instance> {
-        self.instances
-            .values()
-            .find(|i| i.pid == pid && i.state != InstanceState::Exited)
-    }
-
     pub fn iter(&self) -> impl Iterator<Item = &Instance> {
         self.instances.values()
     }
@@ -310,14 +304,6 @@ mod tests {
         assert_eq!(gone.ready_for, Some(Duration::from_secs(3)));
         assert!(t.is_empty());
         assert!(t.exited(a, t0).is_none());
-    }
-
-    #[test]
-    fn instances_are_found_by_pid() {
-        let mut t = Table::default();
-        let a = spawn(&mut t, 4242);
-        assert_eq!(t.by_pid(4242).unwrap().id, a);
-        assert!(t.by_pid(1).is_none());
     }
 
     #[test]
