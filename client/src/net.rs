@@ -179,6 +179,20 @@ impl ListenAddr {
     }
 }
 
+/// Whether parsing `address` may call the resolver, which blocks: only a host
+/// name does; literal IPs, `:port` and unix addresses do not.
+pub fn needs_resolver(network: &str, address: &str) -> bool {
+    if network.starts_with("unix") {
+        return false;
+    }
+    let host = address.rsplit_once(':').map_or(address, |(host, _)| host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    !host.is_empty() && host.parse::<IpAddr>().is_err()
+}
+
 fn parse_inet(network: Network, family: Family, address: &str) -> Result<SocketAddr, AddressError> {
     let invalid = |why: &str| {
         AddressError::Invalid(format!(
@@ -479,6 +493,17 @@ mod tests {
         assert!(err.contains("brackets"), "{err}");
         let err = parse("sctp", ":80").unwrap_err().to_string();
         assert!(err.contains("unknown network \"sctp\""), "{err}");
+    }
+
+    #[test]
+    fn only_host_names_need_the_resolver() {
+        assert!(!needs_resolver("tcp", ":80"));
+        assert!(!needs_resolver("tcp4", "127.0.0.1:80"));
+        assert!(!needs_resolver("tcp6", "[::1]:80"));
+        assert!(!needs_resolver("unix", "/run/a.sock"));
+        assert!(!needs_resolver("unixgram", "@name"));
+        assert!(needs_resolver("tcp", "localhost:80"));
+        assert!(needs_resolver("udp", "example.org:53"));
     }
 
     #[test]

@@ -399,11 +399,15 @@ impl Broker1 {
 
 /// Host names may need a resolver; keep that off the async workers.
 async fn parse_address(network: &str, address: &str) -> Result<ListenAddr> {
-    let (network, address) = (network.to_string(), address.to_string());
-    tokio::task::spawn_blocking(move || ListenAddr::parse(&network, &address))
-        .await
-        .map_err(|e| AllyError::Failed(e.to_string()))?
-        .map_err(|e| AllyError::from(crate::broker::Error::from(e)))
+    let parsed = if ally_client::net::needs_resolver(network, address) {
+        let (network, address) = (network.to_string(), address.to_string());
+        tokio::task::spawn_blocking(move || ListenAddr::parse(&network, &address))
+            .await
+            .map_err(|e| AllyError::Failed(e.to_string()))?
+    } else {
+        ListenAddr::parse(network, address)
+    };
+    parsed.map_err(|e| AllyError::from(crate::broker::Error::from(e)))
 }
 
 fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOptions> {
