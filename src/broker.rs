@@ -190,7 +190,12 @@ pub struct Broker {
 impl Broker {
     /// Creates the broker and binds the configured `[[listen]]` sockets, so a
     /// bad address fails the start instead of the first instance.
-    pub fn new(app: &str, config: Config, address: String) -> Result<Arc<Self>, Error> {
+    pub fn new(
+        app: &str,
+        config: Config,
+        address: String,
+        state_address: String,
+    ) -> Result<Arc<Self>, Error> {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let launch = Launch {
             command: config.command.clone(),
@@ -200,6 +205,7 @@ impl Broker {
             environment: config.environment.clone(),
             app: app.to_string(),
             address,
+            state_address,
             stop_signal: config.stop_signal,
         };
         let broker = Arc::new(Broker {

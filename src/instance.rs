@@ -20,6 +20,7 @@ pub struct Launch {
     pub environment: BTreeMap<String, String>,
     pub app: String,
     pub address: String,
+    pub state_address: String,
     pub stop_signal: Signal,
 }
 
@@ -43,6 +44,7 @@ pub fn spawn(
     cmd.args(args)
         .envs(&launch.environment)
         .env("ALLY_ADDRESS", &launch.address)
+        .env("ALLY_STATE_ADDRESS", &launch.state_address)
         .env("ALLY_APP", &launch.app)
         .env("ALLY_INSTANCE", id.to_string())
         .env("ALLY_GENERATION", generation.to_string())

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use crate::broker::Broker;
 use crate::cli::RunArgs;
 use crate::config::{self, Config};
-use crate::dbus::{bus, server};
+use crate::dbus::{bus, server, state_socket};
 use crate::runtime_dir;
 
 pub async fn run(args: RunArgs) -> Result<i32, String> {
@@ -18,10 +18,20 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
     let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
-    let broker = Broker::new(&args.app, config, address).map_err(|e| e.to_string())?;
+    let state_socket = runtime_dir::state_socket_path(&runtime_dir);
+    let state_address = runtime_dir::dbus_address(&state_socket);
+    let broker =
+        Broker::new(&args.app, config, address, state_address).map_err(|e| e.to_string())?;
     let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
     let _socket_file = server::SocketFile::new(&socket);
+    let state_listener = server::bind(&state_socket, owner).map_err(|e| e.to_string())?;
+    let _state_socket_file = server::SocketFile::new(&state_socket);
     tokio::spawn(server::serve(listener, broker.clone()));
+    state_socket::spawn(
+        state_listener.into_std().map_err(|e| e.to_string())?,
+        broker.clone(),
+    )
+    .map_err(|e| format!("cannot serve the state socket: {e}"))?;
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     Ok(broker.run().await)

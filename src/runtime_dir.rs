@@ -41,6 +41,11 @@ pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("bus")
 }
 
+/// Where the state socket is: beside the private one, as ally-client expects.
+pub fn state_socket_path(runtime_dir: &Path) -> PathBuf {
+    runtime_dir.join("state")
+}
+
 pub fn dbus_address(socket: &Path) -> String {
     format!(
         "unix:path={}",

@@ -1,5 +1,7 @@
-//! The shared-state test suite, run twice: against simulate mode in-process and
-//! against a real broker (`ally run`), with the same functions. Clients here are
+//! The shared-state test suite, run three times with the same functions: against
+//! simulate mode in-process, against a real broker (`ally run`) with cache and
+//! counter calls on its state socket, and against one with every call over the
+//! D-Bus connection. Clients here are
 //! separate owners: separate `Simulation` clients, or separate admin connections to
 //! the broker (each owns the locks it takes). Behaviours that need real instances
 //! (SIGKILL, reloads) are in `tests/state_instances.rs`.
@@ -10,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ally_client::state::Limits;
-use ally_client::{Ally, ErrorKind, Simulation};
+use ally_client::{Ally, ErrorKind, Simulation, StateSocket};
 use common::*;
 
 const LIMITS: Limits = Limits {
@@ -40,10 +42,14 @@ impl World for Sim {
     }
 }
 
-struct Real(TestBroker, #[allow(dead_code)] tempfile::TempDir);
+struct Real(
+    TestBroker,
+    #[allow(dead_code)] tempfile::TempDir,
+    StateSocket,
+);
 
 impl Real {
-    fn start() -> Real {
+    fn start(state_socket: StateSocket) -> Real {
         let dir = tempfile::tempdir().unwrap();
         let report = dir.path().join("report");
         let config = format!(
@@ -56,18 +62,20 @@ impl Real {
             LIMITS.max_keys_per_namespace,
             LIMITS.max_total_bytes,
         );
-        Real(TestBroker::start("state", &config), dir)
+        Real(TestBroker::start("state", &config), dir, state_socket)
     }
 }
 
 impl World for Real {
     async fn client(&self) -> Ally {
-        Ally::connect(&self.0.address()).await.unwrap()
+        Ally::connect_with(&self.0.address(), self.2.clone())
+            .await
+            .unwrap()
     }
 
     fn blocking(&self) -> impl Fn() -> ally_client::blocking::Ally + Send + 'static {
-        let address = self.0.address();
-        move || ally_client::blocking::Ally::connect(&address).unwrap()
+        let (address, state_socket) = (self.0.address(), self.2.clone());
+        move || ally_client::blocking::Ally::connect_with(&address, state_socket.clone()).unwrap()
     }
 }
 
@@ -85,7 +93,15 @@ macro_rules! suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
-                    super::$name(&super::Real::start()).await
+                    super::$name(&super::Real::start(super::StateSocket::Auto)).await
+                }
+            )*
+        }
+        mod broker_over_dbus {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(&super::Real::start(super::StateSocket::Off)).await
                 }
             )*
         }

@@ -10,6 +10,7 @@ use nix::sys::signal::Signal;
 use socket2::{Domain, SockRef, Socket, Type};
 use zbus::Variant;
 
+use crate::direct::{Direct, StateSocket};
 use crate::error::{Error, ErrorKind, Result};
 use crate::net::{self, ListenAddr, ListenOptions, Network};
 use crate::proxy::{self, BrokerProxy, Instance, Listener, StateProxies, Status};
@@ -65,6 +66,11 @@ impl Ally {
     /// so SIGTERM still ends it; its [`stopped`](Self::stopped) resolves only on
     /// [`StopHandle::stop`].
     pub async fn connect(address: &str) -> Result<Ally> {
+        Ally::connect_with(address, StateSocket::Auto).await
+    }
+
+    /// [`connect`](Self::connect), choosing how cache and counter calls reach the broker.
+    pub async fn connect_with(address: &str, state_socket: StateSocket) -> Result<Ally> {
         let stop = StopHandle::new();
         if std::env::var_os("ALLY_INSTANCE").is_some_and(|v| !v.is_empty()) {
             stop.install(&[stop_signal()?])?;
@@ -76,7 +82,10 @@ impl Ally {
             Some(broker),
             app.unwrap_or_else(program_name),
             stop,
-            Backend::Broker(state),
+            Backend::Broker {
+                proxies: state,
+                direct: state_socket.path_for(address).map(Direct::new),
+            },
         )
     }
 

@@ -41,6 +41,11 @@ impl Ally {
         Ally::start(crate::Ally::connect(address))
     }
 
+    /// See [`crate::Ally::connect_with`].
+    pub fn connect_with(address: &str, state_socket: crate::StateSocket) -> Result<Ally> {
+        Ally::start(crate::Ally::connect_with(address, state_socket))
+    }
+
     /// See [`crate::Ally::simulate`].
     pub fn simulate() -> Result<Ally> {
         Ally::start(crate::Ally::simulate())
@@ -191,6 +196,12 @@ impl Ally {
     }
 }
 
+/// `block_on` for cache and counter calls, whose state-socket I/O then happens on
+/// this thread (see `crate::direct`).
+fn run<F: Future>(runtime: &tokio::runtime::Runtime, call: F) -> F::Output {
+    crate::direct::blocking_io(|| runtime.block_on(call))
+}
+
 /// Blocking twin of [`crate::Cache`].
 #[derive(Debug)]
 pub struct Cache<'a> {
@@ -200,15 +211,15 @@ pub struct Cache<'a> {
 
 impl Cache<'_> {
     pub fn set(&self, key: &str, value: impl AsRef<[u8]>, ttl: Option<Duration>) -> Result<()> {
-        self.runtime.block_on(self.inner.set(key, value, ttl))
+        run(self.runtime, self.inner.set(key, value, ttl))
     }
 
     pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
-        self.runtime.block_on(self.inner.get(key))
+        run(self.runtime, self.inner.get(key))
     }
 
     pub fn get_string(&self, key: &str) -> Result<Option<String>> {
-        self.runtime.block_on(self.inner.get_string(key))
+        run(self.runtime, self.inner.get_string(key))
     }
 
     pub fn set_json<T: Serialize + ?Sized>(
@@ -217,31 +228,31 @@ impl Cache<'_> {
         value: &T,
         ttl: Option<Duration>,
     ) -> Result<()> {
-        self.runtime.block_on(self.inner.set_json(key, value, ttl))
+        run(self.runtime, self.inner.set_json(key, value, ttl))
     }
 
     pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
-        self.runtime.block_on(self.inner.get_json(key))
+        run(self.runtime, self.inner.get_json(key))
     }
 
     pub fn delete(&self, key: &str) -> Result<bool> {
-        self.runtime.block_on(self.inner.delete(key))
+        run(self.runtime, self.inner.delete(key))
     }
 
     pub fn exists(&self, key: &str) -> Result<bool> {
-        self.runtime.block_on(self.inner.exists(key))
+        run(self.runtime, self.inner.exists(key))
     }
 
     pub fn keys(&self) -> Result<Vec<String>> {
-        self.runtime.block_on(self.inner.keys())
+        run(self.runtime, self.inner.keys())
     }
 
     pub fn count(&self) -> Result<u64> {
-        self.runtime.block_on(self.inner.count())
+        run(self.runtime, self.inner.count())
     }
 
     pub fn flush(&self) -> Result<u64> {
-        self.runtime.block_on(self.inner.flush())
+        run(self.runtime, self.inner.flush())
     }
 
     pub fn set_if_absent(
@@ -250,8 +261,7 @@ impl Cache<'_> {
         value: impl AsRef<[u8]>,
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        self.runtime
-            .block_on(self.inner.set_if_absent(key, value, ttl))
+        run(self.runtime, self.inner.set_if_absent(key, value, ttl))
     }
 
     pub fn compare_and_swap(
@@ -261,8 +271,10 @@ impl Cache<'_> {
         new: impl AsRef<[u8]>,
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        self.runtime
-            .block_on(self.inner.compare_and_swap(key, old, new, ttl))
+        run(
+            self.runtime,
+            self.inner.compare_and_swap(key, old, new, ttl),
+        )
     }
 }
 
@@ -275,23 +287,23 @@ pub struct Atomic<'a> {
 
 impl Atomic<'_> {
     pub fn add(&self, delta: i64) -> Result<i64> {
-        self.runtime.block_on(self.inner.add(delta))
+        run(self.runtime, self.inner.add(delta))
     }
 
     pub fn load(&self) -> Result<i64> {
-        self.runtime.block_on(self.inner.load())
+        run(self.runtime, self.inner.load())
     }
 
     pub fn store(&self, value: i64) -> Result<()> {
-        self.runtime.block_on(self.inner.store(value))
+        run(self.runtime, self.inner.store(value))
     }
 
     pub fn swap(&self, value: i64) -> Result<i64> {
-        self.runtime.block_on(self.inner.swap(value))
+        run(self.runtime, self.inner.swap(value))
     }
 
     pub fn compare_and_swap(&self, old: i64, new: i64) -> Result<bool> {
-        self.runtime.block_on(self.inner.compare_and_swap(old, new))
+        run(self.runtime, self.inner.compare_and_swap(old, new))
     }
 }
 

@@ -77,6 +77,7 @@
 
 mod ally;
 pub mod blocking;
+mod direct;
 pub mod drain;
 pub mod error;
 pub mod net;
@@ -85,8 +86,10 @@ mod shared;
 pub mod state;
 pub mod stdnet;
 mod stop;
+pub mod wire;
 
 pub use ally::Ally;
+pub use direct::StateSocket;
 pub use error::{Error, ErrorKind, Result};
 pub use net::ListenOptions;
 pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use zbus::wire::{DynamicType, Type};
 
 use crate::Ally;
+use crate::direct::{ATOMIC, CACHE, Direct};
 use crate::error::{Error, ErrorKind, Result};
 use crate::proxy::{QueueEntry, StateProxies, WAIT_FOREVER};
 use crate::state::{Limits, Mode, SharedStore, StateError};
@@ -19,7 +21,11 @@ use crate::state::{Limits, Mode, SharedStore, StateError};
 /// Where the state lives for one [`Ally`].
 #[derive(Debug)]
 pub(crate) enum Backend {
-    Broker(StateProxies),
+    Broker {
+        proxies: StateProxies,
+        /// The state socket, for cache and counter calls.
+        direct: Option<Direct>,
+    },
     Simulated {
         store: Arc<SharedStore>,
         /// This client's lock owner and connection number.
@@ -107,12 +113,13 @@ fn timeout_ms(timeout: Option<Duration>) -> u64 {
     })
 }
 
+/// A cache or counter call: to the broker (its state socket if it can, else the D-Bus
+/// connection), or to the simulated store.
 macro_rules! call {
-    ($ally:expr, $method:literal, |$p:ident| $remote:expr, |$s:ident, $now:ident| $sim:expr) => {
+    ($ally:expr, $interface:expr, $method:literal, ($($arg:expr),*) -> $ret:ty, |$s:ident, $now:ident| $sim:expr) => {
         match $ally.backend() {
-            Backend::Broker(proxies) => {
-                let $p = proxies;
-                $remote.await.map_err(|e| Error::call($method, e))
+            Backend::Broker { proxies, direct } => {
+                remote::<_, $ret>(proxies, direct.as_ref(), $interface, $method, &($($arg,)*)).await
             }
             Backend::Simulated { store, .. } => store.with(|$s, $now| {
                 let _ = $now;
@@ -120,6 +127,37 @@ macro_rules! call {
             }),
         }
     };
+}
+
+async fn remote<B, R>(
+    proxies: &StateProxies,
+    direct: Option<&Direct>,
+    interface: &'static str,
+    method: &'static str,
+    body: &B,
+) -> Result<R>
+where
+    B: Serialize + DynamicType,
+    R: DeserializeOwned + Type,
+{
+    if let Some(direct) = direct
+        && let Some(result) = direct.call(interface, method, body).await
+    {
+        return result;
+    }
+    let proxy = if interface == CACHE {
+        proxies.cache.inner()
+    } else {
+        proxies.atomic.inner()
+    };
+    let reply = proxy
+        .call_method(method, body)
+        .await
+        .map_err(|e| Error::call(method, e))?;
+    reply
+        .body()
+        .deserialize::<R>()
+        .map_err(|e| Error::call(method, e))
 }
 
 /// One namespace of the cache: [`Ally::cache`].
@@ -151,25 +189,23 @@ impl Cache {
         let (ns, value, ttl) = (&self.namespace, value.as_ref(), ttl_ms(ttl));
         call!(
             self.ally,
+            CACHE,
             "Set",
-            |p| p.cache.set(ns, key, value, ttl),
+            (ns, key, value, ttl) -> (),
             |s, now| s.cache.set(ns, key, value.to_vec(), ttl, now)
         )
     }
 
     pub async fn get(&self, key: &str) -> Result<Option<Vec<u8>>> {
         let ns = &self.namespace;
-        call!(
+        let found = call!(
             self.ally,
+            CACHE,
             "Get",
-            |p| async {
-                p.cache
-                    .get(ns, key)
-                    .await
-                    .map(|(found, v)| found.then_some(v))
-            },
-            |s, now| s.cache.get(ns, key, now)
-        )
+            (ns, key) -> (bool, Vec<u8>),
+            |s, now| s.cache.get(ns, key, now).map(|v| (v.is_some(), v.unwrap_or_default()))
+        )?;
+        Ok(found.0.then_some(found.1))
     }
 
     /// [`get`](Self::get) as UTF-8; a value that is not is `InvalidArgument`.
@@ -213,8 +249,9 @@ impl Cache {
         let ns = &self.namespace;
         call!(
             self.ally,
+            CACHE,
             "Delete",
-            |p| p.cache.delete(ns, key),
+            (ns, key) -> bool,
             |s, now| s.cache.delete(ns, key, now)
         )
     }
@@ -223,8 +260,9 @@ impl Cache {
         let ns = &self.namespace;
         call!(
             self.ally,
+            CACHE,
             "Exists",
-            |p| p.cache.exists(ns, key),
+            (ns, key) -> bool,
             |s, now| s.cache.exists(ns, key, now)
         )
     }
@@ -232,14 +270,14 @@ impl Cache {
     /// The live keys, sorted.
     pub async fn keys(&self) -> Result<Vec<String>> {
         let ns = &self.namespace;
-        call!(self.ally, "Keys", |p| p.cache.keys(ns), |s, now| s
+        call!(self.ally, CACHE, "Keys", (ns) -> Vec<String>, |s, now| s
             .cache
             .keys(ns, now))
     }
 
     pub async fn count(&self) -> Result<u64> {
         let ns = &self.namespace;
-        call!(self.ally, "Count", |p| p.cache.count(ns), |s, now| s
+        call!(self.ally, CACHE, "Count", (ns) -> u64, |s, now| s
             .cache
             .count(ns, now))
     }
@@ -247,7 +285,7 @@ impl Cache {
     /// Removes every key of the namespace; how many there were.
     pub async fn flush(&self) -> Result<u64> {
         let ns = &self.namespace;
-        call!(self.ally, "Flush", |p| p.cache.flush(ns), |s, now| s
+        call!(self.ally, CACHE, "Flush", (ns) -> u64, |s, now| s
             .cache
             .flush(ns, now))
     }
@@ -262,8 +300,9 @@ impl Cache {
         let (ns, value, ttl) = (&self.namespace, value.as_ref(), ttl_ms(ttl));
         call!(
             self.ally,
+            CACHE,
             "SetIfAbsent",
-            |p| p.cache.set_if_absent(ns, key, value, ttl),
+            (ns, key, value, ttl) -> bool,
             |s, now| s.cache.set_if_absent(ns, key, value.to_vec(), ttl, now)
         )
     }
@@ -280,8 +319,9 @@ impl Cache {
         let (ns, old, new, ttl) = (&self.namespace, old.as_ref(), new.as_ref(), ttl_ms(ttl));
         call!(
             self.ally,
+            CACHE,
             "CompareAndSwap",
-            |p| p.cache.compare_and_swap(ns, key, old, new, ttl),
+            (ns, key, old, new, ttl) -> bool,
             |s, now| s
                 .cache
                 .compare_and_swap(ns, key, old, new.to_vec(), ttl, now)
@@ -320,14 +360,14 @@ impl Atomic {
     /// Adds `delta` (wrapping); the new value.
     pub async fn add(&self, delta: i64) -> Result<i64> {
         let n = &self.name;
-        call!(self.ally, "Add", |p| p.atomic.add(n, delta), |s, now| s
+        call!(self.ally, ATOMIC, "Add", (n, delta) -> i64, |s, now| s
             .atomics
             .add(n, delta))
     }
 
     pub async fn load(&self) -> Result<i64> {
         let n = &self.name;
-        call!(self.ally, "Load", |p| p.atomic.load(n), |s, now| s
+        call!(self.ally, ATOMIC, "Load", (n) -> i64, |s, now| s
             .atomics
             .load(n))
     }
@@ -336,8 +376,9 @@ impl Atomic {
         let n = &self.name;
         call!(
             self.ally,
+            ATOMIC,
             "Store",
-            |p| p.atomic.store(n, value),
+            (n, value) -> (),
             |s, now| s.atomics.store(n, value)
         )
     }
@@ -345,7 +386,7 @@ impl Atomic {
     /// Stores `value`; the previous value.
     pub async fn swap(&self, value: i64) -> Result<i64> {
         let n = &self.name;
-        call!(self.ally, "Swap", |p| p.atomic.swap(n, value), |s, now| s
+        call!(self.ally, ATOMIC, "Swap", (n, value) -> i64, |s, now| s
             .atomics
             .swap(n, value))
     }
@@ -355,8 +396,9 @@ impl Atomic {
         let n = &self.name;
         call!(
             self.ally,
+            ATOMIC,
             "CompareAndSwap",
-            |p| p.atomic.compare_and_swap(n, old, new),
+            (n, old, new) -> bool,
             |s, now| s.atomics.compare_and_swap(n, old, new)
         )
     }
@@ -388,7 +430,7 @@ impl Locker {
 
     async fn acquire(&self, name: &str, mode: Mode, timeout: Option<Duration>) -> Result<bool> {
         match self.ally.backend() {
-            Backend::Broker(p) => {
+            Backend::Broker { proxies: p, .. } => {
                 let ms = timeout_ms(timeout);
                 match mode {
                     Mode::Write => p
@@ -473,7 +515,7 @@ impl Locker {
 
     async fn release(&self, name: &str, mode: Mode) -> Result<()> {
         match self.ally.backend() {
-            Backend::Broker(p) => match mode {
+            Backend::Broker { proxies: p, .. } => match mode {
                 Mode::Write => p
                     .locker
                     .unlock(name)
@@ -492,7 +534,7 @@ impl Locker {
     /// Who holds `name` and who waits for it.
     pub async fn queues(&self, name: &str) -> Result<Queues> {
         match self.ally.backend() {
-            Backend::Broker(p) => {
+            Backend::Broker { proxies: p, .. } => {
                 let (holders, waiters) = p
                     .locker
                     .queues(name)
@@ -570,7 +612,7 @@ impl Drop for LockGuard {
             Backend::Simulated { store, owner } => {
                 let _ = store.unlock(&self.name, *owner, self.mode);
             }
-            Backend::Broker(_) => {
+            Backend::Broker { .. } => {
                 let (locker, name, mode) = (self.locker.clone(), self.name.clone(), self.mode);
                 if let Some(rt) = &self.runtime {
                     rt.spawn(async move { locker.release(&name, mode).await });

@@ -64,67 +64,71 @@ impl Access {
     }
 
     pub async fn role(&self, header: Option<&Header<'_>>, conn: &Connection) -> Result<Role> {
-        let (pid, uid, transport) = match &self.peer {
-            Peer::Private {
-                pid,
-                uid,
-                instance,
-                other,
-                ..
-            } => {
-                if let Some(id) = instance.get() {
-                    if self.broker.instance_alive(*id) {
-                        return Ok(Role::Instance(*id));
-                    }
-                } else if let Some(role) = other.get() {
-                    return Ok(*role);
-                }
-                (*pid, *uid, Transport::PrivateSocket)
-            }
-            Peer::Bus => {
-                let sender = header
-                    .and_then(|h| h.sender())
-                    .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
-                let dbus = zbus::fdo::DBusProxy::new(conn).await?;
-                let creds = dbus
-                    .get_connection_credentials(sender.clone().into())
-                    .await
-                    .map_err(|e| AllyError::Failed(format!("cannot identify {sender}: {e}")))?;
-                let uid = creds.unix_user_id().ok_or_else(|| {
-                    AllyError::AccessDenied(format!("the bus does not know the uid of {sender}"))
-                })?;
-                (creds.process_id().unwrap_or(0), uid, Transport::Bus)
-            }
+        if let Some(role) = self.private_role() {
+            return Ok(role);
+        }
+        let sender = header
+            .and_then(|h| h.sender())
+            .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
+        let dbus = zbus::fdo::DBusProxy::new(conn).await?;
+        let creds = dbus
+            .get_connection_credentials(sender.clone().into())
+            .await
+            .map_err(|e| AllyError::Failed(format!("cannot identify {sender}: {e}")))?;
+        let uid = creds.unix_user_id().ok_or_else(|| {
+            AllyError::AccessDenied(format!("the bus does not know the uid of {sender}"))
+        })?;
+        Ok(self.decide(creds.process_id().unwrap_or(0), uid, Transport::Bus))
+    }
+
+    /// The role of a private-socket peer (`None` on a bus), worked out once: a
+    /// process that is not an instance's cannot become one, and an instance's role
+    /// lasts while the instance lives.
+    pub fn private_role(&self) -> Option<Role> {
+        let Peer::Private {
+            pid,
+            uid,
+            instance,
+            other,
+            ..
+        } = &self.peer
+        else {
+            return None;
         };
+        if let Some(id) = instance.get() {
+            if self.broker.instance_alive(*id) {
+                return Some(Role::Instance(*id));
+            }
+        } else if let Some(role) = other.get() {
+            return Some(*role);
+        }
+        let role = self.decide(*pid, *uid, Transport::PrivateSocket);
+        match role {
+            Role::Instance(id) => {
+                let _ = instance.set(id);
+            }
+            // An instance that exited leaves a process that is no instance.
+            _ if instance.get().is_none() => {
+                let _ = other.set(role);
+            }
+            _ => {}
+        }
+        Some(role)
+    }
+
+    fn decide(&self, pid: u32, uid: u32, transport: Transport) -> Role {
         let ancestry = if pid > 0 {
             caller::ancestry(pid)
         } else {
             Vec::new()
         };
-        let broker_uid = nix::unistd::geteuid().as_raw();
-        let role = caller::role(
+        caller::role(
             uid,
             &ancestry,
             &self.broker.instance_pids(),
-            broker_uid,
+            nix::unistd::geteuid().as_raw(),
             transport,
-        );
-        if let Peer::Private {
-            instance, other, ..
-        } = &self.peer
-        {
-            match role {
-                Role::Instance(id) => {
-                    let _ = instance.set(id);
-                }
-                // An instance that exited leaves a process that is no instance.
-                _ if instance.get().is_none() => {
-                    let _ = other.set(role);
-                }
-                _ => {}
-            }
-        }
-        Ok(role)
+        )
     }
 
     pub async fn require_instance(
@@ -150,8 +154,12 @@ impl Access {
         conn: &Connection,
         method: &str,
     ) -> Result<Role> {
-        match self.role(header, conn).await? {
-            role @ (Role::Instance(_) | Role::Admin) => Ok(role),
+        self.admit_admin(self.role(header, conn).await?, method)
+    }
+
+    pub fn admit_admin(&self, role: Role, method: &str) -> Result<Role> {
+        match role {
+            Role::Instance(_) | Role::Admin => Ok(role),
             _ => Err(self.denied(method)),
         }
     }
@@ -178,7 +186,11 @@ impl Access {
         conn: &Connection,
         what: &str,
     ) -> Result<()> {
-        match self.role(header, conn).await? {
+        self.admit_reader(self.role(header, conn).await?, what)
+    }
+
+    pub fn admit_reader(&self, role: Role, what: &str) -> Result<()> {
+        match role {
             Role::Denied => Err(self.denied(what)),
             _ => Ok(()),
         }

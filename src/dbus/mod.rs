@@ -6,8 +6,11 @@ pub mod bus;
 pub mod bus_shim;
 pub mod caller;
 pub mod errors;
+pub mod sasl;
 pub mod server;
 pub mod state1;
+pub mod state_calls;
+pub mod state_socket;
 
 pub const OBJECT_PATH: &str = "/org/ally";
 

@@ -1,0 +1,393 @@
+//! Cache and counter calls straight to the broker's state socket.
+//!
+//! A call through zbus crosses tasks on both ends (the connection's reader task, the
+//! object server), and each crossing costs a thread wake-up that is larger than the
+//! call itself. The state socket (`$RUNTIME/state`, `ALLY_STATE_ADDRESS`) serves
+//! `org.ally.Cache1` and `org.ally.Atomic1` with the same D-Bus messages, answered in
+//! the task that reads them. Here each call writes its message on a connection of its
+//! own (taken from a small pool) and reads the reply in the calling task, or, for the
+//! blocking client, on the calling thread with blocking I/O.
+//!
+//! When the socket cannot be reached (an older broker, or none at that path) the
+//! client says so once and keeps using its D-Bus connection.
+
+use std::cell::Cell;
+use std::io::{self, Read, Write};
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zbus::Message;
+use zbus::message::Type as MessageType;
+use zbus::wire::{DynamicType, Type};
+
+use crate::error::{Error, Result};
+use crate::proxy::PATH;
+use crate::wire::{self, FIXED_HEADER};
+
+pub(crate) const CACHE: &str = "org.ally.Cache1";
+pub(crate) const ATOMIC: &str = "org.ally.Atomic1";
+
+/// Connections kept open between calls; more are opened when more calls overlap.
+const IDLE_CONNECTIONS: usize = 16;
+
+thread_local! {
+    static BLOCKING_IO: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` (a `block_on` of the blocking client) with direct calls made by blocking
+/// I/O on this thread, which spares the wake-up of the runtime's I/O driver.
+pub(crate) fn blocking_io<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            BLOCKING_IO.set(self.0);
+        }
+    }
+    let _reset = Reset(BLOCKING_IO.replace(true));
+    f()
+}
+
+/// How cache and counter calls reach the broker ([`Ally::connect_with`](crate::Ally::connect_with)).
+/// Either way the calls, their results and errors are the same; the state socket only
+/// makes them cheaper. Locks always go over the D-Bus connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StateSocket {
+    /// `ALLY_STATE_ADDRESS` when set (set but empty: [`Off`](Self::Off)), else the
+    /// `state` socket beside a private socket named `bus`. A bus address has none.
+    #[default]
+    Auto,
+    /// Over the D-Bus connection.
+    Off,
+    /// The state socket at this D-Bus address (`unix:path=...`).
+    At(String),
+}
+
+impl StateSocket {
+    /// The state socket's path for a client of the broker at `address`, if any.
+    pub(crate) fn path_for(&self, address: &str) -> Option<PathBuf> {
+        match self {
+            StateSocket::Off => None,
+            StateSocket::At(state) => unix_path(state),
+            StateSocket::Auto => match std::env::var("ALLY_STATE_ADDRESS") {
+                Ok(state) if state.is_empty() => None,
+                Ok(state) => unix_path(&state),
+                Err(_) => {
+                    let private = unix_path(address)?;
+                    (private.file_name()? == "bus").then(|| private.with_file_name("state"))
+                }
+            },
+        }
+    }
+}
+
+fn unix_path(address: &str) -> Option<PathBuf> {
+    use zbus::address::transport::{Transport, UnixSocket};
+    let address: zbus::Address = address.parse().ok()?;
+    match address.transport() {
+        Transport::Unix(unix) => match unix.path() {
+            UnixSocket::File(path) => Some(path.clone()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Direct {
+    path: PathBuf,
+    unreachable: AtomicBool,
+    idle: Mutex<Vec<tokio::net::UnixStream>>,
+    idle_blocking: Mutex<Vec<std::os::unix::net::UnixStream>>,
+}
+
+enum Failure {
+    /// No connection could be made: use D-Bus instead.
+    Connect,
+    /// The call may or may not have been carried out.
+    Io(io::Error),
+}
+
+impl Direct {
+    pub(crate) fn new(path: PathBuf) -> Direct {
+        Direct {
+            path,
+            unreachable: AtomicBool::new(false),
+            idle: Mutex::new(Vec::new()),
+            idle_blocking: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Calls `interface.member(body)`; `None` when the state socket is unreachable
+    /// and the caller should use its D-Bus connection.
+    pub(crate) async fn call<B, R>(
+        &self,
+        interface: &'static str,
+        member: &'static str,
+        body: &B,
+    ) -> Option<Result<R>>
+    where
+        B: Serialize + DynamicType,
+        R: DeserializeOwned + Type,
+    {
+        if self.unreachable.load(Ordering::Relaxed) {
+            return None;
+        }
+        let request = match Message::method_call(PATH, member)
+            .interface(interface)
+            .build(body)
+        {
+            Ok(request) => request,
+            Err(e) => return Some(Err(Error::call(member, e))),
+        };
+        let reply = if BLOCKING_IO.get() {
+            self.round_trip_blocking(&request)
+        } else {
+            self.round_trip(&request).await
+        };
+        match reply {
+            Ok(bytes) => Some(parse_reply(member, &request, bytes)),
+            Err(Failure::Connect) => {
+                self.unreachable.store(true, Ordering::Relaxed);
+                None
+            }
+            Err(Failure::Io(e)) => Some(Err(Error::io(
+                format!("{member} on the state socket {}", self.path.display()),
+                e,
+            ))),
+        }
+    }
+
+    async fn round_trip(&self, request: &Message) -> Result<Vec<u8>, Failure> {
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut stream = match pooled {
+            Some(stream) => stream,
+            None => self.connect().await.map_err(|_| Failure::Connect)?,
+        };
+        stream
+            .write_all(request.data())
+            .await
+            .map_err(Failure::Io)?;
+        let mut reply = Vec::new();
+        let mut filled = 0;
+        loop {
+            if reply.len() == filled {
+                grow(&mut reply, filled).map_err(Failure::Io)?;
+            }
+            let n = stream
+                .read(&mut reply[filled..])
+                .await
+                .map_err(Failure::Io)?;
+            filled += n;
+            if let Some(done) = whole(&mut reply, filled, n).map_err(Failure::Io)? {
+                give_back(&self.idle, stream);
+                return Ok(done);
+            }
+        }
+    }
+
+    fn round_trip_blocking(&self, request: &Message) -> Result<Vec<u8>, Failure> {
+        let pooled = self
+            .idle_blocking
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop();
+        let mut stream = match pooled {
+            Some(stream) => stream,
+            None => self.connect_blocking().map_err(|_| Failure::Connect)?,
+        };
+        stream.write_all(request.data()).map_err(Failure::Io)?;
+        let mut reply = Vec::new();
+        let mut filled = 0;
+        loop {
+            if reply.len() == filled {
+                grow(&mut reply, filled).map_err(Failure::Io)?;
+            }
+            let n = stream.read(&mut reply[filled..]).map_err(Failure::Io)?;
+            filled += n;
+            if let Some(done) = whole(&mut reply, filled, n).map_err(Failure::Io)? {
+                give_back(&self.idle_blocking, stream);
+                return Ok(done);
+            }
+        }
+    }
+
+    async fn connect(&self) -> io::Result<tokio::net::UnixStream> {
+        let mut stream = tokio::net::UnixStream::connect(&self.path).await?;
+        stream.write_all(&handshake(false)).await?;
+        let mut reply = Vec::new();
+        while !handshake_done(&reply, false)? {
+            let mut chunk = [0u8; 128];
+            let n = stream.read(&mut chunk).await?;
+            handshake_bytes(&mut reply, &chunk[..n])?;
+        }
+        Ok(stream)
+    }
+
+    /// The blocking client's connections ask for a thread of their own in the broker,
+    /// which blocks in `read(2)` as this side does (see the broker's `state_socket`).
+    fn connect_blocking(&self) -> io::Result<std::os::unix::net::UnixStream> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.path)?;
+        stream.write_all(&handshake(true))?;
+        let mut reply = Vec::new();
+        while !handshake_done(&reply, true)? {
+            let mut chunk = [0u8; 128];
+            let n = stream.read(&mut chunk)?;
+            handshake_bytes(&mut reply, &chunk[..n])?;
+        }
+        Ok(stream)
+    }
+}
+
+fn handshake(dedicated_thread: bool) -> Vec<u8> {
+    wire::client_handshake(nix::unistd::geteuid().as_raw(), dedicated_thread)
+}
+
+/// Whether `reply` holds every line that answers the handshake, and they accept it.
+fn handshake_done(reply: &[u8], dedicated_thread: bool) -> io::Result<bool> {
+    let text = String::from_utf8_lossy(reply);
+    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
+    let complete = text.ends_with("\r\n");
+    if complete && lines.first().is_some_and(|l| !l.starts_with("OK ")) {
+        wire::check_handshake_reply(lines.iter().copied())?;
+    }
+    if !complete || lines.len() < wire::handshake_reply_lines(dedicated_thread) {
+        return Ok(false);
+    }
+    wire::check_handshake_reply(lines.into_iter())?;
+    Ok(true)
+}
+
+fn give_back<S>(pool: &Mutex<Vec<S>>, stream: S) {
+    let mut pool = pool.lock().unwrap_or_else(|p| p.into_inner());
+    if pool.len() < IDLE_CONNECTIONS {
+        pool.push(stream);
+    }
+}
+
+fn handshake_bytes(line: &mut Vec<u8>, read: &[u8]) -> io::Result<()> {
+    if read.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the state socket closed during the handshake",
+        ));
+    }
+    line.extend_from_slice(read);
+    if line.len() > 4096 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the state socket's handshake reply is too long",
+        ));
+    }
+    Ok(())
+}
+
+/// Room for the next read: the fixed header first, then what it says is left.
+fn grow(reply: &mut Vec<u8>, filled: usize) -> io::Result<()> {
+    let want = if filled < FIXED_HEADER {
+        512
+    } else {
+        let fixed: &[u8; FIXED_HEADER] = reply[..FIXED_HEADER].try_into().expect("16 bytes");
+        wire::message_len(fixed)?
+    };
+    reply.resize(want.max(filled + 1), 0);
+    Ok(())
+}
+
+/// The reply, once `filled` bytes hold all of it. The broker answers one call at a
+/// time on a connection, so anything past the reply is a broken stream.
+fn whole(reply: &mut Vec<u8>, filled: usize, last_read: usize) -> io::Result<Option<Vec<u8>>> {
+    if last_read == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "the broker closed the state socket connection",
+        ));
+    }
+    if filled < FIXED_HEADER {
+        return Ok(None);
+    }
+    let fixed: &[u8; FIXED_HEADER] = reply[..FIXED_HEADER].try_into().expect("16 bytes");
+    let len = wire::message_len(fixed)?;
+    match filled.cmp(&len) {
+        std::cmp::Ordering::Less => {
+            if reply.len() < len {
+                reply.resize(len, 0);
+            }
+            Ok(None)
+        }
+        std::cmp::Ordering::Equal => {
+            reply.truncate(len);
+            Ok(Some(std::mem::take(reply)))
+        }
+        std::cmp::Ordering::Greater => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "the broker sent more than one reply",
+        )),
+    }
+}
+
+fn parse_reply<R: DeserializeOwned + Type>(
+    member: &'static str,
+    request: &Message,
+    bytes: Vec<u8>,
+) -> Result<R> {
+    let reply = wire::decode(bytes).map_err(|e| Error::call(member, e))?;
+    let header = reply.header();
+    if header.reply_serial() != Some(request.primary_header().serial_num()) {
+        return Err(Error::call(member, zbus::Error::InvalidReply));
+    }
+    match header.message_type() {
+        MessageType::MethodReturn => reply
+            .body()
+            .deserialize::<R>()
+            .map_err(|e| Error::call(member, e)),
+        MessageType::Error => Err(Error::call(member, zbus::Error::from(reply.clone()))),
+        _ => Err(Error::call(member, zbus::Error::InvalidReply)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_socket_sits_beside_the_private_one() {
+        let auto = |address| StateSocket::Auto.path_for(address);
+        assert_eq!(
+            auto("unix:path=/run/ally/web/bus"),
+            Some(PathBuf::from("/run/ally/web/state"))
+        );
+        assert_eq!(auto("unix:path=/tmp/other.sock"), None);
+        assert_eq!(auto("unix:abstract=foo"), None);
+        assert_eq!(auto("tcp:host=localhost,port=1"), None);
+        assert_eq!(
+            StateSocket::Off.path_for("unix:path=/run/ally/web/bus"),
+            None
+        );
+        assert_eq!(
+            StateSocket::At("unix:path=/x/y".into()).path_for("unix:path=/run/ally/web/bus"),
+            Some(PathBuf::from("/x/y"))
+        );
+    }
+
+    #[test]
+    fn a_reply_is_whole_only_at_its_exact_length() {
+        let msg = Message::method_call("/org/ally", "Add")
+            .interface(ATOMIC)
+            .build(&("n", 1i64))
+            .unwrap();
+        let bytes = msg.data().to_vec();
+        let mut buf = bytes[..10].to_vec();
+        assert!(whole(&mut buf, 10, 10).unwrap().is_none());
+        let mut buf = bytes.clone();
+        assert_eq!(whole(&mut buf, bytes.len(), 1).unwrap().unwrap(), bytes);
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&bytes);
+        let n = longer.len();
+        assert!(whole(&mut longer, n, n).is_err());
+        assert!(whole(&mut Vec::new(), 0, 0).is_err());
+    }
+}

@@ -1,0 +1,226 @@
+//! The state socket, `$RUNTIME/state`: `org.ally.Cache1` and `org.ally.Atomic1`
+//! for the app's instances (and admins), peer-to-peer D-Bus like the private socket,
+//! but each call is answered in the task that reads it. Through zbus a call crosses
+//! tasks twice before its reply is written; at a few microseconds a call, those
+//! thread wake-ups are most of its cost.
+//!
+//! Who may call what is decided as on the private socket (`SO_PEERCRED` and the
+//! caller's process ancestry). Locks and everything of `org.ally.Broker1` stay on the
+//! private socket, where a connection's end releases its locks.
+
+use std::io::{self, Cursor, Read, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use ally_client::wire::{self, FIXED_HEADER};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
+
+use super::broker1::{Access, Peer};
+use super::sasl::{self, Handshake, Step};
+use super::state_calls::StateCalls;
+use crate::broker::Broker;
+
+/// A client that has not authenticated by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served on threads of their own, at most; past it, on the event loop.
+const MAX_DEDICATED: usize = 256;
+static DEDICATED: AtomicUsize = AtomicUsize::new(0);
+
+/// Serves the state socket on a thread of its own, which does nothing else: its
+/// connections' tasks then run where their reads wake up, with no scheduler between.
+pub fn spawn(listener: std::os::unix::net::UnixListener, broker: Arc<Broker>) -> io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("state-socket".into())
+        .spawn(move || {
+            runtime.block_on(async move {
+                match UnixListener::from_std(listener) {
+                    Ok(listener) => serve(listener, broker).await,
+                    Err(e) => tracing::error!("the state socket cannot be served: {e}"),
+                }
+            })
+        })?;
+    Ok(())
+}
+
+async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve_connection(stream, broker.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("accepting on the state socket: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
+    let (pid, uid) = match stream.peer_cred() {
+        Ok(cred) => (cred.pid().unwrap_or(0) as u32, cred.uid()),
+        Err(e) => return tracing::warn!("cannot read peer credentials: {e}"),
+    };
+    let (read, mut write) = stream.into_split();
+    let mut read = BufReader::new(read);
+    let guid = zbus::Guid::generate().to_string();
+    let may_dedicate = DEDICATED.load(Ordering::Relaxed) < MAX_DEDICATED;
+    let conversation = Handshake::new(uid, guid, may_dedicate);
+    let conversation = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut read, &mut write, conversation),
+    )
+    .await
+    {
+        Ok(Ok(Some(conversation))) => conversation,
+        Ok(Ok(None)) => return tracing::debug!("state socket: pid {pid} failed to authenticate"),
+        Ok(Err(e)) => return tracing::debug!("state socket handshake with pid {pid}: {e}"),
+        Err(_) => return tracing::debug!("state socket: pid {pid} did not authenticate in time"),
+    };
+    let connection = broker.state().new_conn();
+    let calls = StateCalls::new(
+        Access::new(broker, Peer::private(pid, uid, connection)),
+        connection,
+    );
+    if conversation.dedicated_thread() {
+        if let Err(e) = serve_on_thread(read, write, calls, pid) {
+            tracing::warn!("state socket: no thread for pid {pid}: {e}");
+        }
+        return;
+    }
+    loop {
+        let bytes = match read_message(&mut read).await {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+            Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
+        };
+        match reply_to(&calls, bytes) {
+            Ok(Some(reply)) => {
+                if let Err(e) = write.write_all(reply.data()).await {
+                    return tracing::debug!("state socket, pid {pid}: {e}");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
+        }
+    }
+}
+
+fn reply_to(calls: &StateCalls, bytes: Vec<u8>) -> Result<Option<zbus::Message>, String> {
+    let message = wire::decode(bytes).map_err(|e| format!("not a D-Bus message: {e}"))?;
+    Ok(calls.answer(&message))
+}
+
+/// Serves a connection on a thread that blocks in `read(2)`. A reader blocked there
+/// is woken by the writer directly, often on the writer's own CPU; one that waits in
+/// `epoll` takes a longer path. For one client calling in sequence that is the
+/// difference between about 1.3× a raw round trip and 2–3×; for many connections the
+/// shared event loop does more calls per second, so only clients that block ask for
+/// this (`NEGOTIATE_DEDICATED_THREAD`).
+fn serve_on_thread(
+    read: BufReader<OwnedReadHalf>,
+    write: OwnedWriteHalf,
+    calls: StateCalls,
+    pid: u32,
+) -> io::Result<()> {
+    let ahead = read.buffer().to_vec();
+    let stream = read
+        .into_inner()
+        .reunite(write)
+        .map_err(io::Error::other)?
+        .into_std()?;
+    stream.set_nonblocking(false)?;
+    DEDICATED.fetch_add(1, Ordering::Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name("state-conn".into())
+        .stack_size(256 << 10)
+        .spawn(move || {
+            struct Live;
+            impl Drop for Live {
+                fn drop(&mut self) {
+                    DEDICATED.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let _live = Live;
+            let mut reader = std::io::BufReader::new(Read::chain(Cursor::new(ahead), &stream));
+            loop {
+                let bytes = match read_message_blocking(&mut reader) {
+                    Ok(bytes) => bytes,
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+                    Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
+                };
+                match reply_to(&calls, bytes) {
+                    Ok(Some(reply)) => {
+                        if let Err(e) = (&stream).write_all(reply.data()) {
+                            return tracing::debug!("state socket, pid {pid}: {e}");
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        DEDICATED.fetch_sub(1, Ordering::Relaxed);
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Runs the authentication conversation; the conversation if the client began.
+async fn handshake(
+    read: &mut BufReader<OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+    mut conversation: Handshake,
+) -> io::Result<Option<Handshake>> {
+    if read.read_u8().await? != 0 {
+        return Ok(None);
+    }
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        let n = read
+            .take(sasl::MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
+        if n == 0 || !line.ends_with(b"\r\n") {
+            return Ok(None);
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 2]);
+        match conversation.line(&text) {
+            Step::Reply(answer) => write.write_all(format!("{answer}\r\n").as_bytes()).await?,
+            Step::Begin => return Ok(Some(conversation)),
+            Step::Close => return Ok(None),
+        }
+    }
+}
+
+async fn read_message(read: &mut BufReader<OwnedReadHalf>) -> io::Result<Vec<u8>> {
+    let mut fixed = [0u8; FIXED_HEADER];
+    read.read_exact(&mut fixed).await?;
+    let mut bytes = message_buffer(fixed)?;
+    read.read_exact(&mut bytes[FIXED_HEADER..]).await?;
+    Ok(bytes)
+}
+
+fn read_message_blocking(read: &mut impl Read) -> io::Result<Vec<u8>> {
+    let mut fixed = [0u8; FIXED_HEADER];
+    read.read_exact(&mut fixed)?;
+    let mut bytes = message_buffer(fixed)?;
+    read.read_exact(&mut bytes[FIXED_HEADER..])?;
+    Ok(bytes)
+}
+
+/// Room for the whole message that starts with `fixed`, holding `fixed`.
+fn message_buffer(fixed: [u8; FIXED_HEADER]) -> io::Result<Vec<u8>> {
+    let mut bytes = vec![0u8; wire::message_len(&fixed)?];
+    bytes[..FIXED_HEADER].copy_from_slice(&fixed);
+    Ok(bytes)
+}
