@@ -47,17 +47,6 @@ fn connections_to(path: &Path) -> usize {
         .count()
 }
 
-fn thread_names(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/task"))
-        .unwrap()
-        .filter_map(|task| {
-            std::fs::read_to_string(task.ok()?.path().join("comm"))
-                .ok()
-                .map(|name| name.trim().to_string())
-        })
-        .collect()
-}
-
 #[test]
 fn the_socket_sits_beside_the_private_one_with_its_permissions() {
     use std::os::unix::fs::PermissionsExt;
@@ -66,7 +55,11 @@ fn the_socket_sits_beside_the_private_one_with_its_permissions() {
     let meta = std::fs::metadata(&state).unwrap();
     assert_eq!(
         meta.permissions().mode() & 0o777,
-        std::fs::metadata(broker.socket()).unwrap().permissions().mode() & 0o777
+        std::fs::metadata(broker.socket())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
     );
 }
 
@@ -81,10 +74,23 @@ fn busctl_calls_it_and_both_sockets_share_one_store() {
     assert_eq!(stdout(&out).trim(), "x 5", "{}", stderr(&out));
     let out = busctl(
         &state,
-        &["org.ally.Cache1", "Set", "ssayt", "ns", "k", "2", "104", "105", "0"],
+        &[
+            "org.ally.Cache1",
+            "Set",
+            "ssayt",
+            "ns",
+            "k",
+            "2",
+            "104",
+            "105",
+            "0",
+        ],
     );
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = busctl(&broker.socket(), &["org.ally.Cache1", "Get", "ss", "ns", "k"]);
+    let out = busctl(
+        &broker.socket(),
+        &["org.ally.Cache1", "Get", "ss", "ns", "k"],
+    );
     assert_eq!(stdout(&out).trim(), "bay true 2 104 105");
 
     let out = Command::new("busctl")
@@ -147,21 +153,17 @@ async fn ally_client_calls_go_to_it_and_limits_come_back_as_errors() {
 }
 
 #[test]
-fn a_blocking_client_gets_a_broker_thread_that_ends_with_it() {
+fn a_blocking_client_uses_it_too() {
     let broker = broker("stateblocking");
-    let threads = |b: &TestBroker| {
-        thread_names(b.pid())
-            .iter()
-            .filter(|n| *n == "state-conn")
-            .count()
-    };
-    assert_eq!(threads(&broker), 0);
+    let state = state_path(&broker);
+    let before = connections_to(&state);
     let ally = ally_client::blocking::Ally::connect(&broker.address()).unwrap();
     assert_eq!(ally.atomic("n").add(7).unwrap(), 7);
-    assert_eq!(threads(&broker), 1);
+    assert_eq!(ally.cache("ns").get("k").unwrap(), None);
+    assert_eq!(connections_to(&state), before + 1);
     drop(ally);
-    wait_until("the broker's thread ends", Duration::from_secs(5), || {
-        threads(&broker) == 0
+    wait_until("the connection closes", Duration::from_secs(5), || {
+        connections_to(&state) == before
     });
 }
 

@@ -217,48 +217,37 @@ impl Direct {
 
     async fn connect(&self) -> io::Result<tokio::net::UnixStream> {
         let mut stream = tokio::net::UnixStream::connect(&self.path).await?;
-        stream.write_all(&handshake(false)).await?;
-        let mut reply = Vec::new();
-        while !handshake_done(&reply, false)? {
+        stream.write_all(&handshake()).await?;
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
             let mut chunk = [0u8; 128];
             let n = stream.read(&mut chunk).await?;
-            handshake_bytes(&mut reply, &chunk[..n])?;
+            handshake_bytes(&mut line, &chunk[..n])?;
         }
+        check_line(&line)?;
         Ok(stream)
     }
 
-    /// The blocking client's connections ask for a thread of their own in the broker,
-    /// which blocks in `read(2)` as this side does (see the broker's `state_socket`).
     fn connect_blocking(&self) -> io::Result<std::os::unix::net::UnixStream> {
         let mut stream = std::os::unix::net::UnixStream::connect(&self.path)?;
-        stream.write_all(&handshake(true))?;
-        let mut reply = Vec::new();
-        while !handshake_done(&reply, true)? {
+        stream.write_all(&handshake())?;
+        let mut line = Vec::new();
+        while !line.ends_with(b"\r\n") {
             let mut chunk = [0u8; 128];
             let n = stream.read(&mut chunk)?;
-            handshake_bytes(&mut reply, &chunk[..n])?;
+            handshake_bytes(&mut line, &chunk[..n])?;
         }
+        check_line(&line)?;
         Ok(stream)
     }
 }
 
-fn handshake(dedicated_thread: bool) -> Vec<u8> {
-    wire::client_handshake(nix::unistd::geteuid().as_raw(), dedicated_thread)
+fn handshake() -> Vec<u8> {
+    wire::client_handshake(nix::unistd::geteuid().as_raw())
 }
 
-/// Whether `reply` holds every line that answers the handshake, and they accept it.
-fn handshake_done(reply: &[u8], dedicated_thread: bool) -> io::Result<bool> {
-    let text = String::from_utf8_lossy(reply);
-    let lines: Vec<&str> = text.split_terminator("\r\n").collect();
-    let complete = text.ends_with("\r\n");
-    if complete && lines.first().is_some_and(|l| !l.starts_with("OK ")) {
-        wire::check_handshake_reply(lines.iter().copied())?;
-    }
-    if !complete || lines.len() < wire::handshake_reply_lines(dedicated_thread) {
-        return Ok(false);
-    }
-    wire::check_handshake_reply(lines.into_iter())?;
-    Ok(true)
+fn check_line(line: &[u8]) -> io::Result<()> {
+    wire::check_handshake_reply(String::from_utf8_lossy(line).trim_end())
 }
 
 fn give_back<S>(pool: &Mutex<Vec<S>>, stream: S) {

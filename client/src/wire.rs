@@ -56,41 +56,26 @@ pub fn decode(bytes: Vec<u8>) -> zbus::Result<Message> {
 }
 
 /// What a client sends to authenticate as its own uid and start talking D-Bus at
-/// once, in one write: the credentials byte, `AUTH EXTERNAL`, for a client that
-/// blocks `NEGOTIATE_DEDICATED_THREAD` (see the broker's `sasl` module), then `BEGIN`.
-/// The server answers one line per command before `BEGIN`
-/// ([`handshake_reply_lines`]).
-pub fn client_handshake(uid: u32, dedicated_thread: bool) -> Vec<u8> {
+/// once: the credentials byte, `AUTH EXTERNAL`, then `BEGIN`, in one write. The
+/// server answers with one line, `OK <guid>` or `REJECTED ...`.
+pub fn client_handshake(uid: u32) -> Vec<u8> {
     let hex: String = uid
         .to_string()
         .bytes()
         .map(|b| format!("{b:02x}"))
         .collect();
-    let negotiate = if dedicated_thread {
-        "NEGOTIATE_DEDICATED_THREAD\r\n"
+    format!("\0AUTH EXTERNAL {hex}\r\nBEGIN\r\n").into_bytes()
+}
+
+/// Checks the server's answer to [`client_handshake`] (one line, without its `\r\n`).
+pub fn check_handshake_reply(line: &str) -> io::Result<()> {
+    if line.starts_with("OK ") {
+        Ok(())
     } else {
-        ""
-    };
-    format!("\0AUTH EXTERNAL {hex}\r\n{negotiate}BEGIN\r\n").into_bytes()
-}
-
-/// How many lines answer [`client_handshake`].
-pub fn handshake_reply_lines(dedicated_thread: bool) -> usize {
-    1 + usize::from(dedicated_thread)
-}
-
-/// Checks the server's answers to [`client_handshake`] (lines without their `\r\n`).
-/// A refused dedicated thread is no failure: the connection is served all the same.
-pub fn check_handshake_reply<'a>(mut lines: impl Iterator<Item = &'a str>) -> io::Result<()> {
-    match lines.next() {
-        Some(line) if line.starts_with("OK ") => Ok(()),
-        other => Err(io::Error::new(
+        Err(io::Error::new(
             io::ErrorKind::PermissionDenied,
-            format!(
-                "the state socket refused the handshake: {:?}",
-                other.unwrap_or("")
-            ),
-        )),
+            format!("the state socket refused the handshake: {line:?}"),
+        ))
     }
 }
 
@@ -172,15 +157,10 @@ mod tests {
     #[test]
     fn the_handshake_names_the_uid_in_hex_ascii() {
         assert_eq!(
-            client_handshake(1000, false),
+            client_handshake(1000),
             b"\0AUTH EXTERNAL 31303030\r\nBEGIN\r\n".to_vec()
         );
-        assert_eq!(
-            client_handshake(0, true),
-            b"\0AUTH EXTERNAL 30\r\nNEGOTIATE_DEDICATED_THREAD\r\nBEGIN\r\n".to_vec()
-        );
-        assert!(check_handshake_reply(["OK 1234abcd"].into_iter()).is_ok());
-        assert!(check_handshake_reply(["OK 1234abcd", "ERROR busy"].into_iter()).is_ok());
-        assert!(check_handshake_reply(["REJECTED EXTERNAL"].into_iter()).is_err());
+        assert!(check_handshake_reply("OK 1234abcd").is_ok());
+        assert!(check_handshake_reply("REJECTED EXTERNAL").is_err());
     }
 }

@@ -5,11 +5,6 @@
 //! It accepts what the usual clients send: zbus and libdbus (`AUTH EXTERNAL <hex uid>`,
 //! then `NEGOTIATE_UNIX_FD`, then `BEGIN`, one at a time), sd-bus (the same,
 //! pipelined), and `AUTH EXTERNAL` with the uid in a later `DATA`.
-//!
-//! One extension, which only ally-client's blocking client sends:
-//! `NEGOTIATE_DEDICATED_THREAD`, answered `AGREE_DEDICATED_THREAD` when the server
-//! will serve the connection on a thread of its own that blocks in `read(2)`
-//! (`ERROR` otherwise, as any D-Bus server answers a command it does not know).
 
 /// What to do after a line.
 #[derive(Debug, PartialEq, Eq)]
@@ -33,28 +28,18 @@ pub struct Handshake {
     awaiting_data: bool,
     authenticated: bool,
     lines: usize,
-    may_dedicate: bool,
-    dedicated: bool,
 }
 
 impl Handshake {
     /// For a peer whose socket credentials say `peer_uid`; `guid` is the server's.
-    /// `may_dedicate`: whether a dedicated thread may be agreed to.
-    pub fn new(peer_uid: u32, guid: String, may_dedicate: bool) -> Handshake {
+    pub fn new(peer_uid: u32, guid: String) -> Handshake {
         Handshake {
             peer_uid,
             guid,
             awaiting_data: false,
             authenticated: false,
             lines: 0,
-            may_dedicate,
-            dedicated: false,
         }
-    }
-
-    /// Whether the client asked for, and was agreed, a dedicated thread.
-    pub fn dedicated_thread(&self) -> bool {
-        self.dedicated
     }
 
     pub fn line(&mut self, line: &str) -> Step {
@@ -79,13 +64,6 @@ impl Handshake {
             "DATA" if self.awaiting_data => self.external(argument.unwrap_or("")),
             "NEGOTIATE_UNIX_FD" if self.authenticated => {
                 Step::Reply("ERROR file descriptors are not passed on this socket".into())
-            }
-            "NEGOTIATE_DEDICATED_THREAD" if self.authenticated && self.may_dedicate => {
-                self.dedicated = true;
-                Step::Reply("AGREE_DEDICATED_THREAD".into())
-            }
-            "NEGOTIATE_DEDICATED_THREAD" if self.authenticated => {
-                Step::Reply("ERROR no dedicated thread is free".into())
             }
             "BEGIN" if self.authenticated => Step::Begin,
             "BEGIN" => Step::Close,
@@ -129,7 +107,7 @@ mod tests {
     use super::*;
 
     fn handshake() -> Handshake {
-        Handshake::new(1000, "0123abcd".into(), true)
+        Handshake::new(1000, "0123abcd".into())
     }
 
     fn ok() -> Step {
@@ -145,31 +123,6 @@ mod tests {
             Step::Reply("ERROR file descriptors are not passed on this socket".into())
         );
         assert_eq!(h.line("BEGIN"), Step::Begin);
-    }
-
-    #[test]
-    fn a_dedicated_thread_is_agreed_only_after_authentication_and_when_free() {
-        let mut h = handshake();
-        assert_eq!(
-            h.line("NEGOTIATE_DEDICATED_THREAD"),
-            Step::Reply("ERROR unexpected \"NEGOTIATE_DEDICATED_THREAD\"".into())
-        );
-        assert_eq!(h.line("AUTH EXTERNAL 31303030"), ok());
-        assert!(!h.dedicated_thread());
-        assert_eq!(
-            h.line("NEGOTIATE_DEDICATED_THREAD"),
-            Step::Reply("AGREE_DEDICATED_THREAD".into())
-        );
-        assert_eq!(h.line("BEGIN"), Step::Begin);
-        assert!(h.dedicated_thread());
-
-        let mut busy = Handshake::new(1000, "0123abcd".into(), false);
-        assert_eq!(busy.line("AUTH EXTERNAL 31303030"), ok());
-        assert_eq!(
-            busy.line("NEGOTIATE_DEDICATED_THREAD"),
-            Step::Reply("ERROR no dedicated thread is free".into())
-        );
-        assert!(!busy.dedicated_thread());
     }
 
     #[test]

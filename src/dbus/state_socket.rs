@@ -8,9 +8,8 @@
 //! caller's process ancestry). Locks and everything of `org.ally.Broker1` stay on the
 //! private socket, where a connection's end releases its locks.
 
-use std::io::{self, Cursor, Read, Write};
+use std::io;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use ally_client::wire::{self, FIXED_HEADER};
@@ -25,9 +24,6 @@ use crate::broker::Broker;
 
 /// A client that has not authenticated by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connections served on threads of their own, at most; past it, on the event loop.
-const MAX_DEDICATED: usize = 256;
-static DEDICATED: AtomicUsize = AtomicUsize::new(0);
 
 /// Serves the state socket on a thread of its own, which does nothing else: its
 /// connections' tasks then run where their reads wake up, with no scheduler between.
@@ -71,16 +67,15 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let guid = zbus::Guid::generate().to_string();
-    let may_dedicate = DEDICATED.load(Ordering::Relaxed) < MAX_DEDICATED;
-    let conversation = Handshake::new(uid, guid, may_dedicate);
-    let conversation = match tokio::time::timeout(
+    let conversation = Handshake::new(uid, guid);
+    match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
         handshake(&mut read, &mut write, conversation),
     )
     .await
     {
-        Ok(Ok(Some(conversation))) => conversation,
-        Ok(Ok(None)) => return tracing::debug!("state socket: pid {pid} failed to authenticate"),
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => return tracing::debug!("state socket: pid {pid} failed to authenticate"),
         Ok(Err(e)) => return tracing::debug!("state socket handshake with pid {pid}: {e}"),
         Err(_) => return tracing::debug!("state socket: pid {pid} did not authenticate in time"),
     };
@@ -89,12 +84,6 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
         Access::new(broker, Peer::private(pid, uid, connection)),
         connection,
     );
-    if conversation.dedicated_thread() {
-        if let Err(e) = serve_on_thread(read, write, calls, pid) {
-            tracing::warn!("state socket: no thread for pid {pid}: {e}");
-        }
-        return;
-    }
     loop {
         let bytes = match read_message(&mut read).await {
             Ok(bytes) => bytes,
@@ -118,70 +107,14 @@ fn reply_to(calls: &StateCalls, bytes: Vec<u8>) -> Result<Option<zbus::Message>,
     Ok(calls.answer(&message))
 }
 
-/// Serves a connection on a thread that blocks in `read(2)`. A reader blocked there
-/// is woken by the writer directly, often on the writer's own CPU; one that waits in
-/// `epoll` takes a longer path. For one client calling in sequence that is the
-/// difference between about 1.3× a raw round trip and 2–3×; for many connections the
-/// shared event loop does more calls per second, so only clients that block ask for
-/// this (`NEGOTIATE_DEDICATED_THREAD`).
-fn serve_on_thread(
-    read: BufReader<OwnedReadHalf>,
-    write: OwnedWriteHalf,
-    calls: StateCalls,
-    pid: u32,
-) -> io::Result<()> {
-    let ahead = read.buffer().to_vec();
-    let stream = read
-        .into_inner()
-        .reunite(write)
-        .map_err(io::Error::other)?
-        .into_std()?;
-    stream.set_nonblocking(false)?;
-    DEDICATED.fetch_add(1, Ordering::Relaxed);
-    let spawned = std::thread::Builder::new()
-        .name("state-conn".into())
-        .stack_size(256 << 10)
-        .spawn(move || {
-            struct Live;
-            impl Drop for Live {
-                fn drop(&mut self) {
-                    DEDICATED.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-            let _live = Live;
-            let mut reader = std::io::BufReader::new(Read::chain(Cursor::new(ahead), &stream));
-            loop {
-                let bytes = match read_message_blocking(&mut reader) {
-                    Ok(bytes) => bytes,
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
-                    Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
-                };
-                match reply_to(&calls, bytes) {
-                    Ok(Some(reply)) => {
-                        if let Err(e) = (&stream).write_all(reply.data()) {
-                            return tracing::debug!("state socket, pid {pid}: {e}");
-                        }
-                    }
-                    Ok(None) => {}
-                    Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
-                }
-            }
-        });
-    if let Err(e) = spawned {
-        DEDICATED.fetch_sub(1, Ordering::Relaxed);
-        return Err(e);
-    }
-    Ok(())
-}
-
-/// Runs the authentication conversation; the conversation if the client began.
+/// Runs the authentication conversation; whether the client began.
 async fn handshake(
     read: &mut BufReader<OwnedReadHalf>,
     write: &mut OwnedWriteHalf,
     mut conversation: Handshake,
-) -> io::Result<Option<Handshake>> {
+) -> io::Result<bool> {
     if read.read_u8().await? != 0 {
-        return Ok(None);
+        return Ok(false);
     }
     let mut line = Vec::new();
     loop {
@@ -191,13 +124,13 @@ async fn handshake(
             .read_until(b'\n', &mut line)
             .await?;
         if n == 0 || !line.ends_with(b"\r\n") {
-            return Ok(None);
+            return Ok(false);
         }
         let text = String::from_utf8_lossy(&line[..line.len() - 2]);
         match conversation.line(&text) {
             Step::Reply(answer) => write.write_all(format!("{answer}\r\n").as_bytes()).await?,
-            Step::Begin => return Ok(Some(conversation)),
-            Step::Close => return Ok(None),
+            Step::Begin => return Ok(true),
+            Step::Close => return Ok(false),
         }
     }
 }
@@ -207,14 +140,6 @@ async fn read_message(read: &mut BufReader<OwnedReadHalf>) -> io::Result<Vec<u8>
     read.read_exact(&mut fixed).await?;
     let mut bytes = message_buffer(fixed)?;
     read.read_exact(&mut bytes[FIXED_HEADER..]).await?;
-    Ok(bytes)
-}
-
-fn read_message_blocking(read: &mut impl Read) -> io::Result<Vec<u8>> {
-    let mut fixed = [0u8; FIXED_HEADER];
-    read.read_exact(&mut fixed)?;
-    let mut bytes = message_buffer(fixed)?;
-    read.read_exact(&mut bytes[FIXED_HEADER..])?;
     Ok(bytes)
 }
 
