@@ -1,9 +1,10 @@
 //! Shared-state throughput: `cargo bench --bench state`.
 //!
 //! Starts a real broker (`ally run`), then measures Atomic.Add, Cache.Get and Cache.Set
-//! through ally-client with one client calling sequentially (async, and blocking) and
-//! with 64 clients on separate connections, next to the floor: a raw unix-socket round
-//! trip (64 bytes each way, one thread per side).
+//! through ally-client with one client calling sequentially (async, blocking, and async
+//! with the state socket off so calls go through zbus) and with 64 clients on separate
+//! connections, next to the floor: a raw unix-socket round trip (64 bytes each way, one
+//! thread per side).
 //!
 //! A shared VM's round trip swings by 5× as its vCPUs idle or not, so every 1-client
 //! figure is paired: a slice of raw round trips, then a slice of calls, RUNS times
@@ -316,9 +317,8 @@ fn main() {
     let mut raw = RawEcho::start();
     let zbus = rt.block_on(zbus_nop());
     // On a worker, as an app's task would be, not on the thread that blocks on the runtime.
-    let on_worker = |f: std::pin::Pin<Box<dyn Future<Output = f64> + Send>>| {
-        rt.block_on(rt.spawn(f)).unwrap()
-    };
+    let on_worker =
+        |f: std::pin::Pin<Box<dyn Future<Output = f64> + Send>>| rt.block_on(rt.spawn(f)).unwrap();
     let floor = paired(runs, &mut raw, secs, |secs| {
         let client = zbus.1.clone();
         on_worker(Box::pin(async move { zbus_nop_rate(&client, secs).await }))
@@ -334,20 +334,27 @@ fn main() {
         1e6 / floor.rate(),
         floor.ratio()
     );
-    let (one, clients) = rt.block_on(async {
+    let (one, over_dbus, clients) = rt.block_on(async {
         let one = Ally::connect(&broker.address).await.unwrap();
+        let over_dbus = Ally::connect_with(&broker.address, ally_client::StateSocket::Off)
+            .await
+            .unwrap();
         one.cache("bench").set("key", b"value", None).await.unwrap();
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
             clients.push(Ally::connect(&broker.address).await.unwrap());
         }
-        (one, clients)
+        (one, over_dbus, clients)
     });
     let blocking = ally_client::blocking::Ally::connect(&broker.address).unwrap();
     for op in [Op::Add, Op::Get, Op::Set] {
         let seq = paired(runs, &mut raw, secs, |secs| {
             let one = one.clone();
             on_worker(Box::pin(async move { sequential(&one, op, secs).await }))
+        });
+        let seq_dbus = paired(runs, &mut raw, secs, |secs| {
+            let ally = over_dbus.clone();
+            on_worker(Box::pin(async move { sequential(&ally, op, secs).await }))
         });
         let seq_blocking = paired(runs, &mut raw, secs, |secs| {
             sequential_blocking(&blocking, op, secs)
@@ -357,7 +364,11 @@ fn main() {
                 .map(|_| rt.block_on(concurrent(&clients, op, secs.max(1.0))))
                 .collect(),
         );
-        for (who, pairs) in [("1 client  ", &seq), ("1 blocking", &seq_blocking)] {
+        for (who, pairs) in [
+            ("1 client  ", &seq),
+            ("1 blocking", &seq_blocking),
+            ("1 via zbus", &seq_dbus),
+        ] {
             let rate = pairs.rate();
             println!(
                 "{:<11} {who}: {rate:>8.0} ops/s {} (≥ 50000)  {:>5.1} µs = {:.2}× raw {} (≤ 1.5×; raw {:.1} µs)",

@@ -7,6 +7,7 @@
 //! program borrows the sockets. The life of one instance:
 //!
 //! 1. **Spawn.** The broker starts a *generation* of the program with `ALLY_ADDRESS`,
+//!    `ALLY_STATE_ADDRESS` (the state socket, for fast cache and counter calls),
 //!    `ALLY_APP`, `ALLY_INSTANCE`, `ALLY_GENERATION` and `ALLY_STOP_SIGNAL` in its
 //!    environment. [`Ally::from_env`] connects to the broker and installs the stop-signal
 //!    handler.

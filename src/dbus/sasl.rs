@@ -92,7 +92,7 @@ impl Handshake {
 }
 
 fn decode_uid(hex: &str) -> Option<u32> {
-    if hex.len() % 2 != 0 || hex.len() > 20 {
+    if !hex.len().is_multiple_of(2) || hex.len() > 20 {
         return None;
     }
     let digits: Vec<u8> = (0..hex.len())
