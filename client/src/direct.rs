@@ -171,18 +171,11 @@ impl Direct {
             .write_all(request.data())
             .await
             .map_err(Failure::Io)?;
-        let mut reply = Vec::new();
-        let mut filled = 0;
+        let mut reply = ReplyBuffer::default();
         loop {
-            if reply.len() == filled {
-                grow(&mut reply, filled).map_err(Failure::Io)?;
-            }
-            let n = stream
-                .read(&mut reply[filled..])
-                .await
-                .map_err(Failure::Io)?;
-            filled += n;
-            if let Some(done) = whole(&mut reply, filled, n).map_err(Failure::Io)? {
+            let room = reply.room().map_err(Failure::Io)?;
+            let n = stream.read(room).await.map_err(Failure::Io)?;
+            if let Some(done) = reply.received(n).map_err(Failure::Io)? {
                 give_back(&self.idle, stream);
                 return Ok(done);
             }
@@ -200,15 +193,11 @@ impl Direct {
             None => self.connect_blocking().map_err(|_| Failure::Connect)?,
         };
         stream.write_all(request.data()).map_err(Failure::Io)?;
-        let mut reply = Vec::new();
-        let mut filled = 0;
+        let mut reply = ReplyBuffer::default();
         loop {
-            if reply.len() == filled {
-                grow(&mut reply, filled).map_err(Failure::Io)?;
-            }
-            let n = stream.read(&mut reply[filled..]).map_err(Failure::Io)?;
-            filled += n;
-            if let Some(done) = whole(&mut reply, filled, n).map_err(Failure::Io)? {
+            let room = reply.room().map_err(Failure::Io)?;
+            let n = stream.read(room).map_err(Failure::Io)?;
+            if let Some(done) = reply.received(n).map_err(Failure::Io)? {
                 give_back(&self.idle_blocking, stream);
                 return Ok(done);
             }
@@ -274,47 +263,56 @@ fn handshake_bytes(line: &mut Vec<u8>, read: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Room for the next read: the fixed header first, then what it says is left.
-fn grow(reply: &mut Vec<u8>, filled: usize) -> io::Result<()> {
-    let want = if filled < FIXED_HEADER {
-        512
-    } else {
-        let fixed: &[u8; FIXED_HEADER] = reply[..FIXED_HEADER].try_into().expect("16 bytes");
-        wire::message_len(fixed)?
-    };
-    reply.resize(want.max(filled + 1), 0);
-    Ok(())
+/// One reply, assembled from reads. The broker answers one call at a time on a
+/// connection, so anything past the reply is a broken stream.
+#[derive(Default)]
+struct ReplyBuffer {
+    bytes: Vec<u8>,
+    filled: usize,
 }
 
-/// The reply, once `filled` bytes hold all of it. The broker answers one call at a
-/// time on a connection, so anything past the reply is a broken stream.
-fn whole(reply: &mut Vec<u8>, filled: usize, last_read: usize) -> io::Result<Option<Vec<u8>>> {
-    if last_read == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "the broker closed the state socket connection",
-        ));
+impl ReplyBuffer {
+    /// Room for the next read: the fixed header first, then what it says is left.
+    fn room(&mut self) -> io::Result<&mut [u8]> {
+        if self.bytes.len() == self.filled {
+            let want = self.expected_len()?.unwrap_or(512);
+            self.bytes.resize(want.max(self.filled + 1), 0);
+        }
+        Ok(&mut self.bytes[self.filled..])
     }
-    if filled < FIXED_HEADER {
-        return Ok(None);
-    }
-    let fixed: &[u8; FIXED_HEADER] = reply[..FIXED_HEADER].try_into().expect("16 bytes");
-    let len = wire::message_len(fixed)?;
-    match filled.cmp(&len) {
-        std::cmp::Ordering::Less => {
-            if reply.len() < len {
-                reply.resize(len, 0);
+
+    /// Counts a read of `n` bytes into [`room`](Self::room); the reply once whole.
+    fn received(&mut self, n: usize) -> io::Result<Option<Vec<u8>>> {
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the broker closed the state socket connection",
+            ));
+        }
+        self.filled += n;
+        let Some(len) = self.expected_len()? else {
+            return Ok(None);
+        };
+        match self.filled.cmp(&len) {
+            std::cmp::Ordering::Less => Ok(None),
+            std::cmp::Ordering::Equal => {
+                self.bytes.truncate(len);
+                Ok(Some(std::mem::take(&mut self.bytes)))
             }
-            Ok(None)
+            std::cmp::Ordering::Greater => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the broker sent more than one reply",
+            )),
         }
-        std::cmp::Ordering::Equal => {
-            reply.truncate(len);
-            Ok(Some(std::mem::take(reply)))
+    }
+
+    /// The whole reply's length, once its fixed header is in.
+    fn expected_len(&self) -> io::Result<Option<usize>> {
+        if self.filled < FIXED_HEADER {
+            return Ok(None);
         }
-        std::cmp::Ordering::Greater => Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "the broker sent more than one reply",
-        )),
+        let fixed: &[u8; FIXED_HEADER] = self.bytes[..FIXED_HEADER].try_into().expect("16 bytes");
+        wire::message_len(fixed).map(Some)
     }
 }
 
@@ -369,14 +367,28 @@ mod tests {
             .build(&("n", 1i64))
             .unwrap();
         let bytes = msg.data().to_vec();
-        let mut buf = bytes[..10].to_vec();
-        assert!(whole(&mut buf, 10, 10).unwrap().is_none());
-        let mut buf = bytes.clone();
-        assert_eq!(whole(&mut buf, bytes.len(), 1).unwrap().unwrap(), bytes);
+        // Fed in pieces of `chunk` bytes: what each read makes of the reply.
+        let feed = |input: &[u8], chunk: usize| -> io::Result<Option<Vec<u8>>> {
+            let mut reply = ReplyBuffer::default();
+            let mut rest = input;
+            loop {
+                let room = reply.room()?;
+                let n = room.len().min(chunk).min(rest.len());
+                room[..n].copy_from_slice(&rest[..n]);
+                rest = &rest[n..];
+                match reply.received(n)? {
+                    Some(done) => return Ok(Some(done)),
+                    None if rest.is_empty() => return Ok(None),
+                    None => {}
+                }
+            }
+        };
+        assert!(feed(&bytes[..10], 10).unwrap().is_none());
+        assert_eq!(feed(&bytes, bytes.len()).unwrap().unwrap(), bytes);
+        assert_eq!(feed(&bytes, 7).unwrap().unwrap(), bytes);
         let mut longer = bytes.clone();
         longer.extend_from_slice(&bytes);
-        let n = longer.len();
-        assert!(whole(&mut longer, n, n).is_err());
-        assert!(whole(&mut Vec::new(), 0, 0).is_err());
+        assert!(feed(&longer, longer.len()).is_err());
+        assert!(feed(&[], 1).is_err());
     }
 }
