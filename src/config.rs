@@ -25,6 +25,10 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_DRAINING: usize = 4;
 pub const DEFAULT_LISTENER_LINGER: Duration = Duration::from_secs(10);
+pub const DEFAULT_STATE_BUSY_POLL: Duration = Duration::from_micros(50);
+/// Polling longer than this between calls burns a CPU for no gain: a sleeping thread
+/// wakes within tens of microseconds.
+pub const MAX_STATE_BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// Longer durations are refused so that arithmetic on instants cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -44,6 +48,7 @@ const TOP_KEYS: &[&str] = &[
     "listener_linger",
     "listen",
     "limits",
+    "state_busy_poll",
 ];
 const LISTEN_KEYS: &[&str] = &["network", "address", "backlog", "reuse_port", "mode"];
 const LIMIT_KEYS: &[&str] = &[
@@ -79,6 +84,8 @@ pub struct Config {
     pub listener_linger: Duration,
     pub listen: Vec<ListenEntry>,
     pub limits: Limits,
+    /// How long the state socket polls a busy connection for its next call.
+    pub state_busy_poll: Duration,
 }
 
 /// A `[[listen]]` entry, bound before the app starts.
@@ -214,6 +221,7 @@ impl Config {
             listener_linger: DEFAULT_LISTENER_LINGER,
             listen: Vec::new(),
             limits: Limits::default(),
+            state_busy_poll: DEFAULT_STATE_BUSY_POLL,
         }
     }
 
@@ -317,6 +325,19 @@ impl Config {
         }
         if let Some(v) = table.get("limits") {
             config.limits = cx.limits(v)?;
+        }
+        if let Some(v) = table.get("state_busy_poll") {
+            let d = cx.duration("state_busy_poll", v, true)?;
+            if d > MAX_STATE_BUSY_POLL {
+                return Err(cx.invalid(
+                    "state_busy_poll",
+                    format!(
+                        "{} is too long: expected at most 1ms (\"0s\" turns polling off)",
+                        humantime::format_duration(d)
+                    ),
+                ));
+            }
+            config.state_busy_poll = d;
         }
         Ok(config)
     }
@@ -876,6 +897,7 @@ mod tests {
         assert_eq!(config.limits.max_value_bytes, 1048576);
         assert_eq!(config.limits.max_keys_per_namespace, 100_000);
         assert_eq!(config.limits.max_total_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.state_busy_poll, Duration::from_micros(50));
         // A minimal file means the defaults.
         assert_eq!(parse(r#"command = ["/bin/app", "-v"]"#).unwrap(), config);
         assert_eq!(Config::default_path("web"), Path::new("/etc/ally/web.toml"));
@@ -1086,6 +1108,56 @@ mod tests {
                 .listener_linger,
             Duration::from_secs(60)
         );
+    }
+
+    /// The README's example, and the packaged one with every key uncommented, are
+    /// valid (but for the user, which need not exist here).
+    #[test]
+    fn the_documented_examples_parse() {
+        let readme = include_str!("../README.md");
+        let block = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .expect("a toml block in README.md");
+        let without_user: String = block
+            .lines()
+            .filter(|l| !l.starts_with("user ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&without_user).unwrap();
+        assert_eq!(config.state_busy_poll, Duration::from_micros(50));
+        assert_eq!(config.limits.max_total_bytes, 64 << 20);
+        let packaged: String = include_str!("../packaging/example.toml")
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|k| k.contains(" = ") || k.starts_with('['))
+                    .unwrap_or(l)
+            })
+            .filter(|l| !l.starts_with("user =") && !l.starts_with("group ="))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&packaged).unwrap();
+        assert_eq!(config.listen.len(), 1);
+        assert_eq!(config.limits.max_keys_per_namespace, 100_000);
+    }
+
+    #[test]
+    fn state_busy_poll_is_bounded_and_can_be_off() {
+        let busy_poll = |v: &str| parse(&with_command(&format!("state_busy_poll = {v:?}")));
+        assert_eq!(
+            busy_poll("20us").unwrap().state_busy_poll,
+            Duration::from_micros(20)
+        );
+        assert_eq!(busy_poll("0s").unwrap().state_busy_poll, Duration::ZERO);
+        let m = busy_poll("5ms").unwrap_err().to_string();
+        assert!(
+            m.contains("key `state_busy_poll`: 5ms is too long: expected at most 1ms"),
+            "{m}"
+        );
+        let m = busy_poll("fast").unwrap_err().to_string();
+        assert!(m.contains("key `state_busy_poll`: invalid duration"), "{m}");
     }
 
     #[test]

@@ -18,6 +18,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
     let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
+    let state_busy_poll = config.state_busy_poll;
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
     let broker =
@@ -30,6 +31,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     state_socket::spawn(
         state_listener.into_std().map_err(|e| e.to_string())?,
         broker.clone(),
+        state_busy_poll,
     )
     .map_err(|e| format!("cannot serve the state socket: {e}"))?;
     let _bus = bus::register(args.bus, broker.clone()).await?;

@@ -167,6 +167,49 @@ fn a_blocking_client_uses_it_too() {
     });
 }
 
+/// The broker's thread that serves the state socket: its `/proc` directory.
+fn state_thread(broker: &TestBroker) -> PathBuf {
+    std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+        .unwrap()
+        .map(|task| task.unwrap().path())
+        .find(|task| std::fs::read_to_string(task.join("comm")).unwrap().trim() == "state-socket")
+        .expect("a state-socket thread")
+}
+
+/// Nanoseconds a thread has run, from its `schedstat`.
+fn cpu_nanos(task: &Path) -> u64 {
+    let stat = std::fs::read_to_string(task.join("schedstat")).unwrap();
+    stat.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+#[test]
+fn busy_polling_stops_when_calls_stop() {
+    for (config, what) in [
+        ("", "polling (default)"),
+        ("state_busy_poll = \"0s\"\n", "off"),
+    ] {
+        let broker = TestBroker::start(
+            "statepoll",
+            &format!("command = [\"sleep\", \"1000\"]\n{config}"),
+        );
+        let thread = state_thread(&broker);
+        let ally = ally_client::blocking::Ally::connect(&broker.address()).unwrap();
+        for i in 0..20_000 {
+            assert_eq!(ally.atomic("n").add(1).unwrap(), i + 1, "{what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+        let before = cpu_nanos(&thread);
+        std::thread::sleep(Duration::from_millis(300));
+        let idle = Duration::from_nanos(cpu_nanos(&thread) - before);
+        // Asleep, the thread runs only for the runtime's own timers.
+        assert!(
+            idle < Duration::from_millis(15),
+            "{what}: the state thread ran {idle:?} in 300 ms without calls"
+        );
+        assert_eq!(ally.atomic("n").load().unwrap(), 20_000);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_state_socket_the_client_uses_dbus() {
     let broker = broker("statefallback");

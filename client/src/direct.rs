@@ -8,15 +8,24 @@
 //! own (taken from a small pool) and reads the reply in the calling task, or, for the
 //! blocking client, on the calling thread with blocking I/O.
 //!
+//! While a caller calls in sequence, each waits for its reply by polling the socket for
+//! up to [`CLIENT_BUDGET`] before sleeping on it (see [`crate::busy_poll`]); not when
+//! other calls are in flight in the process: their callers would poll against each
+//! other for the same CPUs, and their replies keep the threads busy anyway.
+//!
 //! When the socket cannot be reached (an older broker, or none at that path) the
 //! client says so once and keeps using its D-Bus connection.
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::sys::socket::{MsgFlags, recv};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,6 +33,7 @@ use zbus::Message;
 use zbus::message::Type as MessageType;
 use zbus::wire::{DynamicType, Type};
 
+use crate::busy_poll::{BusyPoll, CLIENT_BUDGET};
 use crate::error::{Error, Result};
 use crate::proxy::PATH;
 use crate::wire::{self, FIXED_HEADER};
@@ -102,6 +112,7 @@ pub(crate) struct Direct {
     unreachable: AtomicBool,
     idle: Mutex<Vec<tokio::net::UnixStream>>,
     idle_blocking: Mutex<Vec<std::os::unix::net::UnixStream>>,
+    busy_poll: BusyPoll,
 }
 
 enum Failure {
@@ -118,6 +129,7 @@ impl Direct {
             unreachable: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             idle_blocking: Mutex::new(Vec::new()),
+            busy_poll: BusyPoll::new(CLIENT_BUDGET),
         }
     }
 
@@ -143,10 +155,18 @@ impl Direct {
             Ok(request) => request,
             Err(e) => return Some(Err(Error::call(member, e))),
         };
-        let reply = if BLOCKING_IO.get() {
-            self.round_trip_blocking(&request)
-        } else {
-            self.round_trip(&request).await
+        let reply = {
+            let in_flight = InFlight::enter();
+            let budget = if in_flight.alone() {
+                self.busy_poll.budget()
+            } else {
+                Duration::ZERO
+            };
+            if BLOCKING_IO.get() {
+                self.round_trip_blocking(&request, budget)
+            } else {
+                self.round_trip(&request, budget).await
+            }
         };
         match reply {
             Ok(bytes) => Some(parse_reply(member, &request, bytes)),
@@ -161,7 +181,7 @@ impl Direct {
         }
     }
 
-    async fn round_trip(&self, request: &Message) -> Result<Vec<u8>, Failure> {
+    async fn round_trip(&self, request: &Message, budget: Duration) -> Result<Vec<u8>, Failure> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut stream = match pooled {
             Some(stream) => stream,
@@ -171,18 +191,27 @@ impl Direct {
             .write_all(request.data())
             .await
             .map_err(Failure::Io)?;
+        let sent = Instant::now();
         let mut reply = ReplyBuffer::default();
         loop {
             let room = reply.room().map_err(Failure::Io)?;
-            let n = stream.read(room).await.map_err(Failure::Io)?;
+            let n = match recv_now(&stream, room).map_err(Failure::Io)? {
+                Some(n) => n,
+                None if sent.elapsed() < budget => {
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+                None => stream.read(room).await.map_err(Failure::Io)?,
+            };
             if let Some(done) = reply.received(n).map_err(Failure::Io)? {
+                self.busy_poll.waited(sent.elapsed());
                 give_back(&self.idle, stream);
                 return Ok(done);
             }
         }
     }
 
-    fn round_trip_blocking(&self, request: &Message) -> Result<Vec<u8>, Failure> {
+    fn round_trip_blocking(&self, request: &Message, budget: Duration) -> Result<Vec<u8>, Failure> {
         let pooled = self
             .idle_blocking
             .lock()
@@ -193,11 +222,20 @@ impl Direct {
             None => self.connect_blocking().map_err(|_| Failure::Connect)?,
         };
         stream.write_all(request.data()).map_err(Failure::Io)?;
+        let sent = Instant::now();
         let mut reply = ReplyBuffer::default();
         loop {
             let room = reply.room().map_err(Failure::Io)?;
-            let n = stream.read(room).map_err(Failure::Io)?;
+            let n = match recv_now(&stream, room).map_err(Failure::Io)? {
+                Some(n) => n,
+                None if sent.elapsed() < budget => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                None => stream.read(room).map_err(Failure::Io)?,
+            };
             if let Some(done) = reply.received(n).map_err(Failure::Io)? {
+                self.busy_poll.waited(sent.elapsed());
                 give_back(&self.idle_blocking, stream);
                 return Ok(done);
             }
@@ -228,6 +266,43 @@ impl Direct {
         }
         check_line(&line)?;
         Ok(stream)
+    }
+}
+
+/// State calls in flight in this process, on any connection.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a call in [`IN_FLIGHT`] for as long as it lives.
+struct InFlight {
+    alone: bool,
+}
+
+impl InFlight {
+    fn enter() -> InFlight {
+        let before = IN_FLIGHT.fetch_add(1, Ordering::Relaxed);
+        InFlight { alone: before == 0 }
+    }
+
+    /// Whether no other call was in flight when this one began.
+    fn alone(&self) -> bool {
+        self.alone
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Reads what has arrived without waiting: `None` when nothing has. Straight to the
+/// socket, not through Tokio's readiness, which only its I/O driver updates.
+fn recv_now(stream: &impl AsFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    match recv(stream.as_fd().as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(n) => Ok(Some(n)),
+        Err(Errno::EAGAIN) => Ok(None),
+        Err(Errno::EINTR) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

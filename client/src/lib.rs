@@ -78,6 +78,7 @@
 
 mod ally;
 pub mod blocking;
+pub mod busy_poll;
 mod direct;
 pub mod drain;
 pub mod error;

@@ -10,8 +10,10 @@
 
 use std::io;
 use std::sync::Arc;
-use std::time::Duration;
+use std::task::Poll;
+use std::time::{Duration, Instant};
 
+use ally_client::busy_poll::BusyPoll;
 use ally_client::wire::{self, FIXED_HEADER};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -27,7 +29,13 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the state socket on a thread of its own, which does nothing else: its
 /// connections' tasks then run where their reads wake up, with no scheduler between.
-pub fn spawn(listener: std::os::unix::net::UnixListener, broker: Arc<Broker>) -> io::Result<()> {
+/// After a reply, a connection whose calls come quickly is polled for up to
+/// `busy_poll` before the thread sleeps (`state_busy_poll` in the config).
+pub fn spawn(
+    listener: std::os::unix::net::UnixListener,
+    broker: Arc<Broker>,
+    busy_poll: Duration,
+) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -37,7 +45,7 @@ pub fn spawn(listener: std::os::unix::net::UnixListener, broker: Arc<Broker>) ->
         .spawn(move || {
             runtime.block_on(async move {
                 match UnixListener::from_std(listener) {
-                    Ok(listener) => serve(listener, broker).await,
+                    Ok(listener) => serve(listener, broker, busy_poll).await,
                     Err(e) => tracing::error!("the state socket cannot be served: {e}"),
                 }
             })
@@ -45,11 +53,11 @@ pub fn spawn(listener: std::os::unix::net::UnixListener, broker: Arc<Broker>) ->
     Ok(())
 }
 
-async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, broker.clone()));
+                tokio::spawn(serve_connection(stream, broker.clone(), busy_poll));
             }
             Err(e) => {
                 tracing::warn!("accepting on the state socket: {e}");
@@ -59,7 +67,7 @@ async fn serve(listener: UnixListener, broker: Arc<Broker>) {
     }
 }
 
-async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
+async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Duration) {
     let (pid, uid) = match stream.peer_cred() {
         Ok(cred) => (cred.pid().unwrap_or(0) as u32, cred.uid()),
         Err(e) => return tracing::warn!("cannot read peer credentials: {e}"),
@@ -84,12 +92,18 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
         Access::new(broker, Peer::private(pid, uid, connection)),
         connection,
     );
+    let busy_poll = BusyPoll::new(busy_poll);
+    let mut answered = Instant::now();
     loop {
+        if read.buffer().is_empty() {
+            poll_for_call(read.get_ref(), busy_poll.budget()).await;
+        }
         let bytes = match read_message(&mut read).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
             Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
         };
+        busy_poll.waited(answered.elapsed());
         match reply_to(&calls, bytes) {
             Ok(Some(reply)) => {
                 if let Err(e) = write.write_all(reply.data()).await {
@@ -99,6 +113,23 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
             Ok(None) => {}
             Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
         }
+        answered = Instant::now();
+    }
+}
+
+/// Returns once `read` is readable or `budget` has passed. Each round yields to the
+/// thread's other connections and lets the runtime poll for readiness without
+/// sleeping (Tokio wakes a yielded task only after polling its I/O driver).
+async fn poll_for_call(read: &OwnedReadHalf, budget: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < budget {
+        let readable =
+            std::future::poll_fn(|cx| Poll::Ready(read.as_ref().poll_read_ready(cx).is_ready()))
+                .await;
+        if readable {
+            return;
+        }
+        tokio::task::yield_now().await;
     }
 }
 
