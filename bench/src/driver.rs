@@ -218,6 +218,7 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
         elapsed_s: started.elapsed().as_secs(),
     };
     println!("{}", report::table(&doc.rows));
+    println!("{}", report::offset_table(&doc.rows, "http-keepalive"));
     if let Some(d) = &doc.datapath {
         println!("{}", report::datapath_line(d));
     }
@@ -594,6 +595,7 @@ async fn run_scenario(
         reload_ms,
         errors: result.errors,
         series: stats::per_second(&result.samples, seconds),
+        by_offset: stats::by_offset(&result.samples, &marks, &report::OFFSET_EDGES_MS),
         marks_us: marks,
     })
 }

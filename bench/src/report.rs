@@ -23,7 +23,13 @@ pub struct Row {
     pub series: Vec<(u64, u64)>,
     /// Reload/restart starts, µs since the load started.
     pub marks_us: Vec<u64>,
+    /// Successful requests by when they started after the latest reload start,
+    /// one per [`OFFSET_EDGES_MS`] bucket: (count, p50, p99, max) µs.
+    pub by_offset: Vec<(usize, u32, u32, u32)>,
 }
+
+/// Buckets of time since a reload started, ms, for [`Row::by_offset`].
+pub const OFFSET_EDGES_MS: [u64; 8] = [0, 5, 10, 20, 50, 100, 200, 400];
 
 impl Row {
     pub fn is_ally(&self) -> bool {
@@ -436,6 +442,44 @@ pub fn better_than_ally(rows: &[Row]) -> Vec<String> {
     out
 }
 
+/// p99 by time since the reload started, one column per scenario of `mode`.
+pub fn offset_table(rows: &[Row], mode: &str) -> String {
+    let rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.mode == mode && r.by_offset.len() + 1 == OFFSET_EDGES_MS.len())
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut m = format!(
+        "\n### Where the latency inside reloads goes ({mode})\n\np99 of successful requests by when they started after the latest reload or restart began, ms (in parentheses: requests). A reload window ends 100 ms after its command returned.\n\n| since start |"
+    );
+    for r in &rows {
+        let _ = write!(m, " {} |", r.scenario);
+    }
+    m.push_str("\n| --- |");
+    m.push_str(&" ---: |".repeat(rows.len()));
+    m.push('\n');
+    for (i, edge) in OFFSET_EDGES_MS.windows(2).enumerate() {
+        let _ = write!(m, "| {}–{} ms |", edge[0], edge[1]);
+        for r in &rows {
+            let (count, _, p99, _) = r.by_offset[i];
+            if count == 0 {
+                m.push_str(" – |");
+            } else {
+                let _ = write!(m, " {} ({count}) |", ms(p99));
+            }
+        }
+        m.push('\n');
+    }
+    m.push_str("| steady |");
+    for r in &rows {
+        let _ = write!(m, " {} |", ms(r.summary.steady.p99));
+    }
+    m.push('\n');
+    m
+}
+
 pub fn markdown(doc: &Doc) -> String {
     let mut m = String::new();
     m.push_str(include_str!("report_intro.md"));
@@ -483,6 +527,7 @@ pub fn markdown(doc: &Doc) -> String {
             top_errors(&r.retried_kinds, 4)
         );
     }
+    m.push_str(&offset_table(&doc.rows, "http-keepalive"));
     if let Some(d) = &doc.datapath {
         let _ = writeln!(m, "\n## Data path\n\n{}.\n", datapath_line(d));
         m.push_str("The same `bench-server`, keep-alive HTTP load, no reloads, rounds alternating between the server under `ally run` and the server binding its own socket; medians compared. Under Ally the sockets are the broker's, but once the instance has them the broker is not on the path of a single byte.\n");

@@ -15,6 +15,42 @@ impl Sample {
     }
 }
 
+/// Successful requests grouped by when they started after the latest reload start
+/// (`marks`, sorted µs): for each `[edges[i], edges[i+1])` ms, (count, p50, p99, max)
+/// in µs. Where inside a reload the latency goes.
+pub fn by_offset(
+    samples: &[Sample],
+    marks: &[u64],
+    edges_ms: &[u64],
+) -> Vec<(usize, u32, u32, u32)> {
+    let mut groups = vec![Vec::new(); edges_ms.len().saturating_sub(1)];
+    for sample in samples.iter().filter(|s| s.ok) {
+        let start = sample.start_us();
+        let Some(mark) = marks.iter().rev().find(|&&m| m <= start) else {
+            continue;
+        };
+        let offset_ms = (start - mark) / 1000;
+        if let Some(i) = edges_ms
+            .windows(2)
+            .position(|w| w[0] <= offset_ms && offset_ms < w[1])
+        {
+            groups[i].push(sample.latency_us);
+        }
+    }
+    groups
+        .into_iter()
+        .map(|mut g| {
+            g.sort_unstable();
+            (
+                g.len(),
+                percentile(&g, 50.0),
+                percentile(&g, 99.0),
+                g.last().copied().unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 /// The nearest-rank percentile (`p` in 0..=100) of sorted values; 0 when empty.
 pub fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
@@ -197,5 +233,26 @@ mod tests {
             3,
         );
         assert_eq!(series, vec![(1, 1), (1, 0), (0, 0)]);
+    }
+
+    #[test]
+    fn latency_by_time_since_the_latest_reload_start() {
+        let s = |done_us: u64, latency_us: u32, ok: bool| Sample {
+            done_us,
+            latency_us,
+            ok,
+        };
+        let samples = [
+            s(500, 100, true),        // before any reload: left out
+            s(1_000_100, 100, true),  // 0 ms after the reload at 1 s
+            s(1_007_000, 900, true),  // started 6.1 ms after
+            s(1_007_000, 900, false), // failed: left out
+            s(2_030_000, 50, true),   // 30 ms after the reload at 2 s
+        ];
+        let groups = by_offset(&samples, &[1_000_000, 2_000_000], &[0, 5, 10, 50]);
+        assert_eq!(
+            groups,
+            vec![(1, 100, 100, 100), (1, 900, 900, 900), (1, 50, 50, 50)]
+        );
     }
 }

@@ -8,10 +8,13 @@
 //! own (taken from a small pool) and reads the reply in the calling task, or, for the
 //! blocking client, on the calling thread with blocking I/O.
 //!
-//! While a caller calls in sequence, each waits for its reply by polling the socket for
-//! up to [`CLIENT_BUDGET`] before sleeping on it (see [`crate::busy_poll`]); not when
-//! other calls are in flight in the process: their callers would poll against each
-//! other for the same CPUs, and their replies keep the threads busy anyway.
+//! The blocking client, while it calls in sequence, waits for each reply by polling
+//! the socket for up to [`CLIENT_BUDGET`] before sleeping on it (see
+//! [`crate::busy_poll`]); not when other state calls are in flight in the process:
+//! their callers would poll against each other for the same CPUs. The async client
+//! waits in its runtime: a worker that polled would hold up the app's other tasks,
+//! and measured side by side it was not reliably faster (on busy vCPUs, at times
+//! several times slower).
 //!
 //! When the socket cannot be reached (an older broker, or none at that path) the
 //! client says so once and keeps using its D-Bus connection.
@@ -155,18 +158,16 @@ impl Direct {
             Ok(request) => request,
             Err(e) => return Some(Err(Error::call(member, e))),
         };
-        let reply = {
+        let reply = if BLOCKING_IO.get() {
             let in_flight = InFlight::enter();
             let budget = if in_flight.alone() {
                 self.busy_poll.budget()
             } else {
                 Duration::ZERO
             };
-            if BLOCKING_IO.get() {
-                self.round_trip_blocking(&request, budget)
-            } else {
-                self.round_trip(&request, budget).await
-            }
+            self.round_trip_blocking(&request, budget)
+        } else {
+            self.round_trip(&request).await
         };
         match reply {
             Ok(bytes) => Some(parse_reply(member, &request, bytes)),
@@ -181,7 +182,7 @@ impl Direct {
         }
     }
 
-    async fn round_trip(&self, request: &Message, budget: Duration) -> Result<Vec<u8>, Failure> {
+    async fn round_trip(&self, request: &Message) -> Result<Vec<u8>, Failure> {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut stream = match pooled {
             Some(stream) => stream,
@@ -191,20 +192,11 @@ impl Direct {
             .write_all(request.data())
             .await
             .map_err(Failure::Io)?;
-        let sent = Instant::now();
         let mut reply = ReplyBuffer::default();
         loop {
             let room = reply.room().map_err(Failure::Io)?;
-            let n = match recv_now(&stream, room).map_err(Failure::Io)? {
-                Some(n) => n,
-                None if sent.elapsed() < budget => {
-                    tokio::task::yield_now().await;
-                    continue;
-                }
-                None => stream.read(room).await.map_err(Failure::Io)?,
-            };
+            let n = stream.read(room).await.map_err(Failure::Io)?;
             if let Some(done) = reply.received(n).map_err(Failure::Io)? {
-                self.busy_poll.waited(sent.elapsed());
                 give_back(&self.idle, stream);
                 return Ok(done);
             }
@@ -269,7 +261,7 @@ impl Direct {
     }
 }
 
-/// State calls in flight in this process, on any connection.
+/// Blocking state calls in flight in this process, on any connection.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Counts a call in [`IN_FLIGHT`] for as long as it lives.
