@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use ally_bench::load::{self, LoadConfig, LoadResult, Mode, StopFlag};
-use ally_bench::report::{self, Row, SoakPoint};
+use ally_bench::report::{self, Row, SoakPoint, Usage};
 use ally_bench::stats::{self, Windows};
 use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
@@ -155,6 +155,9 @@ pub async fn main(args: Vec<String>) -> Result<()> {
         "soak" => {
             let points = soak(&bins, &settings).await?;
             println!("{}", report::soak_table(&points));
+            if let Some(ms) = report::cpu_per_reload(&points) {
+                println!("broker CPU: {ms:.2} ms per reload");
+            }
             Ok(())
         }
         other => Err(format!("unknown command {other:?} (all, soak)").into()),
@@ -444,6 +447,15 @@ impl Target {
         spawn_with_lines(cmd, &self.lines_tx)
     }
 
+    /// The admin connection to the broker, made on first use.
+    async fn admin(&mut self) -> Result<&ally_client::Ally> {
+        if self.admin.is_none() {
+            let address = format!("unix:path={}", self.dir.join("run/bus").display());
+            self.admin = Some(ally_client::Ally::connect(&address).await?);
+        }
+        Ok(self.admin.as_ref().expect("connected above"))
+    }
+
     /// One reload or restart, the scenario's way; returns once the new server serves.
     async fn restart(&mut self) -> Result<()> {
         let ready_timeout = Duration::from_secs(30);
@@ -451,11 +463,7 @@ impl Target {
             Scenario::Ally { .. } => {
                 // D-Bus `Reload`, as a deploy tool would call it; `ally reload`
                 // makes the same call but adds a process start to every window.
-                if self.admin.is_none() {
-                    let address = format!("unix:path={}", self.dir.join("run/bus").display());
-                    self.admin = Some(ally_client::Ally::connect(&address).await?);
-                }
-                let admin = self.admin.as_ref().expect("connected above");
+                let admin = self.admin().await?;
                 admin.reload().await.map_err(|e| format!("Reload: {e}"))?;
             }
             Scenario::Restart | Scenario::Parent => {
@@ -648,17 +656,41 @@ async fn datapath(bins: &Bins, s: &Settings) -> Result<report::DataPath> {
     Ok(report::DataPath { ally, own })
 }
 
-fn broker_usage(pid: u32) -> (u64, u64) {
-    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// The broker's resident memory (total, anonymous, file-backed: KiB) and open fds.
+fn broker_usage(pid: u32) -> Usage {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Usage {
+        rss_kib: kib("VmRSS:"),
+        anon_kib: kib("RssAnon:"),
+        file_kib: kib("RssFile:"),
+        fds: std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64),
+        cpu_ms: cpu_ms(pid),
+    }
+}
+
+/// CPU time a process has used (user + system), ms.
+fn cpu_ms(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis: state is field 3, utime 14, stime 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<u64> = after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0);
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-    (rss, fds)
+        .flatten()
+        .unwrap_or(100) as u64;
+    fields.iter().sum::<u64>() * 1000 / ticks
 }
 
 /// Ally reloads back to back under keep-alive load; broker RSS and fds every 100.
@@ -678,14 +710,14 @@ async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
         timeout: Duration::from_secs(5),
     };
     let load = tokio::spawn(load::run(config, stop.clone(), start));
+    // Connected before the first figure, so that its fd is counted from the start.
+    target.admin().await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let mut points = Vec::new();
     let mut failed_reloads = 0;
-    let (rss, fds) = broker_usage(pid);
     points.push(SoakPoint {
         reloads: 0,
-        rss_kib: rss,
-        fds,
+        usage: broker_usage(pid),
         failed_requests: 0,
         failed_reloads: 0,
     });
@@ -697,26 +729,27 @@ async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
         tokio::time::sleep(Duration::from_millis(20)).await;
         if i % 100 == 0 || i == s.soak_reloads {
             // Let the drained generations exit before measuring.
-            let (rss, fds) = broker_usage(pid);
-            eprintln!("ally-bench: soak: {i} reloads: RSS {rss} KiB, {fds} fds");
+            let usage = broker_usage(pid);
+            eprintln!(
+                "ally-bench: soak: {i} reloads: RSS {} KiB ({} anonymous), {} fds, {} ms CPU",
+                usage.rss_kib, usage.anon_kib, usage.fds, usage.cpu_ms
+            );
             points.push(SoakPoint {
                 reloads: i,
-                rss_kib: rss,
-                fds,
+                usage,
                 failed_requests: 0,
                 failed_reloads,
             });
         }
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let (rss, fds) = broker_usage(pid);
+    let usage = broker_usage(pid);
     stop.stop();
     let result = load.await?;
     let failed = result.samples.iter().filter(|s| !s.ok).count() as u64;
     points.push(SoakPoint {
         reloads: s.soak_reloads,
-        rss_kib: rss,
-        fds,
+        usage,
         failed_requests: failed,
         failed_reloads,
     });

@@ -6,6 +6,18 @@ use std::fmt::Write;
 use crate::stats::Summary;
 
 /// One scenario under one kind of load.
+/// What the broker holds: resident memory in KiB (anonymous: heap and stacks; file:
+/// mapped files, mostly its own code as it is paged in) and open fds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub rss_kib: u64,
+    pub anon_kib: u64,
+    pub file_kib: u64,
+    pub fds: u64,
+    /// CPU time used since it started (user + system), ms.
+    pub cpu_ms: u64,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Row {
     pub scenario: String,
@@ -89,8 +101,7 @@ impl DataPath {
 #[derive(Debug, Clone, Default)]
 pub struct SoakPoint {
     pub reloads: usize,
-    pub rss_kib: u64,
-    pub fds: u64,
+    pub usage: Usage,
     pub failed_requests: u64,
     pub failed_reloads: u64,
 }
@@ -195,19 +206,30 @@ pub fn datapath_line(d: &DataPath) -> String {
     )
 }
 
+/// The broker's CPU time per reload between the first and the last soak figure, ms.
+pub fn cpu_per_reload(points: &[SoakPoint]) -> Option<f64> {
+    let (first, last) = (points.first()?, points.last()?);
+    (last.reloads > first.reloads).then(|| {
+        last.usage.cpu_ms.saturating_sub(first.usage.cpu_ms) as f64
+            / (last.reloads - first.reloads) as f64
+    })
+}
+
 pub fn soak_table(points: &[SoakPoint]) -> String {
     let mut t = String::from(
-        "| reloads | broker RSS KiB | broker open fds | failed reloads | failed requests |\n| ---: | ---: | ---: | ---: | ---: |\n",
+        "| reloads | broker RSS KiB | anonymous | file-backed | broker open fds | failed reloads | failed requests |\n| ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n",
     );
     for (i, p) in points.iter().enumerate() {
         let last = i + 1 == points.len();
         let _ = writeln!(
             t,
-            "| {}{} | {} | {} | {} | {} |",
+            "| {}{} | {} | {} | {} | {} | {} | {} |",
             p.reloads,
             if last && i > 0 { " (end, settled)" } else { "" },
-            p.rss_kib,
-            p.fds,
+            p.usage.rss_kib,
+            p.usage.anon_kib,
+            p.usage.file_kib,
+            p.usage.fds,
             p.failed_reloads,
             if last {
                 p.failed_requests.to_string()
@@ -535,6 +557,12 @@ pub fn markdown(doc: &Doc) -> String {
     if !doc.soak.is_empty() {
         m.push_str("\n## Soak: 1000 reloads under load\n\n`ally reload` back to back (20 ms apart) under keep-alive HTTP load; the broker's RSS (`VmRSS`) and open fds from `/proc`.\n\n");
         m.push_str(&soak_table(&doc.soak));
+        if let Some(per_reload) = cpu_per_reload(&doc.soak) {
+            let _ = writeln!(
+                m,
+                "\nThe broker's own CPU time (user + system) over the soak: {per_reload:.2} ms per reload."
+            );
+        }
     }
     m.push_str("\n## Where an alternative does better than Ally\n\n");
     let better = better_than_ally(&doc.rows);
@@ -618,5 +646,37 @@ mod tests {
         // Second 1 has failures in both rows; the last (partial) second is left out.
         assert_eq!(svg.matches("<circle").count(), 2);
         assert!(svg.contains("shellflip (2 failed)"));
+    }
+
+    #[test]
+    fn soak_reports_memory_by_kind_and_cpu_per_reload() {
+        let point = |reloads, anon_kib, cpu_ms| SoakPoint {
+            reloads,
+            usage: Usage {
+                rss_kib: 7000 + anon_kib,
+                anon_kib,
+                file_kib: 7000,
+                fds: 22,
+                cpu_ms,
+            },
+            failed_requests: 0,
+            failed_reloads: 0,
+        };
+        let points = [
+            point(0, 700, 100),
+            point(100, 1700, 300),
+            point(100, 1700, 300),
+        ];
+        assert_eq!(cpu_per_reload(&points), Some(2.0));
+        assert_eq!(cpu_per_reload(&points[..1]), None);
+        let table = soak_table(&points);
+        assert!(
+            table.contains("| 0 | 7700 | 700 | 7000 | 22 | 0 |  |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| 100 (end, settled) | 8700 | 1700 | 7000 | 22 | 0 | 0 |"),
+            "{table}"
+        );
     }
 }
