@@ -15,8 +15,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-/// The client's budget: a broker that is not answering within it is busy or asleep,
-/// and the client sleeps too.
+/// The blocking client's budget: a broker that is not answering within it is busy or
+/// asleep, and the client sleeps too.
 pub const CLIENT_BUDGET: Duration = Duration::from_micros(50);
 
 /// A wait shorter than this many budgets is short.
