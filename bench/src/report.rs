@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use crate::stats::Summary;
+use crate::stats::{Latency, Summary};
 
 /// One scenario under one kind of load.
 /// What the broker holds: resident memory in KiB (anonymous: heap and stacks; file:
@@ -35,9 +35,9 @@ pub struct Row {
     pub series: Vec<(u64, u64)>,
     /// Reload/restart starts, µs since the load started.
     pub marks_us: Vec<u64>,
-    /// Successful requests by when they started after the latest reload start,
-    /// one per [`OFFSET_EDGES_MS`] bucket: (count, p50, p99, max) µs.
-    pub by_offset: Vec<(usize, u32, u32, u32)>,
+    /// Latency of successful requests by when they started after the latest
+    /// reload start, one per [`OFFSET_EDGES_MS`] bucket.
+    pub by_offset: Vec<Latency>,
 }
 
 /// Buckets of time since a reload started, ms, for [`Row::by_offset`].
@@ -485,11 +485,11 @@ pub fn offset_table(rows: &[Row], mode: &str) -> String {
     for (i, edge) in OFFSET_EDGES_MS.windows(2).enumerate() {
         let _ = write!(m, "| {}–{} ms |", edge[0], edge[1]);
         for r in &rows {
-            let (count, _, p99, _) = r.by_offset[i];
-            if count == 0 {
+            let latency = r.by_offset[i];
+            if latency.count == 0 {
                 m.push_str(" – |");
             } else {
-                let _ = write!(m, " {} ({count}) |", ms(p99));
+                let _ = write!(m, " {} ({}) |", ms(latency.p99), latency.count);
             }
         }
         m.push('\n');

@@ -16,17 +16,13 @@ impl Sample {
 }
 
 /// Successful requests grouped by when they started after the latest reload start
-/// (`marks`, sorted µs): for each `[edges[i], edges[i+1])` ms, (count, p50, p99, max)
-/// in µs. Where inside a reload the latency goes.
-pub fn by_offset(
-    samples: &[Sample],
-    marks: &[u64],
-    edges_ms: &[u64],
-) -> Vec<(usize, u32, u32, u32)> {
+/// (`marks`, sorted µs): the latency of each `[edges[i], edges[i+1])` ms. Where inside
+/// a reload the latency goes.
+pub fn by_offset(samples: &[Sample], marks: &[u64], edges_ms: &[u64]) -> Vec<Latency> {
     let mut groups = vec![Vec::new(); edges_ms.len().saturating_sub(1)];
     for sample in samples.iter().filter(|s| s.ok) {
         let start = sample.start_us();
-        let Some(mark) = marks.iter().rev().find(|&&m| m <= start) else {
+        let Some(mark) = marks[..marks.partition_point(|&m| m <= start)].last() else {
             continue;
         };
         let offset_ms = (start - mark) / 1000;
@@ -37,18 +33,7 @@ pub fn by_offset(
             groups[i].push(sample.latency_us);
         }
     }
-    groups
-        .into_iter()
-        .map(|mut g| {
-            g.sort_unstable();
-            (
-                g.len(),
-                percentile(&g, 50.0),
-                percentile(&g, 99.0),
-                g.last().copied().unwrap_or(0),
-            )
-        })
-        .collect()
+    groups.into_iter().map(Latency::of).collect()
 }
 
 /// The nearest-rank percentile (`p` in 0..=100) of sorted values; 0 when empty.
@@ -250,9 +235,12 @@ mod tests {
             s(2_030_000, 50, true),   // 30 ms after the reload at 2 s
         ];
         let groups = by_offset(&samples, &[1_000_000, 2_000_000], &[0, 5, 10, 50]);
-        assert_eq!(
-            groups,
-            vec![(1, 100, 100, 100), (1, 900, 900, 900), (1, 50, 50, 50)]
-        );
+        let one = |us| Latency {
+            count: 1,
+            p50: us,
+            p99: us,
+            max: us,
+        };
+        assert_eq!(groups, vec![one(100), one(900), one(50)]);
     }
 }
