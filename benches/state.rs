@@ -207,6 +207,19 @@ fn timed(secs: f64, mut once: impl FnMut()) -> f64 {
     n as f64 / start.elapsed().as_secs_f64()
 }
 
+/// [`timed`] for an async call; `once` gets the call's number.
+async fn timed_async<F: Future<Output = ()>>(secs: f64, mut once: impl FnMut(u64) -> F) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        for _ in 0..100 {
+            once(n).await;
+            n += 1;
+        }
+    }
+    n as f64 / start.elapsed().as_secs_f64()
+}
+
 /// Pairs of (raw round trips/s, measured/s), slice after slice.
 fn paired(runs: usize, raw: &mut RawEcho, secs: f64, mut measure: impl FnMut(f64) -> f64) -> Pairs {
     measure(secs.min(0.2));
@@ -261,16 +274,13 @@ async fn zbus_nop() -> (zbus::Connection, zbus::Connection) {
 }
 
 async fn zbus_nop_rate(client: &zbus::Connection, secs: f64) -> f64 {
-    let call = || client.call_method(None::<&str>, "/nop", Some("org.ally.BenchNop1"), "Nop", &());
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < secs {
-        for _ in 0..100 {
-            call().await.unwrap();
+    timed_async(secs, |_| {
+        let call = client.call_method(None::<&str>, "/nop", Some("org.ally.BenchNop1"), "Nop", &());
+        async move {
+            call.await.unwrap();
         }
-        n += 100;
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+    })
+    .await
 }
 
 #[derive(Clone, Copy)]
@@ -308,15 +318,7 @@ impl Op {
 }
 
 async fn sequential(ally: &Ally, op: Op, secs: f64) -> f64 {
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed().as_secs_f64() < secs {
-        for _ in 0..100 {
-            op.once(ally, n).await;
-            n += 1;
-        }
-    }
-    n as f64 / start.elapsed().as_secs_f64()
+    timed_async(secs, |i| op.once(ally, i)).await
 }
 
 async fn concurrent(clients: &[Ally], op: Op, secs: f64) -> f64 {
