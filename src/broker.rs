@@ -16,10 +16,11 @@ use std::time::{Duration, Instant, SystemTime};
 use ally_client::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use crate::config::{Config, RestartPolicy};
+use crate::config::{Config, RestartPolicy, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
 use crate::instance::{self, Launch};
 use crate::listeners::{ListenerInfo, Registry};
+use crate::priority::{self, Policy};
 use crate::state::State;
 use crate::systemd;
 
@@ -185,6 +186,8 @@ pub struct Broker {
     coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Cache, counters and locks shared by the instances; outlives every one of them.
     state: State,
+    /// With `start_priority = "idle"`: the policy a ready generation is raised to.
+    raise_to: Option<Policy>,
 }
 
 impl Broker {
@@ -196,6 +199,10 @@ impl Broker {
         address: String,
         state_address: String,
     ) -> Result<Arc<Self>, Error> {
+        let raise_to = match config.start_priority {
+            StartPriority::Normal => None,
+            StartPriority::Idle => Some(idle_start_policy()?),
+        };
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let launch = Launch {
             command: config.command.clone(),
@@ -228,6 +235,7 @@ impl Broker {
             coordinator_rx: Mutex::new(None),
             state: State::new(&config.limits),
             config,
+            raise_to,
         });
         broker.adopt(systemd::inherited());
         for entry in &broker.config.listen {
@@ -549,6 +557,26 @@ impl Broker {
         }
     }
 
+    /// Returns an idle-started generation to the broker's priority.
+    fn raise(&self, generation: Generation, pid: u32) {
+        let Some(policy) = self.raise_to else { return };
+        let raised = priority::raise(pid, policy);
+        tracing::debug!(
+            generation,
+            pid,
+            "generation {generation} raised to normal CPU priority ({} threads)",
+            raised.threads
+        );
+        for (tid, e) in raised.failed {
+            tracing::warn!(
+                generation,
+                pid,
+                tid,
+                "cannot raise thread {tid} of generation {generation} from idle CPU priority: {e}"
+            );
+        }
+    }
+
     /// Starts one generation and waits until it is ready; then the older
     /// instances are asked to stop.
     async fn launch_generation(self: &Arc<Self>, kind: Kind) -> Result<Generation, Error> {
@@ -567,7 +595,9 @@ impl Broker {
             let mut shared = self.lock();
             shared.phase = phase;
             let generation = shared.table.next_generation();
-            match instance::spawn(&self.launch, shared.table.next_id(), generation) {
+            // Idle only beside a generation that serves: alone, it has no one to spare.
+            let idle = self.raise_to.is_some() && shared.table.count(InstanceState::Ready) > 0;
+            match instance::spawn(&self.launch, shared.table.next_id(), generation, idle) {
                 Ok(child) => {
                     let pid = child.id().unwrap_or(0);
                     let id =
@@ -576,12 +606,12 @@ impl Broker {
                             .spawned(generation, pid, Instant::now(), SystemTime::now());
                     let (life, life_rx) = watch::channel(Life::State(InstanceState::Starting));
                     shared.lives.insert(id, life);
-                    Ok((generation, id, pid, child, life_rx))
+                    Ok((generation, id, pid, child, life_rx, idle))
                 }
                 Err(e) => Err((generation, e)),
             }
         };
-        let (generation, id, pid, child, mut life) = match spawned {
+        let (generation, id, pid, child, mut life, mut idle) = match spawned {
             Ok(s) => s,
             Err((generation, e)) => {
                 let message = format!("generation {generation} could not start: {e}");
@@ -600,22 +630,41 @@ impl Broker {
         });
         tokio::spawn(self.clone().watch_instance(id, child));
 
+        if idle {
+            tracing::debug!(
+                generation,
+                pid,
+                "generation {generation} starts at idle CPU priority"
+            );
+        }
         let timeout = self.config.ready_timeout;
-        let outcome = tokio::select! {
-            life = life.wait_for(|l| !matches!(l, Life::State(InstanceState::Starting))) => {
-                match life.map(|l| l.clone()) {
-                    Ok(Life::State(InstanceState::Ready)) => Ok(()),
-                    Ok(Life::Exited(how)) => Err(format!("generation {generation} (pid {pid}) {how} before it was ready")),
-                    _ => Err(format!("generation {generation} (pid {pid}) was stopped before it was ready")),
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut exits = self.exits.subscribe();
+        let outcome = loop {
+            tokio::select! {
+                life = life.wait_for(|l| !matches!(l, Life::State(InstanceState::Starting))) => {
+                    break match life.map(|l| l.clone()) {
+                        Ok(Life::State(InstanceState::Ready)) => Ok(()),
+                        Ok(Life::Exited(how)) => Err(format!("generation {generation} (pid {pid}) {how} before it was ready")),
+                        _ => Err(format!("generation {generation} (pid {pid}) was stopped before it was ready")),
+                    };
+                }
+                _ = &mut deadline => {
+                    break Err(format!(
+                        "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed",
+                        humantime::format_duration(timeout)
+                    ));
+                }
+                _ = stopping.wait_for(|s| *s) => break Err("the broker is stopping".to_string()),
+                Ok(()) = exits.changed(), if idle => {
+                    if self.lock().table.count(InstanceState::Ready) == 0 {
+                        tracing::info!(generation, pid, "no generation serves any more: generation {generation} continues at normal CPU priority");
+                        self.raise(generation, pid);
+                        idle = false;
+                    }
                 }
             }
-            _ = tokio::time::sleep(timeout) => {
-                Err(format!(
-                    "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed",
-                    humantime::format_duration(timeout)
-                ))
-            }
-            _ = stopping.wait_for(|s| *s) => Err("the broker is stopping".to_string()),
         };
         if let Err(message) = outcome {
             self.lock().table.begin_drain(id);
@@ -626,6 +675,9 @@ impl Broker {
             return Err(self.finish(generation, Err(message)));
         }
 
+        if idle {
+            self.raise(generation, pid);
+        }
         let older: Vec<(InstanceId, u32)> = {
             let mut shared = self.lock();
             let older = shared.table.others_running(id);
@@ -860,6 +912,22 @@ fn answer(requests: impl Iterator<Item = Request>, result: Result<Generation, Er
 
 fn stopping_error() -> Error {
     Error::ReloadFailed("the broker is stopping".into())
+}
+
+/// The broker's own policy, once it is known that the broker may return an
+/// idle instance to it.
+fn idle_start_policy() -> Result<Policy, Error> {
+    let policy = Policy::of_this_thread().map_err(|e| {
+        Error::Failed(format!(
+            "start_priority = \"idle\": cannot read the broker's scheduling policy: {e}"
+        ))
+    })?;
+    priority::check_can_raise(policy).map_err(|e| {
+        Error::Failed(format!(
+            "start_priority = \"idle\": the broker could not return a thread from SCHED_IDLE to its own priority ({e}); it needs CAP_SYS_NICE, or an RLIMIT_NICE that allows its nice value (systemd: LimitNICE=)"
+        ))
+    })?;
+    Ok(policy)
 }
 
 fn restart_delay(base: Duration, attempt: u32) -> Duration {

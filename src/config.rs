@@ -49,6 +49,7 @@ const TOP_KEYS: &[&str] = &[
     "listen",
     "limits",
     "state_busy_poll",
+    "start_priority",
 ];
 const LISTEN_KEYS: &[&str] = &["network", "address", "backlog", "reuse_port", "mode"];
 const LIMIT_KEYS: &[&str] = &[
@@ -86,6 +87,8 @@ pub struct Config {
     pub limits: Limits,
     /// How long the state socket polls a busy connection for its next call.
     pub state_busy_poll: Duration,
+    /// The CPU priority of a generation that starts while another one serves.
+    pub start_priority: StartPriority,
 }
 
 /// A `[[listen]]` entry, bound before the app starts.
@@ -141,6 +144,42 @@ impl FromStr for RestartPolicy {
                     r#"invalid restart policy {s:?}: expected "on-failure", "always" or "never""#
                 )
             })
+    }
+}
+
+/// How a reload's new generation is scheduled until it is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum StartPriority {
+    /// The broker's own scheduling policy, like every instance.
+    #[default]
+    Normal,
+    /// `SCHED_IDLE` while a generation serves beside it; raised once ready.
+    Idle,
+}
+
+impl StartPriority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPriority::Normal => "normal",
+            StartPriority::Idle => "idle",
+        }
+    }
+}
+
+impl fmt::Display for StartPriority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StartPriority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [StartPriority::Normal, StartPriority::Idle]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| format!(r#"invalid start priority {s:?}: expected "normal" or "idle""#))
     }
 }
 
@@ -222,6 +261,7 @@ impl Config {
             listen: Vec::new(),
             limits: Limits::default(),
             state_busy_poll: DEFAULT_STATE_BUSY_POLL,
+            start_priority: StartPriority::default(),
         }
     }
 
@@ -338,6 +378,10 @@ impl Config {
                 ));
             }
             config.state_busy_poll = d;
+        }
+        if let Some(v) = table.get("start_priority") {
+            let s = cx.string("start_priority", v, r#""normal" or "idle""#)?;
+            config.start_priority = s.parse().map_err(|e| cx.invalid("start_priority", e))?;
         }
         Ok(config)
     }
@@ -1127,6 +1171,7 @@ mod tests {
             .collect();
         let config = parse(&without_user).unwrap();
         assert_eq!(config.state_busy_poll, Duration::from_micros(50));
+        assert_eq!(config.start_priority, StartPriority::Normal);
         assert_eq!(config.limits.max_total_bytes, 64 << 20);
         let packaged: String = include_str!("../packaging/example.toml")
             .lines()
@@ -1140,7 +1185,34 @@ mod tests {
             .collect();
         let config = parse(&packaged).unwrap();
         assert_eq!(config.listen.len(), 1);
+        assert_eq!(config.start_priority, StartPriority::Idle);
         assert_eq!(config.limits.max_keys_per_namespace, 100_000);
+    }
+
+    #[test]
+    fn start_priority_is_normal_or_idle() {
+        let priority = |v: &str| parse(&with_command(&format!("start_priority = {v:?}")));
+        assert_eq!(
+            parse(&with_command("")).unwrap().start_priority,
+            StartPriority::Normal
+        );
+        assert_eq!(
+            priority("idle").unwrap().start_priority,
+            StartPriority::Idle
+        );
+        assert_eq!(
+            priority("normal").unwrap().start_priority,
+            StartPriority::Normal
+        );
+        let m = priority("low").unwrap_err().to_string();
+        assert!(
+            m.contains(
+                r#"key `start_priority`: invalid start priority "low": expected "normal" or "idle""#
+            ),
+            "{m}"
+        );
+        let m = error(&with_command("start_priority = 19"));
+        assert!(m.contains("key `start_priority`"), "{m}");
     }
 
     #[test]

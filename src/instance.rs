@@ -31,10 +31,13 @@ pub struct Launch {
 /// Each instance gets its own process group: a Ctrl-C at the broker's terminal
 /// reaches only the broker, which then stops its instances in order, and a
 /// SIGKILL can take an instance's helpers with it.
+///
+/// An `idle` instance starts under `SCHED_IDLE` (see [`crate::priority`]).
 pub fn spawn(
     launch: &Launch,
     id: InstanceId,
     generation: Generation,
+    idle: bool,
 ) -> io::Result<tokio::process::Child> {
     let (program, args) = launch
         .command
@@ -80,8 +83,16 @@ pub fn spawn(
             cmd.pre_exec(move || drop_privileges(uid, gid, name.as_deref(), privileged));
         }
     }
-    cmd.spawn()
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+    let spawned = if idle {
+        let runtime = tokio::runtime::Handle::current();
+        crate::priority::spawn_idle(|| {
+            let _entered = runtime.enter();
+            cmd.spawn()
+        })
+    } else {
+        cmd.spawn()
+    };
+    spawned.map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
 }
 
 fn drop_privileges(

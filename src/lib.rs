@@ -9,6 +9,7 @@ pub mod dbus;
 pub mod generations;
 pub mod instance;
 pub mod listeners;
+pub mod priority;
 pub mod run;
 pub mod runtime_dir;
 pub mod state;
