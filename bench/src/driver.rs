@@ -24,8 +24,9 @@ const STEADY_AFTER: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scenario {
-    /// `ally run` + `ally reload`; gRPC servers use `ally_client::drain` unless `plain_grpc`.
-    Ally { plain_grpc: bool },
+    /// `ally run` + `ally reload`; gRPC servers use `ally_client::drain` unless
+    /// `plain_grpc`; `idle_start` sets `start_priority = "idle"`.
+    Ally { plain_grpc: bool, idle_start: bool },
     /// Stop, then start a process that binds the port itself.
     Restart,
     /// A parent holds the sockets; stop the child, then start the next one on them.
@@ -37,10 +38,25 @@ pub enum Scenario {
 }
 
 impl Scenario {
+    /// Ally on its defaults.
+    const ALLY: Scenario = Scenario::Ally {
+        plain_grpc: false,
+        idle_start: false,
+    };
+
     pub fn name(self) -> &'static str {
         match self {
-            Scenario::Ally { plain_grpc: false } => "ally reload",
-            Scenario::Ally { plain_grpc: true } => "ally reload, gRPC without drain helper",
+            Scenario::Ally {
+                plain_grpc: false,
+                idle_start: false,
+            } => "ally reload",
+            Scenario::Ally {
+                plain_grpc: false,
+                idle_start: true,
+            } => "ally reload, start_priority = idle",
+            Scenario::Ally {
+                plain_grpc: true, ..
+            } => "ally reload, gRPC without drain helper",
             Scenario::Restart => "plain restart (stop, start)",
             Scenario::Parent => "socket-holding parent (stop, start)",
             Scenario::ReusePort => "SO_REUSEPORT handover",
@@ -170,9 +186,24 @@ async fn all(bins: &Bins, s: &Settings) -> Result<()> {
     let plan: Vec<(Scenario, Mode, usize)> = {
         let mut plan = Vec::new();
         for mode in Mode::ALL {
-            plan.push((Scenario::Ally { plain_grpc: false }, mode, s.ally_reloads));
+            plan.push((Scenario::ALLY, mode, s.ally_reloads));
+            plan.push((
+                Scenario::Ally {
+                    plain_grpc: false,
+                    idle_start: true,
+                },
+                mode,
+                s.ally_reloads,
+            ));
             if mode == Mode::Grpc {
-                plan.push((Scenario::Ally { plain_grpc: true }, mode, s.ally_reloads));
+                plan.push((
+                    Scenario::Ally {
+                        plain_grpc: true,
+                        idle_start: false,
+                    },
+                    mode,
+                    s.ally_reloads,
+                ));
             }
             for alt in [
                 Scenario::Restart,
@@ -366,7 +397,10 @@ impl Target {
             admin: None,
         };
         match scenario {
-            Scenario::Ally { plain_grpc } => {
+            Scenario::Ally {
+                plain_grpc,
+                idle_start,
+            } => {
                 let config = t.dir.join("bench.toml");
                 let command = [
                     t.bins_server.display().to_string(),
@@ -382,7 +416,8 @@ impl Target {
                 std::fs::write(
                     &config,
                     format!(
-                        "command = {command:?}\nstop_timeout = \"20s\"\nready_timeout = \"20s\"\nmax_draining = 32\n"
+                        "command = {command:?}\nstop_timeout = \"20s\"\nready_timeout = \"20s\"\nmax_draining = 32\nstart_priority = \"{}\"\n",
+                        if idle_start { "idle" } else { "normal" }
                     ),
                 )?;
                 let mut cmd = Command::new(&t.ally);
@@ -623,7 +658,7 @@ async fn datapath(bins: &Bins, s: &Settings) -> Result<report::DataPath> {
     let mut ally = Vec::new();
     let mut own = Vec::new();
     for round in 0..s.datapath_rounds {
-        for scenario in [Scenario::Ally { plain_grpc: false }, Scenario::Restart] {
+        for scenario in [Scenario::ALLY, Scenario::Restart] {
             let dir = tempdir()?;
             let target = Target::start(scenario, bins, dir.clone()).await?;
             let start = Instant::now();
@@ -696,7 +731,7 @@ fn cpu_ms(pid: u32) -> u64 {
 /// Ally reloads back to back under keep-alive load; broker RSS and fds every 100.
 async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
     let dir = tempdir()?;
-    let mut target = Target::start(Scenario::Ally { plain_grpc: false }, bins, dir.clone()).await?;
+    let mut target = Target::start(Scenario::ALLY, bins, dir.clone()).await?;
     let pid = target.broker_pid().await.ok_or("no broker pid")?;
     let stop = StopFlag::default();
     let start = Instant::now();

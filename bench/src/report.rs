@@ -41,7 +41,7 @@ pub struct Row {
 }
 
 /// Buckets of time since a reload started, ms, for [`Row::by_offset`].
-pub const OFFSET_EDGES_MS: [u64; 8] = [0, 5, 10, 20, 50, 100, 200, 400];
+pub const OFFSET_EDGES_MS: [u64; 10] = [0, 5, 10, 20, 50, 100, 200, 400, 1000, 2000];
 
 impl Row {
     pub fn is_ally(&self) -> bool {
