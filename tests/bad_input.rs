@@ -111,6 +111,10 @@ fn a_broken_config_is_one_line_naming_file_key_and_expectation() {
             "command = [\"/bin/true\"]\nstate_busy_poll = \"1s\"\n",
             "key `state_busy_poll`: 1s is too long",
         ),
+        (
+            "command = [\"/bin/true\"]\nstart_priority = \"low\"\n",
+            "key `start_priority`: invalid start priority \"low\"",
+        ),
         ("stop_timeout = \"5s\"\n", "key `command` is missing"),
         ("command = [\"/bin/true\"\n", "TOML syntax error"),
     ];

@@ -483,8 +483,34 @@ fn ally_under_systemd() {
             .sh("cat /etc/ally/example.toml")
             .contains("# edited by the admin")
     );
+    // start_priority = "idle" under the unit's hardening: the broker may raise
+    // what it started idle, and a reload under load fails nothing.
+    sandbox.write(
+        "/etc/ally/hello.toml",
+        &app_config(&format!("{dir}/launch"), "start_priority = \"idle\"\n"),
+    );
     sandbox.ok(&["systemctl", "start", "ally@hello"]);
     assert!(get(addr).starts_with("hello "));
+    let load = Load::start(addr, LoadMode::KeepAlive, 3);
+    wait_until("load", Duration::from_secs(10), || load.ok() > 100);
+    sandbox.ok(&["systemctl", "reload", "ally@hello"]);
+    assert_no_failures("reload started idle", &load.finish());
+    let status: serde_json::Value =
+        serde_json::from_str(&sandbox.ok(&["ally", "status", "hello", "--json"])).unwrap();
+    let ready: Vec<String> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["state"] == "ready")
+        .map(|i| i["pid"].to_string())
+        .collect();
+    assert_eq!(ready.len(), 1, "{status}");
+    let policy = sandbox.ok(&["chrt", "-p", &ready[0]]);
+    assert!(
+        policy.contains("SCHED_OTHER"),
+        "raised once ready: {policy}"
+    );
+    assert!(!sandbox.journal().contains("cannot raise"));
     sandbox.ok(&["dpkg", "-r", "ally"]);
     assert!(
         !sandbox
