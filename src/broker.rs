@@ -622,7 +622,8 @@ impl Broker {
             generation,
             pid,
             instance = id,
-            "started generation {generation}"
+            "started generation {generation}{}",
+            if idle { " at idle CPU priority" } else { "" }
         );
         self.emit(Event::InstanceStateChanged {
             id,
@@ -630,13 +631,6 @@ impl Broker {
         });
         tokio::spawn(self.clone().watch_instance(id, child));
 
-        if idle {
-            tracing::debug!(
-                generation,
-                pid,
-                "generation {generation} starts at idle CPU priority"
-            );
-        }
         let timeout = self.config.ready_timeout;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
@@ -652,8 +646,9 @@ impl Broker {
                 }
                 _ = &mut deadline => {
                     break Err(format!(
-                        "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed",
-                        humantime::format_duration(timeout)
+                        "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed{}",
+                        humantime::format_duration(timeout),
+                        if idle { " (it was still at idle CPU priority: start_priority = \"idle\")" } else { "" }
                     ));
                 }
                 _ = stopping.wait_for(|s| *s) => break Err("the broker is stopping".to_string()),

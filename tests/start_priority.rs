@@ -139,3 +139,27 @@ fn an_idle_start_without_the_right_to_raise_is_refused_at_start() {
     normal.kill().unwrap();
     normal.wait().unwrap();
 }
+
+#[test]
+fn an_idle_start_that_times_out_says_it_was_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("go-1"), "").unwrap();
+    let broker = TestBroker::start(
+        "prio",
+        &config(
+            dir.path(),
+            "start_priority = \"idle\"\nready_timeout = \"1s\"",
+        ),
+    );
+    broker.wait_running(1);
+    let out = broker.reload();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "was not ready within 1s (ready_timeout); it was killed (it was still at idle CPU priority: start_priority = \"idle\")"
+        ),
+        "{stderr}"
+    );
+    assert_eq!(broker.generation(), 1, "the old generation serves on");
+}
