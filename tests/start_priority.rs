@@ -163,3 +163,42 @@ fn an_idle_start_that_times_out_says_it_was_idle() {
     );
     assert_eq!(broker.generation(), 1, "the old generation serves on");
 }
+
+/// With nothing left serving there is no one to spare: a generation still
+/// starting is raised at once.
+#[test]
+fn an_idle_start_is_raised_when_the_serving_generation_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("go-1"), "").unwrap();
+    let broker = TestBroker::start("prio", &config(dir.path(), r#"start_priority = "idle""#));
+    broker.wait_running(1);
+    let first = wait_for_report(&dir.path().join("report-1"), "waiting", 1);
+    let first_pid = first.last().unwrap()["pid"].as_u64().unwrap() as i32;
+    std::thread::scope(|scope| {
+        let reload = scope.spawn(|| broker.reload());
+        wait_for_report(&dir.path().join("report-2"), "child", 1);
+        let pid = broker.pids("starting")[0];
+        assert!(policies(pid).iter().all(|&(_, p)| p == libc::SCHED_IDLE));
+
+        nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(first_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        wait_until(
+            "the starting generation raised",
+            Duration::from_secs(10),
+            || policies(pid).iter().all(|&(_, p)| p == libc::SCHED_OTHER),
+        );
+        assert_eq!(broker.pids("starting"), vec![pid], "still not ready");
+        assert!(broker.logs().contains("no generation serves any more"));
+
+        std::fs::write(dir.path().join("go-2"), "").unwrap();
+        let out = reload.join().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
+}
