@@ -75,7 +75,7 @@ impl Policy {
 pub fn spawn_idle<T: Send>(spawn: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
     std::thread::scope(|scope| {
         std::thread::Builder::new()
-            .name("idle-spawn".into())
+            .name("idle".into())
             .spawn_scoped(scope, || {
                 Policy::idle()
                     .apply(0)
@@ -94,15 +94,7 @@ pub fn check_can_raise(normal: Policy) -> io::Result<()> {
     if normal.is_idle() {
         return Ok(());
     }
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                Policy::idle().apply(0)?;
-                normal.apply(0)
-            })
-            .join()
-            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-    })
+    spawn_idle(|| normal.apply(0))
 }
 
 /// What [`raise`] did.
