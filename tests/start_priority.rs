@@ -33,33 +33,64 @@ fn config(dir: &Path, extra: &str) -> String {
     format!("command = {:?}\n{extra}\n", ["sh", "-c", &script])
 }
 
+/// A broker on [`config`] whose generation 1 serves; generation 2 is held
+/// before Ready until [`Probed::go`].
+struct Probed {
+    dir: tempfile::TempDir,
+    broker: TestBroker,
+    first_pid: u32,
+}
+
+impl Probed {
+    fn start(extra: &str) -> Probed {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("go-1"), "").unwrap();
+        let broker = TestBroker::start("prio", &config(dir.path(), extra));
+        broker.wait_running(1);
+        let first = wait_for_report(&dir.path().join("report-1"), "waiting", 1);
+        let first_pid = first.last().unwrap()["pid"].as_u64().unwrap() as u32;
+        Probed {
+            dir,
+            broker,
+            first_pid,
+        }
+    }
+
+    /// Generation 2's pid, once it has started its thread and its child.
+    fn second_starting(&self) -> u32 {
+        wait_for_report(&self.dir.path().join("report-2"), "child", 1);
+        self.broker.pids("starting")[0]
+    }
+
+    /// Lets generation 2 call Ready.
+    fn go(&self) {
+        std::fs::write(self.dir.path().join("go-2"), "").unwrap();
+    }
+}
+
+fn assert_reloaded(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Reloads while generation 2 is held before Ready; returns the policies of
 /// generation 2's threads while it starts and once it is ready, and generation 1's.
 fn reload_and_look(extra: &str) -> [Vec<(i32, i32)>; 3] {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("go-1"), "").unwrap();
-    let broker = TestBroker::start("prio", &config(dir.path(), extra));
-    broker.wait_running(1);
-    let first = wait_for_report(&dir.path().join("report-1"), "waiting", 1);
-    let first_pid = first.last().unwrap()["pid"].as_u64().unwrap() as u32;
+    let probed = Probed::start(extra);
     std::thread::scope(|scope| {
-        let reload = scope.spawn(|| broker.reload());
-        let report = dir.path().join("report-2");
-        wait_for_report(&report, "child", 1);
-        let pid = broker.pids("starting")[0];
+        let reload = scope.spawn(|| probed.broker.reload());
+        let pid = probed.second_starting();
         let starting = policies(pid);
         assert!(
             starting.len() >= 3,
             "main thread, its thread and its child: {starting:?}"
         );
-        std::fs::write(dir.path().join("go-2"), "").unwrap();
-        let out = reload.join().unwrap();
-        assert!(
-            out.status.success(),
-            "reload failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        [starting, policies(pid), policies(first_pid)]
+        probed.go();
+        assert_reloaded(&reload.join().unwrap());
+        [starting, policies(pid), policies(probed.first_pid)]
     })
 }
 
@@ -142,17 +173,8 @@ fn an_idle_start_without_the_right_to_raise_is_refused_at_start() {
 
 #[test]
 fn an_idle_start_that_times_out_says_it_was_idle() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("go-1"), "").unwrap();
-    let broker = TestBroker::start(
-        "prio",
-        &config(
-            dir.path(),
-            "start_priority = \"idle\"\nready_timeout = \"1s\"",
-        ),
-    );
-    broker.wait_running(1);
-    let out = broker.reload();
+    let probed = Probed::start("start_priority = \"idle\"\nready_timeout = \"1s\"");
+    let out = probed.broker.reload();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(
@@ -161,27 +183,26 @@ fn an_idle_start_that_times_out_says_it_was_idle() {
         ),
         "{stderr}"
     );
-    assert_eq!(broker.generation(), 1, "the old generation serves on");
+    assert_eq!(
+        probed.broker.generation(),
+        1,
+        "the old generation serves on"
+    );
 }
 
 /// With nothing left serving there is no one to spare: a generation still
 /// starting is raised at once.
 #[test]
 fn an_idle_start_is_raised_when_the_serving_generation_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("go-1"), "").unwrap();
-    let broker = TestBroker::start("prio", &config(dir.path(), r#"start_priority = "idle""#));
-    broker.wait_running(1);
-    let first = wait_for_report(&dir.path().join("report-1"), "waiting", 1);
-    let first_pid = first.last().unwrap()["pid"].as_u64().unwrap() as i32;
+    let probed = Probed::start(r#"start_priority = "idle""#);
+    let broker = &probed.broker;
     std::thread::scope(|scope| {
         let reload = scope.spawn(|| broker.reload());
-        wait_for_report(&dir.path().join("report-2"), "child", 1);
-        let pid = broker.pids("starting")[0];
+        let pid = probed.second_starting();
         assert!(policies(pid).iter().all(|&(_, p)| p == libc::SCHED_IDLE));
 
         nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(first_pid),
+            nix::unistd::Pid::from_raw(probed.first_pid as i32),
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
@@ -193,12 +214,7 @@ fn an_idle_start_is_raised_when_the_serving_generation_dies() {
         assert_eq!(broker.pids("starting"), vec![pid], "still not ready");
         assert!(broker.logs().contains("no generation serves any more"));
 
-        std::fs::write(dir.path().join("go-2"), "").unwrap();
-        let out = reload.join().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        probed.go();
+        assert_reloaded(&reload.join().unwrap());
     });
 }
