@@ -12,6 +12,7 @@ use zbus::{Connection, OwnedVariant, Variant, interface};
 
 use super::caller::{self, Role, Transport};
 use super::errors::{AllyError, Result};
+use super::peer::Identity;
 use crate::broker::{Broker, Status};
 use crate::generations::{Instance, InstanceId};
 
@@ -21,10 +22,9 @@ pub type ListenerEntry = (String, String, u32);
 /// Who is on the other end of a connection.
 #[derive(Debug)]
 pub enum Peer {
-    /// A private-socket peer, known by `SO_PEERCRED` at connect time.
+    /// A private-socket peer, pinned when it connected (see `super::peer`).
     Private {
-        pid: u32,
-        uid: u32,
+        identity: Identity,
         /// The connection's number, for the locks taken through it.
         conn: u64,
         instance: OnceLock<InstanceId>,
@@ -37,10 +37,9 @@ pub enum Peer {
 }
 
 impl Peer {
-    pub fn private(pid: u32, uid: u32, conn: u64) -> Self {
+    pub fn private(identity: Identity, conn: u64) -> Self {
         Peer::Private {
-            pid,
-            uid,
+            identity,
             conn,
             instance: OnceLock::new(),
             other: OnceLock::new(),
@@ -78,16 +77,18 @@ impl Access {
         let uid = creds.unix_user_id().ok_or_else(|| {
             AllyError::AccessDenied(format!("the bus does not know the uid of {sender}"))
         })?;
-        Ok(self.decide(creds.process_id().unwrap_or(0), uid, Transport::Bus))
+        // The bus's pid for a sender may since belong to another process: on a
+        // bus only the uid counts, and instances use the private socket.
+        Ok(self.decide(uid, &[], Transport::Bus))
     }
 
     /// The role of a private-socket peer (`None` on a bus), worked out once: a
     /// process that is not an instance's cannot become one, and an instance's role
-    /// lasts while the instance lives.
+    /// lasts while the instance lives. The process is the one pinned at connect
+    /// time; once it has gone, only its uid counts.
     pub fn private_role(&self) -> Option<Role> {
         let Peer::Private {
-            pid,
-            uid,
+            identity,
             instance,
             other,
             ..
@@ -102,7 +103,12 @@ impl Access {
         } else if let Some(role) = other.get() {
             return Some(*role);
         }
-        let role = self.decide(*pid, *uid, Transport::PrivateSocket);
+        let ancestry = if instance.get().is_some() {
+            Vec::new()
+        } else {
+            identity.ancestry(std::process::id())
+        };
+        let role = self.decide(identity.uid, &ancestry, Transport::PrivateSocket);
         match role {
             Role::Instance(id) => {
                 let _ = instance.set(id);
@@ -116,15 +122,10 @@ impl Access {
         Some(role)
     }
 
-    fn decide(&self, pid: u32, uid: u32, transport: Transport) -> Role {
-        let ancestry = if pid > 0 {
-            caller::ancestry(pid)
-        } else {
-            Vec::new()
-        };
+    fn decide(&self, uid: u32, ancestry: &[u32], transport: Transport) -> Role {
         caller::role(
             uid,
-            &ancestry,
+            ancestry,
             &self.broker.instance_pids(),
             nix::unistd::geteuid().as_raw(),
             transport,

@@ -3,6 +3,10 @@
 //! A process of an instance, or a descendant of one, acts as that instance. Root
 //! and the broker's own user, when not an instance, are admins. Anyone else may
 //! only read, and only on a bus (whose policy decides who gets that far).
+//!
+//! Only a private-socket peer can be an instance: its process is pinned when it
+//! connects (`super::peer`). A bus reports a pid per call, which by then may
+//! belong to another process, so on a bus only the uid counts.
 
 use std::collections::HashMap;
 
@@ -23,7 +27,8 @@ pub enum Transport {
     Bus,
 }
 
-/// Decides a caller's role from its uid and its process ancestry (itself first).
+/// Decides a caller's role from its uid and its verified process ancestry (itself
+/// first; empty on a bus or for a process that has gone).
 pub fn role(
     uid: u32,
     ancestry: &[u32],
@@ -41,29 +46,6 @@ pub fn role(
         Transport::Bus => Role::Reader,
         Transport::PrivateSocket => Role::Denied,
     }
-}
-
-/// `pid` and its ancestors, read from /proc, stopping below the broker (whose
-/// other children are not instances) and at init.
-pub fn ancestry(pid: u32) -> Vec<u32> {
-    let broker = std::process::id();
-    let mut chain = Vec::new();
-    let mut next = pid;
-    while next > 1 && next != broker && chain.len() < 64 {
-        chain.push(next);
-        match parent_of(next) {
-            Some(parent) => next = parent,
-            None => break,
-        }
-    }
-    chain
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields start after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 #[cfg(test)]
@@ -104,29 +86,5 @@ mod tests {
             Role::Denied
         );
         assert_eq!(role(1001, &[55], &none, 0, Transport::Bus), Role::Reader);
-    }
-
-    #[test]
-    fn ancestry_of_this_process_includes_its_parent() {
-        let chain = ancestry(std::process::id());
-        // The broker's own pid stops the walk, so for this test process the
-        // chain is empty; a child of ours has us as the stop.
-        assert!(chain.is_empty());
-        let mut child = std::process::Command::new("sleep")
-            .arg("5")
-            .spawn()
-            .unwrap();
-        let chain = ancestry(child.id());
-        assert_eq!(chain, vec![child.id()]);
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    #[test]
-    fn parent_is_read_past_odd_command_names() {
-        assert_eq!(
-            parent_of(std::process::id()),
-            Some(nix::unistd::getppid().as_raw() as u32)
-        );
     }
 }

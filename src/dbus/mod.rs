@@ -6,6 +6,7 @@ pub mod bus;
 pub mod bus_shim;
 pub mod caller;
 pub mod errors;
+pub mod peer;
 pub mod sasl;
 pub mod server;
 pub mod state1;

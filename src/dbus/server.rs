@@ -10,6 +10,7 @@ use tokio::net::{UnixListener, UnixStream};
 use zbus::object_server::SignalEmitter;
 
 use super::broker1::{Access, Broker1, Broker1Signals, Peer};
+use super::peer::Identity;
 use super::state1::{Atomic1, Cache1, Locker1};
 use super::{OBJECT_PATH, bus_shim};
 use crate::broker::{Broker, Event};
@@ -74,8 +75,8 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
 
 async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
     let conn_id = broker.state().new_conn();
-    let peer = match stream.peer_cred() {
-        Ok(cred) => Peer::private(cred.pid().unwrap_or(0) as u32, cred.uid(), conn_id),
+    let peer = match Identity::of(&stream) {
+        Ok(identity) => Peer::private(identity, conn_id),
         Err(e) => {
             tracing::warn!("cannot read peer credentials: {e}");
             return;

@@ -4,8 +4,8 @@
 //! tasks twice before its reply is written; at a few microseconds a call, those
 //! thread wake-ups are most of its cost.
 //!
-//! Who may call what is decided as on the private socket (`SO_PEERCRED` and the
-//! caller's process ancestry). Locks and everything of `org.ally.Broker1` stay on the
+//! Who may call what is decided as on the private socket (the peer pinned at
+//! connect time and its process ancestry, `super::peer`). Locks and everything of `org.ally.Broker1` stay on the
 //! private socket, where a connection's end releases its locks.
 
 use std::io;
@@ -20,6 +20,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::broker1::{Access, Peer};
+use super::peer::Identity;
 use super::sasl::{self, Handshake, Step};
 use super::state_calls::StateCalls;
 use crate::broker::Broker;
@@ -68,10 +69,11 @@ async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration)
 }
 
 async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Duration) {
-    let (pid, uid) = match stream.peer_cred() {
-        Ok(cred) => (cred.pid().unwrap_or(0) as u32, cred.uid()),
+    let identity = match Identity::of(&stream) {
+        Ok(identity) => identity,
         Err(e) => return tracing::warn!("cannot read peer credentials: {e}"),
     };
+    let (pid, uid) = (identity.pid, identity.uid);
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
     let guid = zbus::Guid::generate().to_string();
@@ -89,7 +91,7 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Du
     };
     let connection = broker.state().new_conn();
     let calls = StateCalls::new(
-        Access::new(broker, Peer::private(pid, uid, connection)),
+        Access::new(broker, Peer::private(identity, connection)),
         connection,
     );
     let busy_poll = BusyPoll::new(busy_poll);
