@@ -35,9 +35,9 @@ impl Identity {
         let pid = u32::try_from(cred.pid()).unwrap_or(0);
         let process = match getsockopt(&socket, sockopt::PeerPidfd) {
             Ok(fd) => Some(fd),
-            Err(nix::Error::ENOPROTOOPT | nix::Error::EINVAL) if pid > 0 => {
-                pin_started_before(pid, accepted_at)
-            }
+            // A kernel before 6.5 does not know the option.
+            Err(nix::Error::ENOPROTOOPT) if pid > 0 => pin_started_before(pid, accepted_at),
+            // The process has already gone (or is in another pid namespace).
             Err(_) => None,
         };
         Ok(Identity {
