@@ -23,6 +23,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let state_address = runtime_dir::dbus_address(&state_socket);
     let broker =
         Broker::new(&args.app, config, address, state_address).map_err(|e| e.to_string())?;
+    runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
     let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
     let _socket_file = server::SocketFile::new(&socket);
     let state_listener = server::bind(&state_socket, owner).map_err(|e| e.to_string())?;

@@ -15,12 +15,10 @@ use super::state1::{Atomic1, Cache1, Locker1};
 use super::{OBJECT_PATH, bus_shim};
 use crate::broker::{Broker, Event};
 
-/// Binds the private socket. A live socket at the path means another broker
-/// serves this app: that is an error, not something to take over.
+/// Binds the private socket in a directory made ready by `runtime_dir::prepare`.
+/// A live socket at the path means another broker serves this app: that is an
+/// error, not something to take over.
 pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> {
-    let dir = path.parent().unwrap_or(Path::new("/"));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(io::Error::new(
             io::ErrorKind::AddrInUse,
@@ -42,6 +40,8 @@ pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> 
     let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display())))?;
     // The app's user must reach the socket; everyone else is refused by the broker.
+    // The directory is the broker's alone (`runtime_dir::prepare`), so the path
+    // names the socket just bound.
     let mode = if owner.is_some() { 0o660 } else { 0o600 };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     if let Some((uid, gid)) = owner {
@@ -51,10 +51,6 @@ pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> 
             Some(nix::unistd::Gid::from_raw(gid)),
         )
         .map_err(|e| io::Error::other(format!("cannot chown {}: {e}", path.display())))?;
-        let dir_mode = std::fs::metadata(dir)?.permissions().mode();
-        if dir_mode & 0o011 == 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(dir_mode | 0o011))?;
-        }
     }
     Ok(listener)
 }
