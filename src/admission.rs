@@ -14,8 +14,9 @@ use std::sync::{Arc, Mutex};
 
 /// Connections each admin may hold past the caps.
 pub const ADMIN_RESERVE: usize = 4;
-/// What one connection costs in file descriptors, at most: its socket and, on the
-/// private socket, the timer zbus keeps for it.
+/// File descriptors counted for one connection: its socket (measured: one each, on
+/// either socket), and as much again for what its calls hold open for a while (the
+/// socket a `Listen` reply passes, until it is sent).
 pub const FDS_PER_CONNECTION: u64 = 2;
 /// File descriptors kept for everything else: listeners, instances' pipes, files.
 pub const FDS_KEPT: u64 = 256;
