@@ -2,9 +2,9 @@
 //! a reason the caller is told: the connection limits of [`Admission`], and the
 //! config's other limits on a connection.
 //!
-//! A refused caller gets one SASL line, `ERROR <why>`, which zbus clients report as
-//! "Received error from server: <why>" and the state socket's client as a refused
-//! handshake; then the connection is closed. Refusals are answered by a bounded number
+//! A refused caller gets one SASL line, `ERROR` and the reason, which zbus clients
+//! report as "Received error from server: ERROR …" and the state socket's client as
+//! a refused handshake; then the connection is closed. Refusals are answered by a bounded number
 //! of tasks at once (each waits briefly for the client's first bytes, so that closing
 //! does not reset the connection before it reads the answer); past that, a refused
 //! connection is closed at once. The log gets one line a second about them.

@@ -4,7 +4,7 @@
 //! zbus's own server handshake is not given a stranger's bytes: in zbus 6.2.1 a line
 //! that starts with `\n` panics it (`handshake/common.rs`, `recv_buffer[lf_index - 1]`;
 //! see `docs/notes/zbus-handshake-panic.md`) and it buffers a line of any length. The
-//! conversation runs through [`sasl`](super::sasl) instead, reading no byte past
+//! conversation runs through [`sasl`] instead, reading no byte past
 //! `BEGIN`, and the connection is built with `Builder::authenticated_socket`.
 //!
 //! zbus reads any message up to the D-Bus limit of 128 MiB before it looks at it; the

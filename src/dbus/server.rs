@@ -1,5 +1,7 @@
 //! The private socket: a D-Bus peer-to-peer server at `$RUNTIME/bus`, one
-//! connection per client, each knowing its peer's credentials.
+//! connection per client, each knowing its peer's credentials. The [`Gate`] admits
+//! each connection; it must authenticate within `handshake_timeout`
+//! ([`private_stream`] runs the handshake) before zbus serves it.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;

@@ -5,7 +5,10 @@
 //! thread wake-ups are most of its cost.
 //!
 //! Who may call what is decided as on the private socket (`SO_PEERCRED` and the
-//! caller's process ancestry). Locks and everything of `org.ally.Broker1` stay on the
+//! caller's process ancestry); a caller that may call nothing here is closed once it
+//! has authenticated, before anything else of it is read. The [`Gate`] admits each
+//! connection; it must authenticate within `handshake_timeout`, and a message that
+//! declares more than `max_message_bytes` ends it before it is read. Locks and everything of `org.ally.Broker1` stay on the
 //! private socket, where a connection's end releases its locks.
 
 use std::io;
