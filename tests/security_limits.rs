@@ -496,6 +496,13 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             assert!(wait.await.unwrap().unwrap());
         }
     });
+    assert!(
+        broker
+            .logs()
+            .contains("refused Lock of \"x\" for connection "),
+        "{}",
+        broker.logs()
+    );
     assert_serving(&broker);
 }
 
