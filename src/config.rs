@@ -30,6 +30,14 @@ pub const DEFAULT_STATE_BUSY_POLL: Duration = Duration::from_micros(50);
 /// wakes within tens of microseconds.
 pub const MAX_STATE_BUSY_POLL: Duration = Duration::from_millis(1);
 
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+pub const DEFAULT_MAX_CONNECTIONS_PER_UID: usize = 128;
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Room in the largest legitimate message for everything but its names and values:
+/// the header fields (path, interface, member, destination, signature) and the
+/// body's framing, with plenty to spare.
+pub const MESSAGE_OVERHEAD: u64 = 64 << 10;
+
 /// Longer durations are refused so that arithmetic on instants cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -57,6 +65,12 @@ const LIMIT_KEYS: &[&str] = &[
     "max_value_bytes",
     "max_keys_per_namespace",
     "max_total_bytes",
+    "max_lock_waiters_per_connection",
+    "max_lock_waiters_per_lock",
+    "max_connections",
+    "max_connections_per_uid",
+    "handshake_timeout",
+    "max_message_bytes",
 ];
 
 const COMMAND_EXAMPLE: &str = r#"the program to run, e.g. command = ["/usr/bin/myapp", "--flag"]"#;
@@ -85,6 +99,8 @@ pub struct Config {
     pub listener_linger: Duration,
     pub listen: Vec<ListenEntry>,
     pub limits: Limits,
+    /// What one connection to the broker's sockets may cost it (also `[limits]`).
+    pub connections: ConnectionLimits,
     /// How long the state socket polls a busy connection for its next call.
     pub state_busy_poll: Duration,
     /// The CPU priority of a generation that starts while another one serves.
@@ -101,6 +117,42 @@ pub struct ListenEntry {
 /// Limits on shared state, `[limits]`: the stores' own type, so a default
 /// lives in one place.
 pub use ally_client::state::Limits;
+
+/// Limits on the connections to the private and the state socket, `[limits]` too:
+/// everything a caller can make the broker hold before it is known to be allowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections to both sockets together.
+    pub max_connections: usize,
+    /// Connections of one uid to both sockets together.
+    pub max_connections_per_uid: usize,
+    /// A connection that has not authenticated by then is closed.
+    pub handshake_timeout: Duration,
+    /// A message that declares more is refused before it is read.
+    pub max_message_bytes: u64,
+}
+
+impl ConnectionLimits {
+    /// The defaults, with room for the largest call that `limits` allow.
+    pub fn defaults_for(limits: &Limits) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_uid: DEFAULT_MAX_CONNECTIONS_PER_UID,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_message_bytes: largest_call(limits),
+        }
+    }
+}
+
+/// The size of the largest message a legitimate call needs under `limits`:
+/// `Cache1.CompareAndSwap` carries two names and two values.
+pub fn largest_call(limits: &Limits) -> u64 {
+    limits
+        .max_value_bytes
+        .saturating_add(limits.max_key_bytes)
+        .saturating_mul(2)
+        .saturating_add(MESSAGE_OVERHEAD)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum RestartPolicy {
@@ -260,6 +312,7 @@ impl Config {
             listener_linger: DEFAULT_LISTENER_LINGER,
             listen: Vec::new(),
             limits: Limits::default(),
+            connections: ConnectionLimits::defaults_for(&Limits::default()),
             state_busy_poll: DEFAULT_STATE_BUSY_POLL,
             start_priority: StartPriority::default(),
         }
@@ -364,7 +417,7 @@ impl Config {
             config.listen = cx.listen(v)?;
         }
         if let Some(v) = table.get("limits") {
-            config.limits = cx.limits(v)?;
+            (config.limits, config.connections) = cx.limits(v)?;
         }
         if let Some(v) = table.get("state_busy_poll") {
             let d = cx.duration("state_busy_poll", v, true)?;
@@ -780,7 +833,7 @@ impl Cx<'_> {
         Ok(ListenEntry { addr, options })
     }
 
-    fn limits(&self, value: &Value) -> Result<Limits, ConfigError> {
+    fn limits(&self, value: &Value) -> Result<(Limits, ConnectionLimits), ConfigError> {
         let table = value
             .as_table()
             .ok_or_else(|| self.wrong_type("limits", "a table ([limits])", value))?;
@@ -795,11 +848,58 @@ impl Cx<'_> {
         size("max_key_bytes", &mut limits.max_key_bytes)?;
         size("max_value_bytes", &mut limits.max_value_bytes)?;
         size("max_total_bytes", &mut limits.max_total_bytes)?;
-        if let Some(v) = table.get("max_keys_per_namespace") {
-            limits.max_keys_per_namespace =
-                self.positive_integer("limits.max_keys_per_namespace", v)?;
+        let count = |name: &str, slot: &mut u64| -> Result<(), ConfigError> {
+            if let Some(v) = table.get(name) {
+                *slot = self.positive_integer(&format!("limits.{name}"), v)?;
+            }
+            Ok(())
+        };
+        count("max_keys_per_namespace", &mut limits.max_keys_per_namespace)?;
+        count(
+            "max_lock_waiters_per_connection",
+            &mut limits.max_lock_waiters_per_connection,
+        )?;
+        count(
+            "max_lock_waiters_per_lock",
+            &mut limits.max_lock_waiters_per_lock,
+        )?;
+
+        let mut connections = ConnectionLimits::defaults_for(&limits);
+        let mut max_connections = connections.max_connections as u64;
+        count("max_connections", &mut max_connections)?;
+        let mut per_uid = connections.max_connections_per_uid as u64;
+        count("max_connections_per_uid", &mut per_uid)?;
+        let fits = |key: &str, n: u64| {
+            usize::try_from(n)
+                .map_err(|_| self.invalid(&format!("limits.{key}"), format!("{n} is too large")))
+        };
+        connections.max_connections = fits("max_connections", max_connections)?;
+        connections.max_connections_per_uid = fits("max_connections_per_uid", per_uid)?;
+        if let Some(v) = table.get("handshake_timeout") {
+            connections.handshake_timeout = self.duration("limits.handshake_timeout", v, false)?;
         }
-        Ok(limits)
+        size("max_message_bytes", &mut connections.max_message_bytes)?;
+        let needed = largest_call(&limits);
+        if connections.max_message_bytes < needed {
+            return Err(self.invalid(
+                "limits.max_message_bytes",
+                format!(
+                    "{} bytes is less than the largest call needs: {needed} bytes (2 × (max_value_bytes + max_key_bytes) + 64KiB); raise it, or lower max_value_bytes",
+                    connections.max_message_bytes
+                ),
+            ));
+        }
+        let dbus_limit = ally_client::wire::MAX_MESSAGE as u64;
+        if connections.max_message_bytes > dbus_limit {
+            return Err(self.invalid(
+                "limits.max_message_bytes",
+                format!(
+                    "{} bytes is more than D-Bus allows: expected at most {dbus_limit} (128MiB)",
+                    connections.max_message_bytes
+                ),
+            ));
+        }
+        Ok((limits, connections))
     }
 }
 
@@ -941,6 +1041,17 @@ mod tests {
         assert_eq!(config.limits.max_value_bytes, 1048576);
         assert_eq!(config.limits.max_keys_per_namespace, 100_000);
         assert_eq!(config.limits.max_total_bytes, 64 * 1024 * 1024);
+        assert_eq!(config.limits.max_lock_waiters_per_connection, 128);
+        assert_eq!(config.limits.max_lock_waiters_per_lock, 1024);
+        assert_eq!(
+            config.connections,
+            ConnectionLimits {
+                max_connections: 1024,
+                max_connections_per_uid: 128,
+                handshake_timeout: Duration::from_secs(10),
+                max_message_bytes: 2 * (1048576 + 1024) + 65536,
+            }
+        );
         assert_eq!(config.state_busy_poll, Duration::from_micros(50));
         // A minimal file means the defaults.
         assert_eq!(parse(r#"command = ["/bin/app", "-v"]"#).unwrap(), config);
@@ -1024,7 +1135,8 @@ mod tests {
                 max_key_bytes: 1024,
                 max_value_bytes: 4096,
                 max_keys_per_namespace: 10,
-                max_total_bytes: 64 << 20
+                max_total_bytes: 64 << 20,
+                ..Limits::default()
             }
         );
     }
@@ -1521,6 +1633,50 @@ mod tests {
             m.contains("key `limits`: expected a table ([limits]), found integer 5"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn connection_and_lock_waiter_limits() {
+        let config = parse(&with_command(
+            "[limits]\nmax_connections = 64\nmax_connections_per_uid = 8\nhandshake_timeout = \"1s\"\nmax_lock_waiters_per_connection = 3\nmax_lock_waiters_per_lock = 5\nmax_value_bytes = \"1KiB\"",
+        ))
+        .unwrap();
+        assert_eq!(
+            config.connections,
+            ConnectionLimits {
+                max_connections: 64,
+                max_connections_per_uid: 8,
+                handshake_timeout: Duration::from_secs(1),
+                max_message_bytes: 2 * (1024 + 1024) + 65536,
+            },
+            "max_message_bytes follows max_value_bytes unless it is set"
+        );
+        assert_eq!(
+            (
+                config.limits.max_lock_waiters_per_connection,
+                config.limits.max_lock_waiters_per_lock
+            ),
+            (3, 5)
+        );
+        let config = parse(&with_command("[limits]\nmax_message_bytes = \"4MiB\"")).unwrap();
+        assert_eq!(config.connections.max_message_bytes, 4 << 20);
+
+        let m = error(&with_command("[limits]\nmax_message_bytes = \"1MiB\""));
+        assert!(
+            m.contains("key `limits.max_message_bytes`: 1048576 bytes is less than the largest call needs: 2164736 bytes"),
+            "{m}"
+        );
+        let m = error(&with_command("[limits]\nmax_message_bytes = \"1GiB\""));
+        assert!(m.contains("more than D-Bus allows"), "{m}");
+        let m = error(&with_command("[limits]\nmax_connections = 0"));
+        assert!(
+            m.contains("key `limits.max_connections`: expected a positive integer, found 0"),
+            "{m}"
+        );
+        let m = error(&with_command("[limits]\nhandshake_timeout = 10"));
+        assert!(m.contains("key `limits.handshake_timeout`"), "{m}");
+        let m = error(&with_command("[limits]\nmax_lock_waiters_per_lock = -1"));
+        assert!(m.contains("key `limits.max_lock_waiters_per_lock`"), "{m}");
     }
 
     #[test]

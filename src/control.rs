@@ -35,7 +35,15 @@ impl Target {
                         via: socket.display().to_string(),
                     });
                 }
-                Err(e) => tried.push(format!("{}: {}", socket.display(), e.message())),
+                Err(e) => match refusal(&e) {
+                    Some(why) => {
+                        return Err(format!(
+                            "the broker for {app} at {} refused the connection: {why}",
+                            socket.display()
+                        ));
+                    }
+                    None => tried.push(format!("{}: {}", socket.display(), e.message())),
+                },
             }
         } else {
             tried.push(format!("no socket at {}", socket.display()));
@@ -71,6 +79,27 @@ impl Target {
     pub async fn status(&self) -> Result<Status, String> {
         let dict = self.proxy.status().await.map_err(describe_error)?;
         Status::from_dict(dict).map_err(|e| e.message())
+    }
+}
+
+/// Why a broker that answered turned the connection away, as it said; or, when it
+/// could not even take it, a likely reason.
+fn refusal(e: &ally_client::Error) -> Option<String> {
+    let ally_client::Error::Transport { source, .. } = e else {
+        return None;
+    };
+    match source {
+        zbus::Error::Handshake(message) => Some(
+            message
+                .strip_prefix("Received error from server: ")
+                .map(|m| m.strip_prefix("ERROR ").unwrap_or(m))
+                .unwrap_or(message)
+                .to_string(),
+        ),
+        zbus::Error::InputOutput(io) if io.kind() == std::io::ErrorKind::WouldBlock => Some(
+            format!("it takes no more connections now (at its connection limit?): {io}"),
+        ),
+        _ => None,
     }
 }
 

@@ -1,6 +1,7 @@
 //! The Ally broker: supervises one application, owns its listening sockets and
 //! reloads it with zero downtime. See `docs/architecture.md` for the map.
 
+pub mod admission;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -15,3 +16,4 @@ pub mod runtime_dir;
 pub mod state;
 pub mod state_cli;
 pub mod systemd;
+pub mod throttle;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use crate::broker::Broker;
 use crate::cli::RunArgs;
 use crate::config::{self, Config};
+use crate::dbus::gate::Gate;
 use crate::dbus::{bus, server, state_socket};
 use crate::runtime_dir;
 
@@ -19,6 +20,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let address = runtime_dir::dbus_address(&socket);
     let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
     let state_busy_poll = config.state_busy_poll;
+    let gate = Gate::for_this_process(config.connections);
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
     let broker =
@@ -28,11 +30,12 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let _socket_file = server::SocketFile::new(&socket);
     let state_listener = server::bind(&state_socket, owner).map_err(|e| e.to_string())?;
     let _state_socket_file = server::SocketFile::new(&state_socket);
-    tokio::spawn(server::serve(listener, broker.clone()));
+    tokio::spawn(server::serve(listener, broker.clone(), gate.clone()));
     state_socket::spawn(
         state_listener.into_std().map_err(|e| e.to_string())?,
         broker.clone(),
         state_busy_poll,
+        gate,
     )
     .map_err(|e| format!("cannot serve the state socket: {e}"))?;
     let _bus = bus::register(args.bus, broker.clone()).await?;

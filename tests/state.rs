@@ -20,6 +20,8 @@ const LIMITS: Limits = Limits {
     max_value_bytes: 1024,
     max_keys_per_namespace: 50,
     max_total_bytes: 8192,
+    max_lock_waiters_per_connection: 128,
+    max_lock_waiters_per_lock: 1024,
 };
 
 trait World {

@@ -28,6 +28,7 @@ pub struct Handshake {
     awaiting_data: bool,
     authenticated: bool,
     lines: usize,
+    unix_fds: bool,
 }
 
 impl Handshake {
@@ -39,7 +40,14 @@ impl Handshake {
             awaiting_data: false,
             authenticated: false,
             lines: 0,
+            unix_fds: false,
         }
+    }
+
+    /// Agrees to pass file descriptors when the client asks (`NEGOTIATE_UNIX_FD`).
+    pub fn passing_fds(mut self) -> Handshake {
+        self.unix_fds = true;
+        self
     }
 
     pub fn line(&mut self, line: &str) -> Step {
@@ -62,6 +70,9 @@ impl Handshake {
                 _ => self.rejected(),
             },
             "DATA" if self.awaiting_data => self.external(argument.unwrap_or("")),
+            "NEGOTIATE_UNIX_FD" if self.authenticated && self.unix_fds => {
+                Step::Reply("AGREE_UNIX_FD".into())
+            }
             "NEGOTIATE_UNIX_FD" if self.authenticated => {
                 Step::Reply("ERROR file descriptors are not passed on this socket".into())
             }
@@ -123,6 +134,29 @@ mod tests {
             Step::Reply("ERROR file descriptors are not passed on this socket".into())
         );
         assert_eq!(h.line("BEGIN"), Step::Begin);
+    }
+
+    #[test]
+    fn file_descriptors_are_agreed_only_where_they_pass() {
+        let mut h = handshake().passing_fds();
+        assert_eq!(
+            h.line("NEGOTIATE_UNIX_FD"),
+            Step::Reply("ERROR unexpected \"NEGOTIATE_UNIX_FD\"".into()),
+            "not before authenticating"
+        );
+        assert_eq!(h.line("AUTH EXTERNAL 31303030"), ok());
+        assert_eq!(
+            h.line("NEGOTIATE_UNIX_FD"),
+            Step::Reply("AGREE_UNIX_FD".into())
+        );
+        assert_eq!(h.line("BEGIN"), Step::Begin);
+    }
+
+    #[test]
+    fn empty_lines_are_errors() {
+        let mut h = handshake();
+        assert_eq!(h.line(""), Step::Reply("ERROR unexpected \"\"".into()));
+        assert_eq!(h.line("AUTH EXTERNAL 31303030"), ok());
     }
 
     #[test]

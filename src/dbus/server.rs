@@ -1,5 +1,7 @@
 //! The private socket: a D-Bus peer-to-peer server at `$RUNTIME/bus`, one
-//! connection per client, each knowing its peer's credentials.
+//! connection per client, each knowing its peer's credentials. The [`Gate`] admits
+//! each connection; it must authenticate within `handshake_timeout`
+//! ([`private_stream`] runs the handshake) before zbus serves it.
 
 use std::io;
 use std::os::unix::fs::PermissionsExt;
@@ -10,7 +12,9 @@ use tokio::net::{UnixListener, UnixStream};
 use zbus::object_server::SignalEmitter;
 
 use super::broker1::{Access, Broker1, Broker1Signals, Peer};
+use super::gate::Gate;
 use super::peer::Identity;
+use super::private_stream::{self, PrivateStream};
 use super::state1::{Atomic1, Cache1, Locker1};
 use super::{OBJECT_PATH, bus_shim};
 use crate::broker::{Broker, Event};
@@ -55,11 +59,18 @@ pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> 
     Ok(listener)
 }
 
-pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
+pub async fn serve(listener: UnixListener, broker: Arc<Broker>, gate: Arc<Gate>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, broker.clone()));
+                let Some((stream, permit)) = gate.admit(stream, "private socket") else {
+                    continue;
+                };
+                let (broker, gate) = (broker.clone(), gate.clone());
+                tokio::spawn(async move {
+                    serve_connection(stream, broker, &gate).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!("accepting on the private socket: {e}");
@@ -69,7 +80,7 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>) {
     }
 }
 
-async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
+async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, gate: &Gate) {
     let conn_id = broker.state().new_conn();
     let peer = match Identity::of(&stream) {
         Ok(identity) => Peer::private(identity, conn_id),
@@ -78,13 +89,54 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
             return;
         }
     };
-    let stream = match stream.into_std() {
-        Ok(s) => s,
-        Err(e) => return tracing::warn!("{e}"),
-    };
     let access = Access::new(broker.clone(), peer);
-    let conn = zbus::connection::Builder::unix_stream(stream)
-        .server(zbus::Guid::generate())
+    let Some(conn) = open(stream, gate, access).await else {
+        return;
+    };
+    forward_events(&conn, &broker).await;
+    // Locks taken through this connection, and waits on it, end with it.
+    broker.state().connection_closed(conn_id);
+}
+
+/// Authenticates the client (within `handshake_timeout`) and serves the broker's
+/// objects to it; `None` when it did not authenticate.
+async fn open(
+    mut stream: UnixStream,
+    gate: &Gate,
+    access: Arc<Access>,
+) -> Option<zbus::Connection> {
+    let (pid, uid) = match stream.peer_cred() {
+        Ok(cred) => (cred.pid().unwrap_or(0), cred.uid()),
+        Err(e) => {
+            tracing::warn!("cannot read peer credentials: {e}");
+            return None;
+        }
+    };
+    let who = format!("pid {pid} (uid {uid})");
+    let guid = zbus::Guid::generate();
+    let limits = gate.limits();
+    let authenticated = tokio::time::timeout(
+        limits.handshake_timeout,
+        private_stream::authenticate(&mut stream, uid, guid.as_str()),
+    )
+    .await;
+    match authenticated {
+        Ok(Ok(true)) => {}
+        Ok(Ok(false)) => {
+            tracing::debug!("private socket: {who} failed to authenticate");
+            return None;
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("private socket handshake with {who} failed: {e}");
+            return None;
+        }
+        Err(_) => {
+            let _ = stream.try_write(gate.timed_out("private socket", &who).as_bytes());
+            return None;
+        }
+    }
+    let socket = PrivateStream::new(stream, limits.max_message_bytes, who.clone());
+    let conn = zbus::connection::Builder::authenticated_socket(socket, guid)
         .p2p()
         .serve_at(OBJECT_PATH, Broker1::new(access.clone()))
         .serve_at(OBJECT_PATH, Cache1::new(access.clone()))
@@ -93,13 +145,13 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>) {
         .serve_at(bus_shim::PATH, bus_shim::BusShim)
         .build()
         .await;
-    let conn = match conn {
-        Ok(conn) => conn,
-        Err(e) => return tracing::debug!("private socket handshake failed: {e}"),
-    };
-    forward_events(&conn, &broker).await;
-    // Locks taken through this connection, and waits on it, end with it.
-    broker.state().connection_closed(conn_id);
+    match conn {
+        Ok(conn) => Some(conn),
+        Err(e) => {
+            tracing::debug!("private socket: cannot serve {who}: {e}");
+            None
+        }
+    }
 }
 
 /// Emits the broker's events as signals on `conn` until it closes.

@@ -7,12 +7,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ally_client::state::{Hold, Mode};
+use ally_client::state::{Hold, Mode, StateError};
 use zbus::message::Header;
 use zbus::{Connection, interface};
 
 use super::broker1::Access;
 use super::errors::Result;
+use crate::state::CONNECTION_OWNER;
+use crate::throttle::{self, Throttle};
+
+static REFUSED_LOCKS: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// `(t owner, s mode, t for_ms)`: who holds or waits, how, and for how long so far.
 pub type QueueEntry = (u64, String, u64);
@@ -294,9 +298,20 @@ impl Locker1 {
             WAIT_FOREVER => None,
             ms => Some(Duration::from_millis(ms)),
         };
-        Ok(store!(self)
-            .lock(name, owner, conn_id, mode, timeout)
-            .await?)
+        let locked = store!(self).lock(name, owner, conn_id, mode, timeout).await;
+        if let Err(StateError::LimitExceeded(why)) = &locked
+            && let Some(suppressed) = REFUSED_LOCKS.allow(Instant::now())
+        {
+            let who = match owner.checked_sub(CONNECTION_OWNER) {
+                Some(conn) => format!("connection {conn}"),
+                None => format!("instance {owner}"),
+            };
+            tracing::warn!(
+                "refused {method} of {name:?} for {who}: {why}{}",
+                throttle::more(suppressed)
+            );
+        }
+        Ok(locked?)
     }
 
     async fn release(

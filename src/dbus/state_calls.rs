@@ -17,6 +17,7 @@ use zbus::{DBusError, Message};
 
 use super::OBJECT_PATH;
 use super::broker1::Access;
+use super::caller::Role;
 use super::errors::AllyError;
 
 const CACHE: &str = "org.ally.Cache1";
@@ -62,6 +63,11 @@ impl StateCalls {
             access,
             unique_name: format!(":ally.{connection}"),
         }
+    }
+
+    /// Whether the caller may call nothing here (it is no instance and no admin).
+    pub fn denied(&self) -> bool {
+        self.access.private_role() == Some(Role::Denied)
     }
 
     /// The reply to `message`: `None` for anything but a method call, or when the

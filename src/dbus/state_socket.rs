@@ -5,7 +5,11 @@
 //! thread wake-ups are most of its cost.
 //!
 //! Who may call what is decided as on the private socket (the peer pinned at
-//! connect time and its process ancestry, `super::peer`). Locks and everything of `org.ally.Broker1` stay on the
+//! connect time and its process ancestry, `super::peer`); a caller that may call
+//! nothing here is closed once it has authenticated, before anything else of it is
+//! read. The [`Gate`] admits each connection; it must authenticate within
+//! `handshake_timeout`, and a message that declares more than `max_message_bytes`
+//! ends it before it is read. Locks and everything of `org.ally.Broker1` stay on the
 //! private socket, where a connection's end releases its locks.
 
 use std::io;
@@ -20,13 +24,15 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::broker1::{Access, Peer};
+use super::framing;
+use super::gate::Gate;
 use super::peer::Identity;
 use super::sasl::{self, Handshake, Step};
 use super::state_calls::StateCalls;
 use crate::broker::Broker;
+use crate::throttle::{self, Throttle};
 
-/// A client that has not authenticated by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+static OVERSIZED: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Serves the state socket on a thread of its own, which does nothing else: its
 /// connections' tasks then run where their reads wake up, with no scheduler between.
@@ -36,6 +42,7 @@ pub fn spawn(
     listener: std::os::unix::net::UnixListener,
     broker: Arc<Broker>,
     busy_poll: Duration,
+    gate: Arc<Gate>,
 ) -> io::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -46,7 +53,7 @@ pub fn spawn(
         .spawn(move || {
             runtime.block_on(async move {
                 match UnixListener::from_std(listener) {
-                    Ok(listener) => serve(listener, broker, busy_poll).await,
+                    Ok(listener) => serve(listener, broker, busy_poll, gate).await,
                     Err(e) => tracing::error!("the state socket cannot be served: {e}"),
                 }
             })
@@ -54,11 +61,18 @@ pub fn spawn(
     Ok(())
 }
 
-async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration) {
+async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration, gate: Arc<Gate>) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve_connection(stream, broker.clone(), busy_poll));
+                let Some((stream, permit)) = gate.admit(stream, "state socket") else {
+                    continue;
+                };
+                let (broker, gate) = (broker.clone(), gate.clone());
+                tokio::spawn(async move {
+                    serve_connection(stream, broker, busy_poll, &gate).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 tracing::warn!("accepting on the state socket: {e}");
@@ -68,7 +82,12 @@ async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration)
     }
 }
 
-async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Duration) {
+async fn serve_connection(
+    stream: UnixStream,
+    broker: Arc<Broker>,
+    busy_poll: Duration,
+    gate: &Gate,
+) {
     let identity = match Identity::of(&stream) {
         Ok(identity) => identity,
         Err(e) => return tracing::warn!("cannot read peer credentials: {e}"),
@@ -78,8 +97,9 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Du
     let mut read = BufReader::new(read);
     let guid = zbus::Guid::generate().to_string();
     let conversation = Handshake::new(uid, guid);
+    let limits = gate.limits();
     match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
+        limits.handshake_timeout,
         handshake(&mut read, &mut write, conversation),
     )
     .await
@@ -87,22 +107,39 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, busy_poll: Du
         Ok(Ok(true)) => {}
         Ok(Ok(false)) => return tracing::debug!("state socket: pid {pid} failed to authenticate"),
         Ok(Err(e)) => return tracing::debug!("state socket handshake with pid {pid}: {e}"),
-        Err(_) => return tracing::debug!("state socket: pid {pid} did not authenticate in time"),
+        Err(_) => {
+            let refusal = gate.timed_out("state socket", &format!("pid {pid} (uid {uid})"));
+            let _ = write.try_write(refusal.as_bytes());
+            return;
+        }
     };
     let connection = broker.state().new_conn();
     let calls = StateCalls::new(
         Access::new(broker, Peer::private(identity, connection)),
         connection,
     );
+    // Nothing of a caller that may call nothing is read.
+    if calls.denied() {
+        return gate.denied("state socket", &format!("pid {pid} (uid {uid})"));
+    }
     let busy_poll = BusyPoll::new(busy_poll);
     let mut answered = Instant::now();
     loop {
         if read.buffer().is_empty() {
             poll_for_call(read.get_ref(), busy_poll.budget()).await;
         }
-        let bytes = match read_message(&mut read).await {
+        let bytes = match read_message(&mut read, limits.max_message_bytes).await {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                if let Some(suppressed) = OVERSIZED.allow(Instant::now()) {
+                    tracing::warn!(
+                        "state socket: closing the connection of pid {pid} (uid {uid}): {e}{}",
+                        throttle::more(suppressed)
+                    );
+                }
+                return;
+            }
             Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
         };
         busy_poll.waited(answered.elapsed());
@@ -168,17 +205,12 @@ async fn handshake(
     }
 }
 
-async fn read_message(read: &mut BufReader<OwnedReadHalf>) -> io::Result<Vec<u8>> {
+/// The next message, whose length is checked against `max` before it is read.
+async fn read_message(read: &mut BufReader<OwnedReadHalf>, max: u64) -> io::Result<Vec<u8>> {
     let mut fixed = [0u8; FIXED_HEADER];
     read.read_exact(&mut fixed).await?;
-    let mut bytes = message_buffer(fixed)?;
-    read.read_exact(&mut bytes[FIXED_HEADER..]).await?;
-    Ok(bytes)
-}
-
-/// Room for the whole message that starts with `fixed`, holding `fixed`.
-fn message_buffer(fixed: [u8; FIXED_HEADER]) -> io::Result<Vec<u8>> {
-    let mut bytes = vec![0u8; wire::message_len(&fixed)?];
+    let mut bytes = vec![0u8; framing::declared_len(&fixed, max)?];
     bytes[..FIXED_HEADER].copy_from_slice(&fixed);
+    read.read_exact(&mut bytes[FIXED_HEADER..]).await?;
     Ok(bytes)
 }

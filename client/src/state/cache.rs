@@ -370,6 +370,7 @@ mod tests {
             max_value_bytes: 10,
             max_keys_per_namespace: 2,
             max_total_bytes: 30,
+            ..Limits::default()
         };
         let mut c = Cache::new(limits);
         let limited = |r: Result<_, StateError>| matches!(r, Err(StateError::LimitExceeded(_)));

@@ -6,6 +6,8 @@
 //!   counters, and the number of locks held or waited for at once.
 //! * `max_total_bytes` bounds the cache: the sum of namespace, key and value lengths of
 //!   every live entry.
+//! * `max_lock_waiters_per_connection` bounds the lock requests waiting at once that were
+//!   made through one connection, `max_lock_waiters_per_lock` those waiting for one lock.
 //!
 //! A call that would pass a limit fails with `LimitExceeded` and changes nothing.
 
@@ -17,6 +19,8 @@ pub struct Limits {
     pub max_value_bytes: u64,
     pub max_keys_per_namespace: u64,
     pub max_total_bytes: u64,
+    pub max_lock_waiters_per_connection: u64,
+    pub max_lock_waiters_per_lock: u64,
 }
 
 impl Default for Limits {
@@ -26,6 +30,8 @@ impl Default for Limits {
             max_value_bytes: 1 << 20,
             max_keys_per_namespace: 100_000,
             max_total_bytes: 64 << 20,
+            max_lock_waiters_per_connection: 128,
+            max_lock_waiters_per_lock: 1024,
         }
     }
 }

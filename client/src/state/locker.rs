@@ -105,8 +105,10 @@ impl Lock {
 pub struct Locker {
     limits: Limits,
     locks: HashMap<String, Lock>,
-    /// Lock name of every queued ticket.
-    waiting: HashMap<Ticket, String>,
+    /// Lock name and connection of every queued ticket.
+    waiting: HashMap<Ticket, (String, u64)>,
+    /// How many requests made through each connection wait.
+    waits_by_conn: HashMap<u64, u64>,
     next_ticket: Ticket,
 }
 
@@ -167,14 +169,46 @@ impl Locker {
             }
             return Ok(Acquire::Busy);
         }
+        let waiting_here = lock.queue.len() as u64;
+        let waiting_through_conn = self.waits_by_conn.get(&conn).copied().unwrap_or(0);
+        let refusal = if waiting_here >= self.limits.max_lock_waiters_per_lock {
+            Some(format!(
+                "{waiting_here} requests already wait for lock {name:?} (max_lock_waiters_per_lock)"
+            ))
+        } else if waiting_through_conn >= self.limits.max_lock_waiters_per_connection {
+            Some(format!(
+                "{waiting_through_conn} lock requests made through this connection already wait (max_lock_waiters_per_connection)"
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = refusal {
+            if lock.is_idle() {
+                self.locks.remove(name);
+            }
+            return Err(StateError::LimitExceeded(message));
+        }
         lock.queue.push_back(hold);
-        self.waiting.insert(ticket, name.to_string());
+        self.waiting.insert(ticket, (name.to_string(), conn));
+        *self.waits_by_conn.entry(conn).or_default() += 1;
         Ok(Acquire::Queued(ticket))
+    }
+
+    /// Forgets a queued ticket that no longer waits.
+    fn stop_waiting(&mut self, ticket: Ticket) -> Option<String> {
+        let (name, conn) = self.waiting.remove(&ticket)?;
+        if let Some(n) = self.waits_by_conn.get_mut(&conn) {
+            *n -= 1;
+            if *n == 0 {
+                self.waits_by_conn.remove(&conn);
+            }
+        }
+        Some(name)
     }
 
     /// Gives up a wait (its timeout ran out). Waiters behind it may now be granted.
     pub fn cancel(&mut self, ticket: Ticket, now: Instant) -> Cancel {
-        let Some(name) = self.waiting.remove(&ticket) else {
+        let Some(name) = self.stop_waiting(ticket) else {
             return Cancel::NotWaiting;
         };
         let mut effects = Effects::default();
@@ -273,7 +307,7 @@ impl Locker {
             self.locks.remove(&name);
         }
         for t in &effects.cancelled {
-            self.waiting.remove(t);
+            self.stop_waiting(*t);
         }
         self.forget_granted(&effects);
         effects
@@ -325,7 +359,7 @@ impl Locker {
 
     fn forget_granted(&mut self, effects: &Effects) {
         for t in &effects.granted {
-            self.waiting.remove(t);
+            self.stop_waiting(*t);
         }
     }
 
@@ -489,5 +523,73 @@ mod tests {
             Err(StateError::LimitExceeded(_))
         ));
         assert!(queued(l.acquire("a", 2, 2, Write, true, now).unwrap()) > 0);
+    }
+
+    fn refusal(result: Result<Acquire, StateError>) -> String {
+        match result {
+            Err(StateError::LimitExceeded(m)) => m,
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn waiters_are_limited_per_connection() {
+        let mut l = Locker::new(Limits {
+            max_lock_waiters_per_connection: 2,
+            ..Limits::default()
+        });
+        let now = Instant::now();
+        for name in ["a", "b", "c"] {
+            l.acquire(name, 1, 1, Write, true, now).unwrap();
+        }
+        let a = queued(l.acquire("a", 2, 20, Write, true, now).unwrap());
+        queued(l.acquire("b", 2, 20, Write, true, now).unwrap());
+        let m = refusal(l.acquire("c", 2, 20, Write, true, now));
+        assert!(m.contains("(max_lock_waiters_per_connection)"), "{m}");
+        assert!(
+            l.queues("c").unwrap().1.is_empty(),
+            "the refused request left no trace"
+        );
+        assert_eq!(
+            l.acquire("c", 2, 20, Write, false, now).unwrap(),
+            Acquire::Busy,
+            "a request that does not wait is not a waiter"
+        );
+        queued(l.acquire("c", 3, 30, Write, true, now).unwrap());
+
+        // A wait that ends, however it ends, frees its place.
+        assert_eq!(l.release("a", 1, Write, now).unwrap().granted, vec![a]);
+        let b2 = queued(l.acquire("c", 2, 20, Write, true, now).unwrap());
+        assert!(matches!(l.cancel(b2, now), Cancel::Cancelled(_)));
+        queued(l.acquire("c", 2, 20, Write, true, now).unwrap());
+        l.release_conn(20, now);
+        assert!(!l.waits_by_conn.contains_key(&20));
+        queued(l.acquire("b", 2, 20, Write, true, now).unwrap());
+        queued(l.acquire("c", 2, 20, Write, true, now).unwrap());
+        refusal(l.acquire("b", 2, 20, Read, true, now));
+    }
+
+    #[test]
+    fn waiters_are_limited_per_lock() {
+        let mut l = Locker::new(Limits {
+            max_lock_waiters_per_lock: 2,
+            ..Limits::default()
+        });
+        let now = Instant::now();
+        l.acquire("a", 1, 1, Write, true, now).unwrap();
+        queued(l.acquire("a", 2, 2, Write, true, now).unwrap());
+        queued(l.acquire("a", 3, 3, Read, true, now).unwrap());
+        let m = refusal(l.acquire("a", 4, 4, Read, true, now));
+        assert_eq!(
+            m,
+            "2 requests already wait for lock \"a\" (max_lock_waiters_per_lock)"
+        );
+        assert_eq!(
+            l.acquire("b", 4, 4, Write, true, now).unwrap(),
+            Acquire::Granted,
+            "another lock has room"
+        );
+        l.release_owner(3, now);
+        queued(l.acquire("a", 4, 4, Read, true, now).unwrap());
     }
 }
