@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 
 /// Connections each admin may hold past the caps.
 pub const ADMIN_RESERVE: usize = 4;
-/// File descriptors counted for one connection: its socket (measured: one each, on
-/// either socket), and as much again for what its calls hold open for a while (the
-/// socket a `Listen` reply passes, until it is sent).
-pub const FDS_PER_CONNECTION: u64 = 2;
+/// File descriptors counted for one connection: its socket and the pidfd pinning
+/// its peer (`dbus::peer`), measured, and one more for what its calls hold open for
+/// a while (the socket a `Listen` reply passes, until it is sent).
+pub const FDS_PER_CONNECTION: u64 = 3;
 /// File descriptors kept for everything else: listeners, instances' pipes, files.
 pub const FDS_KEPT: u64 = 256;
 
@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(
             caps.within_fd_limit(1024),
             Caps {
-                total: 376,
+                total: 256,
                 per_uid: 128
             }
         );
