@@ -254,7 +254,7 @@ mod tests {
         assert_eq!(
             caps.within_fd_limit(1024),
             Caps {
-                total: 256,
+                total: 248,
                 per_uid: 128
             }
         );
