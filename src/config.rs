@@ -32,6 +32,9 @@ pub const MAX_STATE_BUSY_POLL: Duration = Duration::from_millis(1);
 
 /// Longer durations are refused so that arithmetic on instants cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest config file read. A config is a few kilobytes; the cap keeps a wrong
+/// `--config` (a device, a log file) from exhausting the broker's memory.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 const TOP_KEYS: &[&str] = &[
     "command",
@@ -277,7 +280,7 @@ impl Config {
             path: path.to_path_buf(),
             error,
         };
-        let bytes = std::fs::read(path).map_err(read_error)?;
+        let bytes = read_regular_file(path).map_err(read_error)?;
         let text = String::from_utf8(bytes).map_err(|_| {
             read_error(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -385,6 +388,58 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// The contents of `path`, if it is a regular file of at most [`MAX_CONFIG_BYTES`].
+/// It is opened without blocking, so a FIFO without a writer fails at once instead of
+/// hanging, and checked through the open descriptor, so the file read is the file
+/// checked; reading stops past the cap even if the file grows meanwhile.
+fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is {what}, not a regular file"),
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!(
+                "the file is larger than {MAX_CONFIG_BYTES} bytes (1 MiB), the limit of a config file"
+            ),
+        )
+    };
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -1114,6 +1169,20 @@ mod tests {
             m.ends_with("cannot read: the file is not valid UTF-8"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_config_is_read_up_to_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.toml");
+        let mut text = String::from("command = [\"/bin/app\"]\n#");
+        text.push_str(&"x".repeat(MAX_CONFIG_BYTES as usize - text.len()));
+        std::fs::write(&path, &text).unwrap();
+        assert!(Config::load(&path, None).is_ok());
+        text.push('x');
+        std::fs::write(&path, &text).unwrap();
+        let m = Config::load(&path, None).unwrap_err().to_string();
+        assert!(m.contains("larger than 1048576 bytes (1 MiB)"), "{m}");
     }
 
     #[test]
