@@ -189,28 +189,28 @@ impl FromStr for StartPriority {
 /// Why a config could not be loaded. Each displays as one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {}", .path.display(), io_message(.error))]
+    #[error("{}: cannot read: {}", one_line(.path.display()), one_line(io_message(.error)))]
     Read { path: PathBuf, error: io::Error },
-    #[error("{}{}: TOML syntax error: {message}", .path.display(), format_location(*.location))]
+    #[error("{}{}: TOML syntax error: {}", one_line(.path.display()), format_location(*.location), one_line(.message))]
     Syntax {
         path: PathBuf,
         /// 1-based line and column, when the parser reports where.
         location: Option<(usize, usize)>,
         message: String,
     },
-    #[error("{}: unknown key `{key}` (expected one of: {})", .path.display(), .expected.join(", "))]
+    #[error("{}: unknown key `{}` (expected one of: {})", one_line(.path.display()), one_line(.key), .expected.join(", "))]
     UnknownKey {
         path: PathBuf,
         key: String,
         expected: Vec<&'static str>,
     },
-    #[error("{}: key `{key}` is missing: expected {expected}", .path.display())]
+    #[error("{}: key `{}` is missing: expected {expected}", one_line(.path.display()), one_line(.key))]
     Missing {
         path: PathBuf,
         key: String,
         expected: String,
     },
-    #[error("{}: key `{key}`: {message}", .path.display())]
+    #[error("{}: key `{}`: {}", one_line(.path.display()), one_line(.key), one_line(.message))]
     Invalid {
         path: PathBuf,
         key: String,
@@ -229,6 +229,20 @@ impl ConfigError {
             | ConfigError::Invalid { path, .. } => path,
         }
     }
+}
+
+/// `text` with its control characters escaped (a newline as `\n`), so that an
+/// error stays one line whatever the names and values it quotes from the file.
+fn one_line(text: impl fmt::Display) -> String {
+    let mut line = String::new();
+    for c in text.to_string().chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 /// The io error without Rust's " (os error N)" suffix, which says nothing to an operator.
@@ -1169,6 +1183,31 @@ mod tests {
             m.ends_with("cannot read: the file is not valid UTF-8"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn names_and_values_with_line_breaks_stay_on_one_line() {
+        let cases = [
+            (
+                "[limits]\n\"max\\nkeys\" = 3\n",
+                "unknown key `limits.max\\nkeys`",
+            ),
+            (
+                "environment = { \"A\\rB\" = 1 }\n",
+                "key `environment.A\\rB`",
+            ),
+            (
+                "[[listen]]\nnetwork = \"unixgram\"\naddress = \"@a\\nb\"\nmode = 0o600\n",
+                "not unixgram @a\\nb",
+            ),
+        ];
+        for (text, expected) in cases {
+            let m = parse(&format!("command = [\"/bin/app\"]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(m.contains(expected), "{m:?} should contain {expected:?}");
+            assert!(!m.contains(['\n', '\r']), "one line: {m:?}");
+        }
     }
 
     #[test]
