@@ -192,7 +192,7 @@ fn state_calls() -> Vec<(&'static str, Vec<u8>)> {
             .build(body)
             .unwrap()
     }
-    let bytes = |messages: &[Message]| -> Vec<u8> {
+    let bytes = |messages: &[&Message]| -> Vec<u8> {
         messages.iter().flat_map(|m| m.data().to_vec()).collect()
     };
     let value = b"value".to_vec();
@@ -230,12 +230,12 @@ fn state_calls() -> Vec<(&'static str, Vec<u8>)> {
         .build(&("ns", "key"))
         .unwrap();
     vec![
-        ("cache-set", bytes(&[set.clone()])),
-        ("cache-get", bytes(&[get.clone()])),
-        ("cache-set-get", bytes(&[set.clone(), get.clone()])),
+        ("cache-set", bytes(&[&set])),
+        ("cache-get", bytes(&[&get])),
+        ("cache-set-get", bytes(&[&set, &get])),
         (
             "cache-set-if-absent",
-            bytes(&[call(
+            bytes(&[&call(
                 CACHE,
                 "SetIfAbsent",
                 &("ns", "key", value.clone(), 60u64),
@@ -244,8 +244,8 @@ fn state_calls() -> Vec<(&'static str, Vec<u8>)> {
         (
             "cache-cas",
             bytes(&[
-                set.clone(),
-                call(
+                &set,
+                &call(
                     CACHE,
                     "CompareAndSwap",
                     &("ns", "key", value.clone(), b"new".to_vec(), 0u64),
@@ -254,53 +254,50 @@ fn state_calls() -> Vec<(&'static str, Vec<u8>)> {
         ),
         (
             "cache-delete",
-            bytes(&[set.clone(), call(CACHE, "Delete", &("ns", "key"))]),
+            bytes(&[&set, &call(CACHE, "Delete", &("ns", "key"))]),
         ),
         (
             "cache-exists",
-            bytes(&[call(CACHE, "Exists", &("ns", "key"))]),
+            bytes(&[&call(CACHE, "Exists", &("ns", "key"))]),
         ),
         (
             "cache-keys-count-flush",
             bytes(&[
-                set.clone(),
-                call(CACHE, "Keys", &"ns"),
-                call(CACHE, "Count", &"ns"),
-                call(CACHE, "Flush", &"ns"),
+                &set,
+                &call(CACHE, "Keys", &"ns"),
+                &call(CACHE, "Count", &"ns"),
+                &call(CACHE, "Flush", &"ns"),
             ]),
         ),
-        ("atomic-add", bytes(&[add.clone()])),
+        ("atomic-add", bytes(&[&add])),
         (
             "atomic-add-overflow",
-            bytes(&[call(ATOMIC, "Store", &("hits", i64::MAX)), add.clone()]),
+            bytes(&[&call(ATOMIC, "Store", &("hits", i64::MAX)), &add]),
         ),
         (
             "atomic-load",
-            bytes(&[add.clone(), call(ATOMIC, "Load", &"hits")]),
+            bytes(&[&add, &call(ATOMIC, "Load", &"hits")]),
         ),
         (
             "atomic-swap",
-            bytes(&[call(ATOMIC, "Swap", &("hits", 3i64))]),
+            bytes(&[&call(ATOMIC, "Swap", &("hits", 3i64))]),
         ),
         (
             "atomic-cas",
-            bytes(&[call(ATOMIC, "CompareAndSwap", &("hits", 0i64, 5i64))]),
+            bytes(&[&call(ATOMIC, "CompareAndSwap", &("hits", 0i64, 5i64))]),
         ),
-        (
-            "atomic-list",
-            bytes(&[add.clone(), call(ATOMIC, "List", &())]),
-        ),
-        ("big-endian", bytes(&[big_endian])),
-        ("no-reply-expected", bytes(&[no_reply])),
-        ("busctl-hello", bytes(&[hello])),
-        ("ping", bytes(&[ping])),
-        ("introspect", bytes(&[introspect])),
-        ("signal", bytes(&[signal])),
-        ("other-path", bytes(&[other_path])),
-        ("unknown-method", bytes(&[call(CACHE, "Nope", &())])),
+        ("atomic-list", bytes(&[&add, &call(ATOMIC, "List", &())])),
+        ("big-endian", bytes(&[&big_endian])),
+        ("no-reply-expected", bytes(&[&no_reply])),
+        ("busctl-hello", bytes(&[&hello])),
+        ("ping", bytes(&[&ping])),
+        ("introspect", bytes(&[&introspect])),
+        ("signal", bytes(&[&signal])),
+        ("other-path", bytes(&[&other_path])),
+        ("unknown-method", bytes(&[&call(CACHE, "Nope", &())])),
         (
             "wrong-arguments",
-            bytes(&[call(CACHE, "Set", &("ns", 5u32))]),
+            bytes(&[&call(CACHE, "Set", &("ns", 5u32))]),
         ),
         ("truncated", set.data()[..set.data().len() - 3].to_vec()),
     ]
