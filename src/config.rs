@@ -40,6 +40,9 @@ pub const MESSAGE_OVERHEAD: u64 = 64 << 10;
 
 /// Longer durations are refused so that arithmetic on instants cannot overflow.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// The largest config file read. A config is a few kilobytes; the cap keeps a wrong
+/// `--config` (a device, a log file) from exhausting the broker's memory.
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 const TOP_KEYS: &[&str] = &[
     "command",
@@ -238,28 +241,28 @@ impl FromStr for StartPriority {
 /// Why a config could not be loaded. Each displays as one line naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("{}: cannot read: {}", .path.display(), io_message(.error))]
+    #[error("{}: cannot read: {}", one_line(.path.display()), one_line(io_message(.error)))]
     Read { path: PathBuf, error: io::Error },
-    #[error("{}{}: TOML syntax error: {message}", .path.display(), format_location(*.location))]
+    #[error("{}{}: TOML syntax error: {}", one_line(.path.display()), format_location(*.location), one_line(.message))]
     Syntax {
         path: PathBuf,
         /// 1-based line and column, when the parser reports where.
         location: Option<(usize, usize)>,
         message: String,
     },
-    #[error("{}: unknown key `{key}` (expected one of: {})", .path.display(), .expected.join(", "))]
+    #[error("{}: unknown key `{}` (expected one of: {})", one_line(.path.display()), one_line(.key), .expected.join(", "))]
     UnknownKey {
         path: PathBuf,
         key: String,
         expected: Vec<&'static str>,
     },
-    #[error("{}: key `{key}` is missing: expected {expected}", .path.display())]
+    #[error("{}: key `{}` is missing: expected {expected}", one_line(.path.display()), one_line(.key))]
     Missing {
         path: PathBuf,
         key: String,
         expected: String,
     },
-    #[error("{}: key `{key}`: {message}", .path.display())]
+    #[error("{}: key `{}`: {}", one_line(.path.display()), one_line(.key), one_line(.message))]
     Invalid {
         path: PathBuf,
         key: String,
@@ -278,6 +281,20 @@ impl ConfigError {
             | ConfigError::Invalid { path, .. } => path,
         }
     }
+}
+
+/// `text` with its control characters escaped (a newline as `\n`), so that an
+/// error stays one line whatever the names and values it quotes from the file.
+fn one_line(text: impl fmt::Display) -> String {
+    let mut line = String::new();
+    for c in text.to_string().chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
+    }
+    line
 }
 
 /// The io error without Rust's " (os error N)" suffix, which says nothing to an operator.
@@ -330,7 +347,7 @@ impl Config {
             path: path.to_path_buf(),
             error,
         };
-        let bytes = std::fs::read(path).map_err(read_error)?;
+        let bytes = read_regular_file(path).map_err(read_error)?;
         let text = String::from_utf8(bytes).map_err(|_| {
             read_error(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -438,6 +455,58 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+/// The contents of `path`, if it is a regular file of at most [`MAX_CONFIG_BYTES`].
+/// It is opened without blocking, so a FIFO without a writer fails at once instead of
+/// hanging, and checked through the open descriptor, so the file read is the file
+/// checked; reading stops past the cap even if the file grows meanwhile.
+fn read_regular_file(path: &Path) -> io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    let metadata = file.metadata()?;
+    let kind = metadata.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_char_device() {
+            "a character device"
+        } else if kind.is_block_device() {
+            "a block device"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "something else"
+        };
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("it is {what}, not a regular file"),
+        ));
+    }
+    let too_large = || {
+        io::Error::new(
+            io::ErrorKind::FileTooLarge,
+            format!(
+                "the file is larger than {MAX_CONFIG_BYTES} bytes (1 MiB), the limit of a config file"
+            ),
+        )
+    };
+    if metadata.len() > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    let mut bytes = Vec::with_capacity(metadata.len() as usize);
+    file.take(MAX_CONFIG_BYTES + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(too_large());
+    }
+    Ok(bytes)
 }
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
@@ -1226,6 +1295,45 @@ mod tests {
             m.ends_with("cannot read: the file is not valid UTF-8"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn names_and_values_with_line_breaks_stay_on_one_line() {
+        let cases = [
+            (
+                "[limits]\n\"max\\nkeys\" = 3\n",
+                "unknown key `limits.max\\nkeys`",
+            ),
+            (
+                "environment = { \"A\\rB\" = 1 }\n",
+                "key `environment.A\\rB`",
+            ),
+            (
+                "[[listen]]\nnetwork = \"unixgram\"\naddress = \"@a\\nb\"\nmode = 0o600\n",
+                "not unixgram @a\\nb",
+            ),
+        ];
+        for (text, expected) in cases {
+            let m = parse(&format!("command = [\"/bin/app\"]\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(m.contains(expected), "{m:?} should contain {expected:?}");
+            assert!(!m.contains(['\n', '\r']), "one line: {m:?}");
+        }
+    }
+
+    #[test]
+    fn a_config_is_read_up_to_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("web.toml");
+        let mut text = String::from("command = [\"/bin/app\"]\n#");
+        text.push_str(&"x".repeat(MAX_CONFIG_BYTES as usize - text.len()));
+        std::fs::write(&path, &text).unwrap();
+        assert!(Config::load(&path, None).is_ok());
+        text.push('x');
+        std::fs::write(&path, &text).unwrap();
+        let m = Config::load(&path, None).unwrap_err().to_string();
+        assert!(m.contains("larger than 1048576 bytes (1 MiB)"), "{m}");
     }
 
     #[test]

@@ -180,3 +180,92 @@ fn admin_commands_explain_a_missing_broker() {
     let out = Command::new(ALLY).args(["reload"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "usage errors exit 2");
 }
+
+/// `ally run` on `config`, killed if it has not exited within a few seconds (then
+/// the code is `None`). Its address space is capped so that reading without end
+/// fails the run instead of the machine.
+fn ally_run_bounded(config: &std::path::Path, runtime: &std::path::Path) -> (Option<i32>, String) {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    let mut command = Command::new(ALLY);
+    command
+        .arg("run")
+        .arg("app")
+        .arg("--config")
+        .arg(config)
+        .arg("--runtime-dir")
+        .arg(runtime)
+        .args(["--bus", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let limit = libc::rlimit {
+        rlim_cur: 2 << 30,
+        rlim_max: 2 << 30,
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    (status.and_then(|s| s.code()), err)
+}
+
+#[test]
+fn a_config_that_is_no_small_regular_file_is_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = dir.path().join("run");
+    let fifo = dir.path().join("fifo.toml");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let large = dir.path().join("large.toml");
+    let mut text = String::from("command = [\"/bin/true\"]\n");
+    while text.len() <= 1 << 20 {
+        text.push_str("# a comment to make the file larger than the limit\n");
+    }
+    std::fs::write(&large, text).unwrap();
+    let cases = [
+        (
+            std::path::PathBuf::from("/dev/zero"),
+            "it is a character device, not a regular file",
+        ),
+        (fifo, "it is a FIFO, not a regular file"),
+        (
+            dir.path().to_path_buf(),
+            "it is a directory, not a regular file",
+        ),
+        (large, "larger than 1048576 bytes (1 MiB)"),
+    ];
+    for (path, expected) in cases {
+        let (code, err) = ally_run_bounded(&path, &runtime);
+        let path = path.display();
+        assert_eq!(code, Some(1), "{path}: {err}");
+        assert!(
+            err.starts_with(&format!("ally: {path}: cannot read: ")),
+            "names the file: {err}"
+        );
+        assert!(
+            err.contains(expected),
+            "{err:?} should contain {expected:?}"
+        );
+        assert_eq!(err.lines().count(), 1, "one line: {err:?}");
+    }
+}

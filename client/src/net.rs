@@ -286,7 +286,9 @@ fn parse_unix(network: Network, address: &str) -> Result<Endpoint, AddressError>
     if !path.is_absolute() {
         return Err(invalid("the path must be absolute".into()));
     }
-    if address.ends_with('/') {
+    // A last component of `.` or `..` names a directory too; normalising would make
+    // "/run/." the directory "/run", and "/." the root "/".
+    if address.ends_with('/') || address.ends_with("/.") || address.ends_with("/..") {
         return Err(invalid("the path names a directory".into()));
     }
     Ok(Endpoint::Path(normalise_path(path)))
@@ -522,6 +524,10 @@ mod tests {
                 .to_string()
                 .contains("absolute")
         );
+        for directory in ["/run/", "/run/.", "/run/..", "/.", "/"] {
+            let error = parse("unix", directory).unwrap_err().to_string();
+            assert!(error.contains("names a directory"), "{directory}: {error}");
+        }
         assert!(parse("unix", "@").is_err());
         assert!(parse("unix", "").is_err());
         let long = format!("/{}", "a".repeat(200));

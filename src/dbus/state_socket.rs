@@ -172,7 +172,9 @@ async fn poll_for_call(read: &OwnedReadHalf, budget: Duration) {
     }
 }
 
-fn reply_to(calls: &StateCalls, bytes: Vec<u8>) -> Result<Option<zbus::Message>, String> {
+/// The reply to one whole message as read from a client (`bytes` as long as
+/// [`wire::message_len`] measured it); an error ends the connection.
+pub fn reply_to(calls: &StateCalls, bytes: Vec<u8>) -> Result<Option<zbus::Message>, String> {
     let message = wire::decode(bytes).map_err(|e| format!("not a D-Bus message: {e}"))?;
     Ok(calls.answer(&message))
 }

@@ -1,0 +1,56 @@
+//! What the state socket does with a client's bytes after the handshake: cut them
+//! into messages by their fixed header (`wire::message_len`), then answer each with
+//! `state_socket::reply_to`, as an admin, against a fresh broker. A reply must be a
+//! message that its own framing measures and decodes again.
+#![no_main]
+
+use std::sync::Arc;
+
+use ally::broker::Broker;
+use ally::config::Config;
+use ally::dbus::broker1::{Access, Peer};
+use ally::dbus::state_calls::StateCalls;
+use ally::dbus::state_socket::reply_to;
+use ally_client::wire::{self, FIXED_HEADER};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let calls = state_calls();
+    let mut stream = data;
+    while let Some(fixed) = stream.first_chunk::<FIXED_HEADER>() {
+        let Ok(len) = wire::message_len(fixed) else {
+            return;
+        };
+        assert!(len >= FIXED_HEADER, "{len} bytes for {fixed:?}");
+        if len > stream.len() {
+            return;
+        }
+        let (message, rest) = stream.split_at(len);
+        stream = rest;
+        match reply_to(&calls, message.to_vec()) {
+            Ok(Some(reply)) => {
+                let bytes = reply.data().to_vec();
+                let fixed = bytes.first_chunk::<FIXED_HEADER>().expect("a fixed header");
+                assert_eq!(wire::message_len(fixed).unwrap(), bytes.len());
+                wire::decode(bytes).expect("the reply decodes");
+            }
+            Ok(None) => {}
+            Err(_) => return,
+        }
+    }
+});
+
+fn state_calls() -> StateCalls {
+    let config = Config::defaults(vec!["/bin/true".into()]);
+    let broker: Arc<Broker> = Broker::new(
+        "fuzz",
+        config,
+        "unix:path=/nonexistent".into(),
+        String::new(),
+    )
+    .expect("a broker without listeners");
+    let connection = broker.state().new_conn();
+    // pid 0 has no ancestry to read; uid 0 makes the caller an admin, who may call all.
+    let peer = Peer::private(0, 0, connection);
+    StateCalls::new(Access::new(broker, peer), connection)
+}
