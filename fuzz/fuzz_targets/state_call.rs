@@ -9,6 +9,7 @@ use std::sync::Arc;
 use ally::broker::Broker;
 use ally::config::Config;
 use ally::dbus::broker1::{Access, Peer};
+use ally::dbus::peer::Identity;
 use ally::dbus::state_calls::StateCalls;
 use ally::dbus::state_socket::reply_to;
 use ally_client::wire::{self, FIXED_HEADER};
@@ -50,7 +51,7 @@ fn state_calls() -> StateCalls {
     )
     .expect("a broker without listeners");
     let connection = broker.state().new_conn();
-    // pid 0 has no ancestry to read; uid 0 makes the caller an admin, who may call all.
-    let peer = Peer::private(0, 0, connection);
+    // No process to read; uid 0 makes the caller an admin, who may call all.
+    let peer = Peer::private(Identity::uid_only(0), connection);
     StateCalls::new(Access::new(broker, peer), connection)
 }
