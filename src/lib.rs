@@ -1,6 +1,7 @@
 //! The Ally broker: supervises one application, owns its listening sockets and
 //! reloads it with zero downtime. See `docs/architecture.md` for the map.
 
+pub mod bind_as;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -8,6 +9,7 @@ pub mod control;
 pub mod dbus;
 pub mod generations;
 pub mod instance;
+pub mod listen_policy;
 pub mod listeners;
 pub mod priority;
 pub mod run;
