@@ -675,4 +675,39 @@ mod tests {
         let st = fstat(bound.socket.as_fd()).unwrap();
         assert_eq!(st.st_uid, 65534);
     }
+
+    /// What the thread per bind costs:
+    /// `cargo test -p ally --lib bind_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn bind_cost() {
+        const N: u32 = 2000;
+        let dir = tempfile::tempdir().unwrap();
+        let creds = me();
+        let time = |what: &str, bind_one: &dyn Fn(u32)| {
+            let start = std::time::Instant::now();
+            for i in 0..N {
+                bind_one(i);
+            }
+            eprintln!("{what}: {:?} per bind", start.elapsed() / N);
+        };
+        let path = |tag: &str, i: u32| unix(&dir.path().join(format!("{tag}{i}.sock")));
+        let options = with_mode(0o660);
+        time("unix, in place (net::bind)", &|i| {
+            net::bind(&path("a", i), &options).unwrap();
+        });
+        time("unix, broker's thread", &|i| {
+            bind(&path("b", i), &options, BindAs::Broker, NONE).unwrap();
+        });
+        time("unix, user's thread", &|i| {
+            bind(&path("c", i), &options, BindAs::User(&creds), NONE).unwrap();
+        });
+        let tcp = ListenAddr::parse("tcp4", "127.0.0.1:0").unwrap();
+        time("tcp, in place (net::bind)", &|_| {
+            net::bind(&tcp, &Default::default()).unwrap();
+        });
+        time("tcp, user's thread", &|_| {
+            bind(&tcp, &Default::default(), BindAs::User(&creds), NONE).unwrap();
+        });
+    }
 }
