@@ -231,7 +231,7 @@ fn bind_path(
     let dir = match who {
         BindAs::Broker => open_dir_as_broker(parent)?,
         BindAs::User(_) => {
-            open_dir(parent).map_err(|e| io(&format!("may not reach {}", parent.display()), e))?
+            open_dir(parent).map_err(|e| io(&format!("cannot reach {}", parent.display()), e))?
         }
     };
     nix::unistd::fchdir(&dir).map_err(|e| io(&format!("cannot enter {}", parent.display()), e))?;
@@ -244,7 +244,7 @@ fn bind_path(
     let relative = SockAddr::unix(name).map_err(|e| io("address", errno(&e)))?;
     socket.bind(&relative).map_err(|e| {
         io(
-            &format!("may not create files in {}", parent.display()),
+            &format!("cannot create files in {}", parent.display()),
             errno(&e),
         )
     })?;
@@ -599,7 +599,7 @@ mod tests {
         // A root-only directory: denied, and nothing is made there.
         let path = dir.path().join("root.sock");
         let err = bind(&unix(&path), &with_mode(0o666), BindAs::User(&nobody), ANY).unwrap_err();
-        assert!(err_says(&err, "may not create files in"), "{err:?}");
+        assert!(err_says(&err, "cannot create files in"), "{err:?}");
         assert!(!path.exists());
         // Its own directory: the file is nobody's, with the mode asked for.
         let own = dir.path().join("own");

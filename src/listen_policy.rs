@@ -99,7 +99,7 @@ pub fn refusal(addr: &ListenAddr, why: &str, config_file: Option<&Path>) -> Stri
         |f| f.display().to_string(),
     );
     format!(
-        "Listen {addr} refused: {why}; the broker binds other addresses only as the instances' own user could: to allow it, declare it in [[listen]] or allow_listen in {file}"
+        "{addr} refused: {why}. An address the operator did not declare is bound only as the instances' own user could bind it; to allow this one, declare it in [[listen]] or allow_listen in {file}"
     )
 }
 
@@ -201,7 +201,13 @@ mod tests {
             "port 81 is privileged",
             Some(Path::new("/etc/ally/web.toml")),
         );
-        assert!(m.starts_with("Listen tcp 127.0.0.1:81 refused: port 81 is privileged;"));
-        assert!(m.ends_with("declare it in [[listen]] or allow_listen in /etc/ally/web.toml"));
+        assert!(
+            m.starts_with("tcp 127.0.0.1:81 refused: port 81 is privileged."),
+            "{m}"
+        );
+        assert!(
+            m.ends_with("declare it in [[listen]] or allow_listen in /etc/ally/web.toml"),
+            "{m}"
+        );
     }
 }

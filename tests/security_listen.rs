@@ -88,6 +88,7 @@ fn assert_refused(r: &Value, kind: &str, words: &[&str]) {
     assert_eq!(r["ok"], false, "{r}");
     assert_eq!(r["kind"], kind, "{r}");
     let message = r["error"].as_str().unwrap();
+    eprintln!("refused: {message}");
     for word in words {
         assert!(message.contains(word), "{r} should say {word:?}");
     }
