@@ -681,7 +681,7 @@ mod tests {
     #[test]
     #[ignore = "a measurement, not a check"]
     fn bind_cost() {
-        const N: u32 = 2000;
+        const N: u32 = 300;
         let dir = tempfile::tempdir().unwrap();
         let creds = me();
         let time = |what: &str, bind_one: &dyn Fn(u32)| {
