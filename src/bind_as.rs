@@ -234,21 +234,28 @@ fn bind_path(
             open_dir(parent).map_err(|e| io(&format!("cannot reach {}", parent.display()), e))?
         }
     };
-    nix::unistd::fchdir(&dir).map_err(|e| io(&format!("cannot enter {}", parent.display()), e))?;
     clear_stale(addr, &dir, name, removable)?;
     if let Some(mode) = options.mode {
         nix::sys::stat::umask(Mode::from_bits_truncate(!mode & 0o777));
     }
     let socket = Socket::new(Domain::UNIX, socket_type(addr.network), None)
         .map_err(|e| io("socket", errno(&e)))?;
-    let relative = SockAddr::unix(name).map_err(|e| io("address", errno(&e)))?;
-    socket.bind(&relative).map_err(|e| {
+    // The whole path, so that the socket's own address (what the app and the fd
+    // store see) is absolute: resolved again as the user for an instance, and,
+    // for the broker, along directories only root may change (see
+    // `open_dir_as_broker`); `bind()` itself never follows the last component.
+    let sockaddr = SockAddr::unix(path).map_err(|e| io("address", errno(&e)))?;
+    socket.bind(&sockaddr).map_err(|e| {
         io(
             &format!("cannot create files in {}", parent.display()),
             errno(&e),
         )
     })?;
-    let file = made(&dir, name, options.mode);
+    let owner = match who {
+        BindAs::Broker => nix::unistd::geteuid().as_raw(),
+        BindAs::User(creds) => creds.uid,
+    };
+    let file = made(&dir, name, owner, options.mode);
     if addr.network.is_listening() {
         let backlog = options
             .backlog
@@ -261,9 +268,10 @@ fn bind_path(
     Ok(Bound { socket, file })
 }
 
-/// The socket file just bound, if it is still there; its mode set through the
-/// file itself should a default ACL of the directory have overridden the umask.
-fn made(dir: &OwnedFd, name: &OsStr, mode: Option<u32>) -> Option<SocketFile> {
+/// The socket file just bound, if it is still there (a socket that `owner`
+/// owns); its mode set through the file itself should a default ACL of the
+/// directory have overridden the umask.
+fn made(dir: &OwnedFd, name: &OsStr, owner: u32, mode: Option<u32>) -> Option<SocketFile> {
     let file = openat(
         dir,
         name,
@@ -272,7 +280,7 @@ fn made(dir: &OwnedFd, name: &OsStr, mode: Option<u32>) -> Option<SocketFile> {
     )
     .ok()?;
     let st = fstat(&file).ok()?;
-    if !is_socket(&st) {
+    if !is_socket(&st) || st.st_uid != owner {
         return None;
     }
     if let Some(mode) = mode
@@ -306,6 +314,13 @@ fn clear_stale(
     ) {
         Ok(entry) => entry,
         Err(Errno::ENOENT) => return Ok(()),
+        Err(e @ (Errno::EACCES | Errno::EPERM)) => {
+            return Err(Error::Denied(format!(
+                "cannot look for {:?} in its directory: {}",
+                name,
+                e.desc()
+            )));
+        }
         Err(e) => {
             return Err(in_use(format!(
                 "cannot look at the file there: {}",
@@ -318,12 +333,15 @@ fn clear_stale(
     if !is_socket(&st) {
         return Err(in_use("the path exists and is not a socket".into()));
     }
+    let alive = || {
+        Err(Error::Address(AddressError::InUse(format!(
+            "{addr} is already in use (another process accepts on it)"
+        ))))
+    };
     match connect(addr.network, &proc_fd(&entry)) {
-        Ok(()) => {
-            return Err(Error::Address(AddressError::InUse(format!(
-                "{addr} is already in use (another process accepts on it)"
-            ))));
-        }
+        Ok(()) => return alive(),
+        // A full accept queue is a live socket too.
+        Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => return alive(),
         Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => {}
         Err(e) => {
             return Err(in_use(format!(
@@ -350,9 +368,10 @@ fn clear_stale(
 }
 
 /// Connects to the socket file open as `path` (a `/proc/self/fd` link, so no
-/// symlink is followed to reach it).
+/// symlink is followed to reach it), without waiting on a full accept queue.
 fn connect(network: Network, path: &str) -> io::Result<()> {
     let socket = Socket::new(Domain::UNIX, socket_type(network), None)?;
+    socket.set_nonblocking(true)?;
     socket.connect(&SockAddr::unix(path)?)
 }
 
@@ -395,10 +414,13 @@ fn open_dir(path: &Path) -> Result<OwnedFd, Errno> {
 const MAX_SYMLINKS: usize = 40;
 
 /// Opens directory `path` one component at a time, following a symlink only if
-/// root or the broker's user owns it: a user who may write a directory on the
-/// way cannot redirect the broker elsewhere.
+/// root or the broker's user owns it, and only through directories that no one
+/// else may change: a user who could rename a directory or plant a symlink on
+/// the way cannot redirect the broker elsewhere, now or between this walk and
+/// the `bind()` that resolves the path again.
 fn open_dir_as_broker(path: &Path) -> Result<OwnedFd, Error> {
     let broker = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == broker;
     let fail = |what: String, e: Errno| {
         Error::Address(AddressError::Io(format!(
             "{}: {what}: {}",
@@ -419,10 +441,18 @@ fn open_dir_as_broker(path: &Path) -> Result<OwnedFd, Error> {
         )
         .map_err(|e| fail(name.to_string_lossy().into(), e))?;
         let st = fstat(&next).map_err(|e| fail(name.to_string_lossy().into(), e))?;
+        let here = fstat(&dir).map_err(|e| fail(name.to_string_lossy().into(), e))?;
+        if let Some(who) = may_replace(&here, &st, trusted) {
+            return Err(Error::Denied(format!(
+                "the way to {} goes through {:?} in a directory {who} may change, which the broker does not follow for declared sockets",
+                path.display(),
+                name,
+            )));
+        }
         match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
             SFlag::S_IFDIR => dir = next,
             SFlag::S_IFLNK => {
-                if st.st_uid != 0 && st.st_uid != broker {
+                if !trusted(st.st_uid) {
                     return Err(Error::Denied(format!(
                         "the way to {} goes through a symlink {:?} owned by uid {}, which the broker does not follow",
                         path.display(),
@@ -448,6 +478,23 @@ fn open_dir_as_broker(path: &Path) -> Result<OwnedFd, Error> {
         }
     }
     Ok(dir)
+}
+
+/// Who other than the trusted users may rename or replace `entry` in directory
+/// `dir`, if anyone: its owner, or the users its group and other write bits
+/// admit, unless the sticky bit keeps them off an entry a trusted user owns.
+fn may_replace(dir: &FileStat, entry: &FileStat, trusted: impl Fn(u32) -> bool) -> Option<String> {
+    if !trusted(dir.st_uid) {
+        return Some(format!("uid {}", dir.st_uid));
+    }
+    let sticky_guards = dir.st_mode & 0o1000 != 0 && trusted(entry.st_uid);
+    if dir.st_mode & 0o002 != 0 && !sticky_guards {
+        return Some("every user".into());
+    }
+    if dir.st_mode & 0o020 != 0 && dir.st_gid != 0 && !sticky_guards {
+        return Some(format!("group {}", dir.st_gid));
+    }
+    None
 }
 
 fn components(path: &Path) -> VecDeque<OsString> {
@@ -562,6 +609,26 @@ mod tests {
     }
 
     #[test]
+    fn a_live_socket_with_a_full_queue_is_in_use_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let live = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+        live.bind(&SockAddr::unix(&path).unwrap()).unwrap();
+        live.listen(0).unwrap();
+        let mut queued = Vec::new();
+        loop {
+            let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
+            client.set_nonblocking(true).unwrap();
+            match client.connect(&SockAddr::unix(&path).unwrap()) {
+                Ok(()) => queued.push(client),
+                Err(_) => break,
+            }
+        }
+        let err = bind(&unix(&path), &Default::default(), BindAs::Broker, ANY).unwrap_err();
+        assert!(err_says(&err, "another process accepts on it"), "{err:?}");
+    }
+
+    #[test]
     fn a_socket_file_is_removed_only_while_it_is_the_same_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
@@ -656,6 +723,83 @@ mod tests {
         .unwrap_err();
         assert!(err_says(&err, "owned by uid 65534"), "{err:?}");
         assert!(!real.join("b.sock").exists());
+    }
+
+    #[test]
+    fn a_way_others_may_change_is_not_the_brokers() {
+        let stat = |uid: u32, gid: u32, mode: u32| {
+            // SAFETY: FileStat is a plain C struct of integers; all zeroes is valid.
+            let mut st: FileStat = unsafe { std::mem::zeroed() };
+            (st.st_uid, st.st_gid, st.st_mode) = (uid, gid, mode);
+            st
+        };
+        let trusted = |uid: u32| uid == 0;
+        let root_entry = stat(0, 0, 0o40755);
+        let user_entry = stat(1000, 1000, 0o40755);
+        let replace = |dir: &FileStat, entry: &FileStat| may_replace(dir, entry, trusted);
+        assert_eq!(replace(&stat(0, 0, 0o40755), &user_entry), None);
+        assert_eq!(
+            replace(&stat(0, 0, 0o40775), &root_entry),
+            None,
+            "group root"
+        );
+        assert_eq!(
+            replace(&stat(1000, 0, 0o40755), &root_entry).as_deref(),
+            Some("uid 1000")
+        );
+        assert_eq!(
+            replace(&stat(0, 0, 0o40777), &root_entry).as_deref(),
+            Some("every user")
+        );
+        assert_eq!(
+            replace(&stat(0, 50, 0o40775), &root_entry).as_deref(),
+            Some("group 50")
+        );
+        // /tmp: the sticky bit keeps others off what root owns, not off the rest.
+        assert_eq!(replace(&stat(0, 0, 0o41777), &root_entry), None);
+        assert_eq!(
+            replace(&stat(0, 0, 0o41777), &user_entry).as_deref(),
+            Some("every user")
+        );
+    }
+
+    #[test]
+    fn the_broker_refuses_a_way_through_a_directory_anyone_may_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sub = open.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        // Directly in it: bind() itself never follows; fine.
+        bind(
+            &unix(&open.join("a.sock")),
+            &Default::default(),
+            BindAs::Broker,
+            NONE,
+        )
+        .unwrap();
+        // Below it: `sub` could be swapped for a symlink between walk and bind.
+        let err = bind(
+            &unix(&sub.join("b.sock")),
+            &Default::default(),
+            BindAs::Broker,
+            NONE,
+        )
+        .unwrap_err();
+        assert!(
+            err_says(&err, "\"sub\" in a directory every user may change"),
+            "{err:?}"
+        );
+        assert!(!sub.join("b.sock").exists());
+        // As a user, the kernel checks every step: fine.
+        bind(
+            &unix(&sub.join("c.sock")),
+            &Default::default(),
+            BindAs::User(&me()),
+            NONE,
+        )
+        .unwrap();
     }
 
     #[test]
