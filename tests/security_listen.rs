@@ -130,6 +130,8 @@ fn race(app: &str, allow: bool) {
     let command = probe_command(
         &report,
         &[
+            // Ready first: the race may outlast ready_timeout.
+            "--ready".into(),
             "--race-symlink".into(),
             race_dir.display().to_string(),
             secret.display().to_string(),
@@ -145,10 +147,15 @@ fn race(app: &str, allow: bool) {
         "listener_linger = \"0s\"\n".to_string()
     };
     let broker = start(app, Some("nobody"), &command, &extra);
+    let racer = wait_for_report(&report, "racing", 1)
+        .iter()
+        .find(|r| r["op"] == "racing")
+        .and_then(|r| r["pid"].as_u64())
+        .unwrap() as u32;
     let mut outcome = None;
     wait_until("the race to finish", Duration::from_secs(600), || {
         outcome = json_lines(&report).into_iter().find(|r| r["op"] == "race");
-        outcome.is_some() || mode_and_owner(&secret) != (0o600, 0)
+        outcome.is_some() || mode_and_owner(&secret) != (0o600, 0) || !pid_alive(racer)
     });
     assert_eq!(
         mode_and_owner(&secret),
@@ -156,7 +163,13 @@ fn race(app: &str, allow: bool) {
         "the broker changed a root-owned file through a symlink; logs:\n{}",
         broker.logs()
     );
-    let outcome = outcome.unwrap();
+    let outcome = outcome.unwrap_or_else(|| {
+        panic!(
+            "the racer died: {:?}; logs:\n{}",
+            json_lines(&report),
+            broker.logs()
+        )
+    });
     eprintln!("{outcome}");
     assert_eq!(outcome["attempts"], RACE_ATTEMPTS, "{outcome}");
     assert_eq!(outcome["bound"], RACE_ATTEMPTS, "{outcome}");
