@@ -425,7 +425,12 @@ impl Broker {
             let known = &shared.socket_files;
             let removable =
                 |dev: u64, ino: u64, uid: u32| uid == broker_uid || known.contains(&(dev, ino));
-            bind_as::bind(addr, options, BindAs::Broker, &removable)
+            bind_as::bind(addr, options, BindAs::Broker, &removable).map_err(|e| match e {
+                bind_as::Error::Denied(why) => Error::AccessDenied(format!(
+                    "{addr} refused: {why}; choose a path whose directories only root may change"
+                )),
+                bind_as::Error::Address(e) => Error::from(e),
+            })
         } else {
             let creds = self.instance_credentials()?;
             if creds.uid != 0
@@ -443,17 +448,17 @@ impl Broker {
             let known = &shared.socket_files;
             let removable = |dev: u64, ino: u64, _uid: u32| known.contains(&(dev, ino));
             bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| match e {
-                bind_as::Error::Denied(why) => bind_as::Error::Denied(format!(
-                    "the instances run as {}, who {why}",
-                    self.instance_user(&creds)
-                )),
-                other => other,
+                bind_as::Error::Denied(why) => self.refused(
+                    addr,
+                    &format!(
+                        "the instances run as {}, who {why}",
+                        self.instance_user(&creds)
+                    ),
+                ),
+                bind_as::Error::Address(e) => Error::from(e),
             })
         };
-        let bind_as::Bound { socket, file } = bound.map_err(|e| match e {
-            bind_as::Error::Address(e) => Error::from(e),
-            bind_as::Error::Denied(why) => self.refused(addr, &why),
-        })?;
+        let bind_as::Bound { socket, file } = bound?;
         if let Some(file) = &file {
             shared.socket_files.insert(file.id());
         }
