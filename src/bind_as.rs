@@ -12,8 +12,9 @@
 //! existing name, so a symlink there is never followed.
 //!
 //! A socket the operator declared is made with the broker's own rights, on the
-//! same kind of thread (for the umask and the directory), reaching its directory
-//! through symlinks only if root or the broker's user owns them.
+//! same kind of thread (for the umask), reaching its directory through symlinks
+//! only if root or the broker's user owns them and only through directories no
+//! one else may change.
 
 use std::collections::VecDeque;
 use std::ffi::{OsStr, OsString};
