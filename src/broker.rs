@@ -6,19 +6,19 @@
 //! while it is busy are answered together by one follow-up reload, so a reload
 //! asked for after a binary was replaced always runs the new binary.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use ally_client::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::bind_as::{self, BindAs, Credentials, SocketFile};
 use crate::config::{Config, RestartPolicy, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
 use crate::instance::{self, Launch};
+use crate::listen_policy;
 use crate::listeners::{ListenerInfo, Registry};
 use crate::priority::{self, Policy};
 use crate::state::State;
@@ -40,6 +40,8 @@ pub enum Error {
     InvalidArgument(String),
     #[error("{0}")]
     AddressInUse(String),
+    #[error("{0}")]
+    AccessDenied(String),
     #[error("{0}")]
     ReloadFailed(String),
     #[error("{0}")]
@@ -109,28 +111,25 @@ pub struct Status {
 #[derive(Debug)]
 struct Held {
     fd: OwnedFd,
-    unix_file: Option<(PathBuf, u64, u64)>,
+    unix_file: Option<SocketFile>,
 }
 
 impl Held {
-    fn new(fd: OwnedFd, endpoint: &Endpoint) -> Held {
+    /// A socket systemd passed: its file is whatever is at its path now.
+    fn adopted(fd: OwnedFd, endpoint: &Endpoint) -> Held {
         let unix_file = match endpoint {
-            Endpoint::Path(path) => std::fs::metadata(path)
-                .ok()
-                .map(|m| (path.clone(), m.dev(), m.ino())),
+            Endpoint::Path(path) => SocketFile::find(path),
             _ => None,
         };
         Held { fd, unix_file }
     }
 
-    /// Closes the socket for good. Not done on exit: a restarted broker gets the
-    /// socket back from systemd's fd store and its file must still be there.
-    fn close(self) {
-        if let Some((path, dev, ino)) = &self.unix_file
-            && std::fs::metadata(path).is_ok_and(|m| m.dev() == *dev && m.ino() == *ino)
-        {
-            let _ = std::fs::remove_file(path);
-        }
+    /// Closes the socket for good, returning the identity of the file it
+    /// removed. Not done on exit: a restarted broker gets the socket back from
+    /// systemd's fd store and its file must still be there.
+    fn close(self) -> Option<(u64, u64)> {
+        let file = self.unix_file?;
+        file.remove().then(|| file.id())
     }
 }
 
@@ -170,6 +169,9 @@ struct Shared {
     last_reload: String,
     lives: HashMap<InstanceId, watch::Sender<Life>>,
     notified_ready: bool,
+    /// (dev, ino) of the unix socket files the broker made or got back from the
+    /// fd store: the only dead ones it replaces on an instance's behalf.
+    socket_files: HashSet<(u64, u64)>,
 }
 
 pub struct Broker {
@@ -226,6 +228,7 @@ impl Broker {
                 last_reload: String::new(),
                 lives: HashMap::new(),
                 notified_ready: false,
+                socket_files: HashSet::new(),
             }),
             requests,
             events: broadcast::channel(1024).0,
@@ -264,7 +267,12 @@ impl Broker {
                 continue;
             }
             let bound = net::local_address(&fd).unwrap_or_else(|_| key.endpoint.to_string());
-            let held = Held::new(fd, &key.endpoint);
+            let held = Held::adopted(fd, &key.endpoint);
+            if origin == systemd::Origin::FdStore
+                && let Some(file) = &held.unix_file
+            {
+                shared.socket_files.insert(file.id());
+            }
             let from = match origin {
                 systemd::Origin::FdStore => "the fd store",
                 systemd::Origin::SocketActivation => "socket activation",
@@ -408,7 +416,52 @@ impl Broker {
         options: &ListenOptions,
         pinned: bool,
     ) -> Result<OwnedFd, Error> {
-        let socket = net::bind(addr, options)?;
+        let declared =
+            pinned || listen_policy::declared(&self.config.listen, &self.config.allow_listen, addr);
+        let bound = if declared {
+            // A dead socket file at a declared path that the broker's user owns is
+            // most likely the broker's own, from before it was restarted.
+            let broker_uid = nix::unistd::geteuid().as_raw();
+            let known = &shared.socket_files;
+            let removable =
+                |dev: u64, ino: u64, uid: u32| uid == broker_uid || known.contains(&(dev, ino));
+            bind_as::bind(addr, options, BindAs::Broker, &removable).map_err(|e| match e {
+                bind_as::Error::Denied(why) => Error::AccessDenied(format!(
+                    "{addr} refused: {why}; choose a path whose directories only root may change"
+                )),
+                bind_as::Error::Address(e) => Error::from(e),
+            })
+        } else {
+            let creds = self.instance_credentials()?;
+            if creds.uid != 0
+                && let Some(port) =
+                    listen_policy::privileged_port(addr, bind_as::unprivileged_port_start())
+            {
+                return Err(self.refused(
+                    addr,
+                    &format!(
+                        "port {port} is privileged (below net.ipv4.ip_unprivileged_port_start) and the instances run as {}, who may not bind it",
+                        self.instance_user(&creds)
+                    ),
+                ));
+            }
+            let known = &shared.socket_files;
+            let removable = |dev: u64, ino: u64, _uid: u32| known.contains(&(dev, ino));
+            bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| match e {
+                bind_as::Error::Denied(why) => self.refused(
+                    addr,
+                    &format!(
+                        "the instances run as {}, who {why}",
+                        self.instance_user(&creds)
+                    ),
+                ),
+                bind_as::Error::Address(e) => Error::from(e),
+            })
+        };
+        let bind_as::Bound { socket, file } = bound?;
+        if let Some(file) = &file {
+            shared.socket_files.insert(file.id());
+        }
         let bound = net::local_address(&socket).unwrap_or_else(|_| addr.endpoint.to_string());
         let bound_key = ListenAddr::parse(addr.network.as_str(), &bound).ok();
         let fd: OwnedFd = socket.into();
@@ -417,12 +470,66 @@ impl Broker {
         shared.listeners.insert(
             addr.clone(),
             bound_key.into_iter().collect(),
-            Held::new(fd, &addr.endpoint),
+            Held {
+                fd,
+                unix_file: file,
+            },
             bound,
             pinned,
             Instant::now(),
         );
         Ok(copy)
+    }
+
+    fn refused(&self, addr: &ListenAddr, why: &str) -> Error {
+        Error::AccessDenied(listen_policy::refusal(
+            addr,
+            why,
+            self.config.file.as_deref(),
+        ))
+    }
+
+    /// The credentials the instances run with (see `instance::spawn`): the
+    /// configured user and group with the user's supplementary groups, else the
+    /// broker's own.
+    fn instance_credentials(&self) -> Result<Credentials, Error> {
+        use nix::unistd::{Gid, getegid, geteuid, getgrouplist, getgroups};
+        let failed =
+            |e: nix::Error| Error::Failed(format!("cannot tell the instances' groups: {e}"));
+        let uid = self
+            .launch
+            .user
+            .as_ref()
+            .map_or(geteuid().as_raw(), |u| u.0);
+        let gid = self.launch.group.unwrap_or(getegid().as_raw());
+        let groups: Vec<Gid> = match (&self.launch.user, self.launch.group) {
+            (_, None) => getgroups().map_err(failed)?,
+            _ if !geteuid().is_root() => getgroups().map_err(failed)?,
+            (Some((_, name)), Some(gid)) => {
+                let name = std::ffi::CString::new(name.as_str())
+                    .map_err(|_| Error::Failed("the user name has a NUL byte".into()))?;
+                getgrouplist(&name, Gid::from_raw(gid)).map_err(failed)?
+            }
+            (None, Some(gid)) => vec![Gid::from_raw(gid)],
+        };
+        Ok(Credentials {
+            uid,
+            gid,
+            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
+        })
+    }
+
+    /// "nobody (uid 65534)", for messages.
+    fn instance_user(&self, creds: &Credentials) -> String {
+        match &self.launch.user {
+            Some((uid, name)) => format!("{name} (uid {uid})"),
+            None => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(creds.uid))
+                .ok()
+                .flatten()
+                .map_or(format!("uid {}", creds.uid), |u| {
+                    format!("{} (uid {})", u.name, creds.uid)
+                }),
+        }
     }
 
     /// Drops the instance's references to a listener.
@@ -857,13 +964,20 @@ impl Broker {
                     .listeners
                     .take_expired(Instant::now(), self.config.listener_linger, paused)
             };
+            let mut removed = Vec::new();
             for (addr, held) in closed {
                 tracing::info!(
                     "closing {addr}: no instance has used it for {}",
                     humantime::format_duration(self.config.listener_linger)
                 );
                 systemd::unstore(&addr);
-                held.close();
+                removed.extend(held.close());
+            }
+            if !removed.is_empty() {
+                let mut shared = self.lock();
+                for id in removed {
+                    shared.socket_files.remove(&id);
+                }
             }
         }
     }

@@ -16,6 +16,8 @@ use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Group, Uid, User};
 use toml::{Table, Value};
 
+use crate::listen_policy::Allowed;
+
 /// Where `ally run <app>` looks for the config of `<app>`.
 pub const CONFIG_DIR: &str = "/etc/ally";
 
@@ -58,6 +60,7 @@ const TOP_KEYS: &[&str] = &[
     "max_draining",
     "listener_linger",
     "listen",
+    "allow_listen",
     "limits",
     "state_busy_poll",
     "start_priority",
@@ -101,6 +104,11 @@ pub struct Config {
     /// How long a listener no instance refers to stays open.
     pub listener_linger: Duration,
     pub listen: Vec<ListenEntry>,
+    /// Addresses the broker binds with its own rights when an instance asks,
+    /// besides `listen`; others only as the instances' user could.
+    pub allow_listen: Vec<Allowed>,
+    /// The file this config came from, named in messages that tell the operator what to change.
+    pub file: Option<PathBuf>,
     pub limits: Limits,
     /// What one connection to the broker's sockets may cost it (also `[limits]`).
     pub connections: ConnectionLimits,
@@ -328,6 +336,8 @@ impl Config {
             max_draining: DEFAULT_MAX_DRAINING,
             listener_linger: DEFAULT_LISTENER_LINGER,
             listen: Vec::new(),
+            allow_listen: Vec::new(),
+            file: None,
             limits: Limits::default(),
             connections: ConnectionLimits::defaults_for(&Limits::default()),
             state_busy_poll: DEFAULT_STATE_BUSY_POLL,
@@ -380,6 +390,7 @@ impl Config {
         };
 
         let mut config = Config::defaults(command);
+        config.file = Some(origin.to_path_buf());
         if let Some(v) = table.get("working_directory") {
             config.working_directory = Some(cx.working_directory(v)?);
         }
@@ -432,6 +443,9 @@ impl Config {
         }
         if let Some(v) = table.get("listen") {
             config.listen = cx.listen(v)?;
+        }
+        if let Some(v) = table.get("allow_listen") {
+            config.allow_listen = cx.allow_listen(v)?;
         }
         if let Some(v) = table.get("limits") {
             (config.limits, config.connections) = cx.limits(v)?;
@@ -902,6 +916,23 @@ impl Cx<'_> {
         Ok(ListenEntry { addr, options })
     }
 
+    fn allow_listen(&self, value: &Value) -> Result<Vec<Allowed>, ConfigError> {
+        let expected =
+            r#"an array of "NETWORK:ADDRESS" strings like ["tcp::443", "unix:/run/web/"]"#;
+        let items = value
+            .as_array()
+            .ok_or_else(|| self.wrong_type("allow_listen", expected, value))?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let key = format!("allow_listen[{i}]");
+                let entry = self.string(&key, item, expected)?;
+                Allowed::parse(entry).map_err(|m| self.invalid(&key, m))
+            })
+            .collect()
+    }
+
     fn limits(&self, value: &Value) -> Result<(Limits, ConnectionLimits), ConfigError> {
         let table = value
             .as_table()
@@ -1123,7 +1154,11 @@ mod tests {
         );
         assert_eq!(config.state_busy_poll, Duration::from_micros(50));
         // A minimal file means the defaults.
-        assert_eq!(parse(r#"command = ["/bin/app", "-v"]"#).unwrap(), config);
+        let file = Some(PathBuf::from(ORIGIN));
+        assert_eq!(
+            parse(r#"command = ["/bin/app", "-v"]"#).unwrap(),
+            Config { file, ..config }
+        );
         assert_eq!(Config::default_path("web"), Path::new("/etc/ally/web.toml"));
     }
 
@@ -1654,6 +1689,48 @@ mod tests {
         let m = error(&with_command("[listen]\nnetwork = \"tcp\""));
         assert!(
             m.contains("key `listen`: expected an array of tables: [[listen]]"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn allow_listen_entries() {
+        let config = parse(&with_command(
+            r#"allow_listen = ["tcp::443", "tcp:127.0.0.1:81", "unix:/run/web/"]"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            config.allow_listen,
+            vec![
+                Allowed::parse("tcp::443").unwrap(),
+                Allowed::parse("tcp:127.0.0.1:81").unwrap(),
+                Allowed::parse("unix:/run/web/").unwrap(),
+            ]
+        );
+        assert_eq!(config.file.as_deref(), Some(Path::new(ORIGIN)));
+        let m = error(&with_command(r#"allow_listen = "tcp::443""#));
+        assert!(
+            m.contains("key `allow_listen`: expected an array of \"NETWORK:ADDRESS\" strings"),
+            "{m}"
+        );
+        let m = error(&with_command(r#"allow_listen = ["tcp::443", 443]"#));
+        assert!(
+            m.contains("key `allow_listen[1]`: expected an array of"),
+            "{m}"
+        );
+        let m = error(&with_command(r#"allow_listen = ["tcp:443"]"#));
+        assert!(
+            m.contains("key `allow_listen[0]`: invalid tcp address \"443\": missing port"),
+            "{m}"
+        );
+        let m = error(&with_command(r#"allow_listen = ["unix:/run/../etc/"]"#));
+        assert!(
+            m.contains("key `allow_listen[0]`: ") && m.contains("`..`"),
+            "{m}"
+        );
+        let m = error(&with_command(r#"allow_listen = [":443"]"#));
+        assert!(
+            m.contains("key `allow_listen[0]`: unknown network \"\""),
             "{m}"
         );
     }

@@ -2,6 +2,7 @@
 //! reloads it with zero downtime. See `docs/architecture.md` for the map.
 
 pub mod admission;
+pub mod bind_as;
 pub mod broker;
 pub mod cli;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod control;
 pub mod dbus;
 pub mod generations;
 pub mod instance;
+pub mod listen_policy;
 pub mod listeners;
 pub mod priority;
 pub mod run;

@@ -446,7 +446,13 @@ fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOption
                 parsed.reuse_port = bool::try_from(value).map_err(|_| wrong_type("b"))?;
             }
             "mode" => {
-                parsed.mode = Some(u32::try_from(value).map_err(|_| wrong_type("u"))?);
+                let mode = u32::try_from(value).map_err(|_| wrong_type("u"))?;
+                if mode > 0o777 {
+                    return Err(AllyError::InvalidArgument(format!(
+                        "option \"mode\" is {mode:#o}: expected permission bits of at most 0o777 (set-id and sticky bits mean nothing on a socket)"
+                    )));
+                }
+                parsed.mode = Some(mode);
             }
             other => {
                 return Err(AllyError::InvalidArgument(format!(

@@ -23,6 +23,7 @@ impl From<crate::broker::Error> for AllyError {
         match e {
             E::InvalidArgument(m) => AllyError::InvalidArgument(m),
             E::AddressInUse(m) => AllyError::AddressInUse(m),
+            E::AccessDenied(m) => AllyError::AccessDenied(m),
             E::ReloadFailed(m) => AllyError::ReloadFailed(m),
             E::Failed(m) => AllyError::Failed(m),
         }
