@@ -425,12 +425,28 @@ impl Broker {
             let known = &shared.socket_files;
             let removable =
                 |dev: u64, ino: u64, uid: u32| uid == broker_uid || known.contains(&(dev, ino));
-            bind_as::bind(addr, options, BindAs::Broker, &removable).map_err(|e| match e {
-                bind_as::Error::Denied(why) => Error::AccessDenied(format!(
-                    "{addr} refused: {why}; choose a path whose directories only root may change"
-                )),
-                bind_as::Error::Address(e) => Error::from(e),
-            })
+            match bind_as::bind(addr, options, BindAs::Broker, &removable) {
+                // A directory on the way that a user may change (the app's own
+                // runtime directory, say): root must not bind there, but that
+                // user may, as the instances' user could itself.
+                Err(bind_as::Error::Denied(why)) => {
+                    let creds = self.instance_credentials()?;
+                    let removable = |dev: u64, ino: u64, uid: u32| {
+                        uid == creds.uid || known.contains(&(dev, ino))
+                    };
+                    bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| {
+                        match e {
+                            bind_as::Error::Denied(as_user) => Error::AccessDenied(format!(
+                                "{addr} refused: {why}, so the broker does not bind it as root, and the instances run as {}, who {as_user}; choose a path whose directories only root may change, or one the instances' user may write",
+                                self.instance_user(&creds)
+                            )),
+                            bind_as::Error::Address(e) => Error::from(e),
+                        }
+                    })
+                }
+                Err(bind_as::Error::Address(e)) => Err(Error::from(e)),
+                Ok(bound) => Ok(bound),
+            }
         } else {
             let creds = self.instance_credentials()?;
             if creds.uid != 0

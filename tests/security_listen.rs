@@ -316,3 +316,48 @@ fn a_dead_socket_the_broker_did_not_make_stays() {
     );
     assert_eq!(std::fs::symlink_metadata(&victim).unwrap().ino(), inode);
 }
+
+#[test]
+fn a_declared_socket_in_a_directory_a_user_controls_is_that_users() {
+    needs_root!();
+    let dir = open_dir();
+    let report = dir.path().join("report");
+    // The app's own directory: it could swap it for a symlink to /etc, so root
+    // does not bind there; the app's user may, as it could itself.
+    let apps = dir.path().join("apps");
+    std::fs::create_dir(&apps).unwrap();
+    chown(&apps, NOBODY);
+    // Another user's directory, closed to the app: no one binds there for it.
+    let others = dir.path().join("others");
+    std::fs::create_dir(&others).unwrap();
+    std::fs::set_permissions(&others, std::fs::Permissions::from_mode(0o755)).unwrap();
+    chown(&others, 4242);
+    let in_apps = apps.join("web.sock");
+    let in_others = others.join("web.sock");
+    let mut args = listen_mode(&in_apps.display().to_string(), 0o660);
+    args.extend(listen("unix", &in_others.display().to_string()));
+    let command = probe_command(&report, &args);
+    let extra = format!(
+        "allow_listen = [\"unix:{}/\", \"unix:{}/\"]\n",
+        apps.display(),
+        others.display()
+    );
+    let _broker = start("declaredown", Some("nobody"), &command, &extra);
+    let r = listens(&report);
+    assert_eq!(r[0]["ok"], true, "{}", r[0]);
+    assert_eq!(
+        mode_and_owner(&in_apps),
+        (0o660, NOBODY),
+        "as the app's user"
+    );
+    assert_refused(
+        &r[1],
+        "AccessDenied",
+        &[
+            &in_others.display().to_string(),
+            "not bind it as root",
+            "nobody",
+        ],
+    );
+    assert!(std::fs::symlink_metadata(&in_others).is_err());
+}
