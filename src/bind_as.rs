@@ -645,6 +645,14 @@ mod tests {
         assert!(!path.exists());
     }
 
+    fn nobody() -> Credentials {
+        Credentials {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        }
+    }
+
     fn err_says(err: &Error, words: &str) -> bool {
         match err {
             Error::Address(e) => e.to_string().contains(words),
@@ -658,11 +666,7 @@ mod tests {
             eprintln!("skipped: needs root to act as another user");
             return;
         }
-        let nobody = Credentials {
-            uid: 65534,
-            gid: 65534,
-            groups: vec![65534],
-        };
+        let nobody = nobody();
         let dir = tempfile::tempdir().unwrap();
         // A root-only directory: denied, and nothing is made there.
         let path = dir.path().join("root.sock");
@@ -809,11 +813,7 @@ mod tests {
             eprintln!("skipped: needs root to act as another user");
             return;
         }
-        let nobody = Credentials {
-            uid: 65534,
-            gid: 65534,
-            groups: vec![65534],
-        };
+        let nobody = nobody();
         let addr = ListenAddr::parse("tcp4", "127.0.0.1:0").unwrap();
         let bound = bind(&addr, &Default::default(), BindAs::User(&nobody), NONE).unwrap();
         // The socket inode's owner is what SO_REUSEPORT groups compare.
