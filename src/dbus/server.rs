@@ -82,15 +82,16 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, gate: Arc<Gate>)
 
 async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, gate: &Gate) {
     let conn_id = broker.state().new_conn();
-    let peer = match Identity::of(&stream) {
-        Ok(identity) => Peer::private(identity, conn_id),
+    let identity = match Identity::of(&stream) {
+        Ok(identity) => identity,
         Err(e) => {
             tracing::warn!("cannot read peer credentials: {e}");
             return;
         }
     };
-    let access = Access::new(broker.clone(), peer);
-    let Some(conn) = open(stream, gate, access).await else {
+    let (pid, uid) = (identity.pid, identity.uid);
+    let access = Access::new(broker.clone(), Peer::private(identity, conn_id));
+    let Some(conn) = open(stream, pid, uid, gate, access).await else {
         return;
     };
     forward_events(&conn, &broker).await;
@@ -98,20 +99,15 @@ async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, gate: &Gate) 
     broker.state().connection_closed(conn_id);
 }
 
-/// Authenticates the client (within `handshake_timeout`) and serves the broker's
-/// objects to it; `None` when it did not authenticate.
+/// Authenticates the client, process `pid` of `uid`, within `handshake_timeout`,
+/// and serves the broker's objects to it; `None` when it did not authenticate.
 async fn open(
     mut stream: UnixStream,
+    pid: u32,
+    uid: u32,
     gate: &Gate,
     access: Arc<Access>,
 ) -> Option<zbus::Connection> {
-    let (pid, uid) = match stream.peer_cred() {
-        Ok(cred) => (cred.pid().unwrap_or(0), cred.uid()),
-        Err(e) => {
-            tracing::warn!("cannot read peer credentials: {e}");
-            return None;
-        }
-    };
     let who = format!("pid {pid} (uid {uid})");
     let guid = zbus::Guid::generate();
     let limits = gate.limits();
