@@ -44,8 +44,8 @@ for target in $(cargo fuzz list); do
         -print_final_stats=1 >"$log" 2>&1 || status=$?
     execs=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n 1)
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
-    corpus=$(sed -n 's/.* corp: \([0-9]*\/[0-9]*[a-zA-Z]*\) .*/\1/p' "$log" | tail -n 1)
-    line="$target: ${execs:-?} execs/s, ${runs:-?} runs, corpus ${corpus:-?} (inputs/size)"
+    corpus=$(sed -n 's/.* corp: \([0-9]*\)\/\([0-9]*[a-zA-Z]*\) .*/\1 inputs, \2/p' "$log" | tail -n 1)
+    line="$target: ${execs:-?} execs/s, ${runs:-?} runs, corpus ${corpus:-?}"
     if [ "$status" -ne 0 ]; then
         # From the first report of what went wrong to cargo-fuzz's advice.
         sed -n '/panicked at\|ERROR: libFuzzer\|==ERROR\|deadly signal\|out-of-memory\|timeout after/,/^Minimize/p' "$log"
