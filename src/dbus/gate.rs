@@ -16,6 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
 
+use super::peer::Identity;
 use crate::admission::{Admission, Caps, Permit};
 use crate::config::ConnectionLimits;
 use crate::throttle::{self, Throttle};
@@ -32,6 +33,14 @@ pub struct Gate {
     answering: Arc<Semaphore>,
     refusals: Throttle,
     timeouts: Throttle,
+    oversized: Throttle,
+}
+
+/// A connection let in: its stream, its peer, and its place (freed when dropped).
+pub struct Admitted {
+    pub stream: UnixStream,
+    pub identity: Identity,
+    pub permit: Permit,
 }
 
 impl Gate {
@@ -56,6 +65,7 @@ impl Gate {
             answering: Arc::new(Semaphore::new(ANSWERING)),
             refusals: Throttle::new(Duration::from_secs(1)),
             timeouts: Throttle::new(Duration::from_secs(1)),
+            oversized: Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -70,18 +80,25 @@ impl Gate {
         &self.limits
     }
 
-    /// A place for the connection just accepted on `socket` (named for the log), or
-    /// `None` once it has been refused.
-    pub fn admit(&self, stream: UnixStream, socket: &str) -> Option<(UnixStream, Permit)> {
-        let (uid, pid) = match stream.peer_cred() {
-            Ok(cred) => (cred.uid(), cred.pid().unwrap_or(0)),
+    /// The connection just accepted on `socket` (named for the log), its peer pinned
+    /// (see `super::peer`) and a place for it; `None` once it has been refused.
+    pub fn admit(&self, stream: UnixStream, socket: &str) -> Option<Admitted> {
+        let identity = match Identity::of(&stream) {
+            Ok(identity) => identity,
             Err(e) => {
                 tracing::warn!("{socket}: cannot read peer credentials: {e}");
                 return None;
             }
         };
+        let (uid, pid) = (identity.uid, identity.pid);
         let refusal = match self.admission.admit(uid) {
-            Ok(permit) => return Some((stream, permit)),
+            Ok(permit) => {
+                return Some(Admitted {
+                    stream,
+                    identity,
+                    permit,
+                });
+            }
             Err(refusal) => refusal,
         };
         if let Some(suppressed) = self.refusals.allow(Instant::now()) {
@@ -110,6 +127,17 @@ impl Gate {
             );
         }
         format!("ERROR no handshake within {timeout} (handshake_timeout)\r\n")
+    }
+
+    /// Logs a peer whose message declared more than `max_message_bytes` (`error`
+    /// says so); its connection is then closed.
+    pub fn oversized(&self, socket: &str, peer: &str, error: &std::io::Error) {
+        if let Some(suppressed) = self.oversized.allow(Instant::now()) {
+            tracing::warn!(
+                "{socket}: closing the connection of {peer}: {error}{}",
+                throttle::more(suppressed)
+            );
+        }
     }
 
     /// Logs a peer turned away because it may call nothing here.

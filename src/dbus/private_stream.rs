@@ -16,7 +16,6 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use nix::sys::socket::{ControlMessage, MsgFlags, Shutdown};
 use tokio::io::{AsyncWriteExt, Interest};
@@ -25,10 +24,8 @@ use zbus::connection::socket::{ReadHalf, Socket, Split, WriteHalf};
 use zbus::export::async_trait::async_trait;
 
 use super::framing::Framing;
+use super::gate::Gate;
 use super::sasl::{self, Handshake, Step};
-use crate::throttle::{self, Throttle};
-
-static OVERSIZED: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Runs the authentication conversation on `stream` for a peer whose socket
 /// credentials say `uid`; whether the client authenticated and began.
@@ -104,15 +101,18 @@ fn recv(fd: RawFd, buf: &mut [u8], flags: MsgFlags) -> io::Result<usize> {
 pub struct PrivateStream {
     stream: Arc<UnixStream>,
     framing: Framing,
+    gate: Arc<Gate>,
     /// Who is at the other end, for the log.
     peer: String,
 }
 
 impl PrivateStream {
-    pub fn new(stream: UnixStream, max_message_bytes: u64, peer: String) -> PrivateStream {
+    /// `stream`, its messages held to the gate's `max_message_bytes`.
+    pub fn new(stream: UnixStream, gate: Arc<Gate>, peer: String) -> PrivateStream {
         PrivateStream {
             stream: Arc::new(stream),
-            framing: Framing::new(max_message_bytes),
+            framing: Framing::new(gate.limits().max_message_bytes),
+            gate,
             peer,
         }
     }
@@ -127,6 +127,7 @@ impl Socket for PrivateStream {
             Reader {
                 stream: self.stream.clone(),
                 framing: self.framing,
+                gate: self.gate,
                 peer: self.peer,
             },
             Writer {
@@ -140,6 +141,7 @@ impl Socket for PrivateStream {
 pub struct Reader {
     stream: Arc<UnixStream>,
     framing: Framing,
+    gate: Arc<Gate>,
     peer: String,
 }
 
@@ -154,13 +156,7 @@ impl ReadHalf for Reader {
             }
         };
         if let Err(e) = self.framing.advance(&buf[..n]) {
-            if let Some(suppressed) = OVERSIZED.allow(Instant::now()) {
-                tracing::warn!(
-                    "private socket: closing the connection of {}: {e}{}",
-                    self.peer,
-                    throttle::more(suppressed)
-                );
-            }
+            self.gate.oversized("private socket", &self.peer, &e);
             return Err(e);
         }
         Ok((n, vec![]))

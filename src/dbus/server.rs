@@ -63,13 +63,13 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, gate: Arc<Gate>)
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let Some((stream, permit)) = gate.admit(stream, "private socket") else {
+                let Some(admitted) = gate.admit(stream, "private socket") else {
                     continue;
                 };
                 let (broker, gate) = (broker.clone(), gate.clone());
                 tokio::spawn(async move {
-                    serve_connection(stream, broker, &gate).await;
-                    drop(permit);
+                    serve_connection(admitted.stream, admitted.identity, broker, gate).await;
+                    drop(admitted.permit);
                 });
             }
             Err(e) => {
@@ -80,15 +80,13 @@ pub async fn serve(listener: UnixListener, broker: Arc<Broker>, gate: Arc<Gate>)
     }
 }
 
-async fn serve_connection(stream: UnixStream, broker: Arc<Broker>, gate: &Gate) {
+async fn serve_connection(
+    stream: UnixStream,
+    identity: Identity,
+    broker: Arc<Broker>,
+    gate: Arc<Gate>,
+) {
     let conn_id = broker.state().new_conn();
-    let identity = match Identity::of(&stream) {
-        Ok(identity) => identity,
-        Err(e) => {
-            tracing::warn!("cannot read peer credentials: {e}");
-            return;
-        }
-    };
     let (pid, uid) = (identity.pid, identity.uid);
     let access = Access::new(broker.clone(), Peer::private(identity, conn_id));
     let Some(conn) = open(stream, pid, uid, gate, access).await else {
@@ -105,7 +103,7 @@ async fn open(
     mut stream: UnixStream,
     pid: u32,
     uid: u32,
-    gate: &Gate,
+    gate: Arc<Gate>,
     access: Arc<Access>,
 ) -> Option<zbus::Connection> {
     let who = format!("pid {pid} (uid {uid})");
@@ -131,7 +129,7 @@ async fn open(
             return None;
         }
     }
-    let socket = PrivateStream::new(stream, limits.max_message_bytes, who.clone());
+    let socket = PrivateStream::new(stream, gate.clone(), who.clone());
     let conn = zbus::connection::Builder::authenticated_socket(socket, guid)
         .p2p()
         .serve_at(OBJECT_PATH, Broker1::new(access.clone()))

@@ -30,9 +30,6 @@ use super::peer::Identity;
 use super::sasl::{self, Handshake, Step};
 use super::state_calls::StateCalls;
 use crate::broker::Broker;
-use crate::throttle::{self, Throttle};
-
-static OVERSIZED: Throttle = Throttle::new(Duration::from_secs(1));
 
 /// Serves the state socket on a thread of its own, which does nothing else: its
 /// connections' tasks then run where their reads wake up, with no scheduler between.
@@ -65,13 +62,14 @@ async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration,
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let Some((stream, permit)) = gate.admit(stream, "state socket") else {
+                let Some(admitted) = gate.admit(stream, "state socket") else {
                     continue;
                 };
                 let (broker, gate) = (broker.clone(), gate.clone());
                 tokio::spawn(async move {
-                    serve_connection(stream, broker, busy_poll, &gate).await;
-                    drop(permit);
+                    let (stream, identity) = (admitted.stream, admitted.identity);
+                    serve_connection(stream, identity, broker, busy_poll, &gate).await;
+                    drop(admitted.permit);
                 });
             }
             Err(e) => {
@@ -84,14 +82,11 @@ async fn serve(listener: UnixListener, broker: Arc<Broker>, busy_poll: Duration,
 
 async fn serve_connection(
     stream: UnixStream,
+    identity: Identity,
     broker: Arc<Broker>,
     busy_poll: Duration,
     gate: &Gate,
 ) {
-    let identity = match Identity::of(&stream) {
-        Ok(identity) => identity,
-        Err(e) => return tracing::warn!("cannot read peer credentials: {e}"),
-    };
     let (pid, uid) = (identity.pid, identity.uid);
     let (read, mut write) = stream.into_split();
     let mut read = BufReader::new(read);
@@ -132,13 +127,7 @@ async fn serve_connection(
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return,
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                if let Some(suppressed) = OVERSIZED.allow(Instant::now()) {
-                    tracing::warn!(
-                        "state socket: closing the connection of pid {pid} (uid {uid}): {e}{}",
-                        throttle::more(suppressed)
-                    );
-                }
-                return;
+                return gate.oversized("state socket", &format!("pid {pid} (uid {uid})"), &e);
             }
             Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
         };
