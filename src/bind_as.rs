@@ -23,7 +23,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
-use ally_client::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions, Network};
+use ally_core::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions, Network};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};

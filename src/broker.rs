@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use ally_client::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions};
+use ally_core::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::bind_as::{self, BindAs, Credentials, SocketFile};

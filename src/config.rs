@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use ally_client::net::{Endpoint, ListenAddr, ListenOptions};
+use ally_core::net::{Endpoint, ListenAddr, ListenOptions};
 use nix::sys::signal::Signal;
 use nix::unistd::{Gid, Group, Uid, User};
 use toml::{Table, Value};
@@ -127,7 +127,7 @@ pub struct ListenEntry {
 
 /// Limits on shared state, `[limits]`: the stores' own type, so a default
 /// lives in one place.
-pub use ally_client::state::Limits;
+pub use ally_core::state::Limits;
 
 /// Limits on the connections to the private and the state socket, `[limits]` too:
 /// everything a caller can make the broker hold before it is known to be allowed.
@@ -869,7 +869,7 @@ impl Cx<'_> {
         };
         // The parser's messages name what it rejected: the network or the address.
         let addr = ListenAddr::parse(network, address).map_err(|e| {
-            let which = if network.parse::<ally_client::net::Network>().is_err() {
+            let which = if network.parse::<ally_core::net::Network>().is_err() {
                 "network"
             } else {
                 "address"
@@ -989,7 +989,7 @@ impl Cx<'_> {
                 ),
             ));
         }
-        let dbus_limit = ally_client::wire::MAX_MESSAGE as u64;
+        let dbus_limit = ally_core::wire::MAX_MESSAGE as u64;
         if connections.max_message_bytes > dbus_limit {
             return Err(self.invalid(
                 "limits.max_message_bytes",

@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use ally_client::proxy::{self, BrokerProxy, Status};
+use ally_core::proxy::{self, BrokerProxy, Status};
 use zbus::Connection;
 
 use crate::cli::{ConnectArgs, ListArgs, StatusArgs, TargetArgs};
@@ -42,7 +42,10 @@ impl Target {
                             socket.display()
                         ));
                     }
-                    None => tried.push(format!("{}: {}", socket.display(), e.message())),
+                    None => tried.push(format!(
+                        "{}: cannot connect to the broker at {address}: {e}",
+                        socket.display()
+                    )),
                 },
             }
         } else {
@@ -57,7 +60,7 @@ impl Target {
             if name_has_owner(&conn, &name).await {
                 let proxy = proxy::proxy_on(&conn, Some(app))
                     .await
-                    .map_err(|e| e.message())?;
+                    .map_err(|e| format!("cannot create the broker proxy: {e}"))?;
                 return Ok(Target {
                     proxy,
                     via: format!("{which} bus"),
@@ -78,17 +81,14 @@ impl Target {
 
     pub async fn status(&self) -> Result<Status, String> {
         let dict = self.proxy.status().await.map_err(describe_error)?;
-        Status::from_dict(dict).map_err(|e| e.message())
+        Status::from_dict(dict).map_err(|e| e.to_string())
     }
 }
 
 /// Why a broker that answered turned the connection away, as it said; or, when it
 /// could not even take it, a likely reason.
-fn refusal(e: &ally_client::Error) -> Option<String> {
-    let ally_client::Error::Transport { source, .. } = e else {
-        return None;
-    };
-    match source {
+fn refusal(e: &zbus::Error) -> Option<String> {
+    match e {
         zbus::Error::Handshake(message) => Some(
             message
                 .strip_prefix("Received error from server: ")

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::path::{Component, Path, PathBuf};
 
-use ally_client::net::{Endpoint, ListenAddr, Network};
+use ally_core::net::{Endpoint, ListenAddr, Network};
 
 use crate::config::ListenEntry;
 
@@ -106,7 +106,7 @@ pub fn refusal(addr: &ListenAddr, why: &str, config_file: Option<&Path>) -> Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ally_client::net::ListenOptions;
+    use ally_core::net::ListenOptions;
 
     fn addr(network: &str, address: &str) -> ListenAddr {
         ListenAddr::parse(network, address).unwrap()

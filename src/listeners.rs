@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use ally_client::net::ListenAddr;
+use ally_core::net::ListenAddr;
 
 use crate::generations::InstanceId;
 

@@ -1,6 +1,6 @@
 //! The application's shared state as the broker keeps it: one
-//! [`SharedStore`](ally_client::state::SharedStore) (the pure stores of
-//! `ally_client::state`, with lock waiting), who owns which locks, and the sweep that
+//! [`SharedStore`](ally_core::state::SharedStore) (the pure stores of
+//! `ally_core::state`, with lock waiting), who owns which locks, and the sweep that
 //! reclaims expired cache entries while nobody calls.
 //!
 //! Lock owners: an instance owns what it locks, through any connection. A caller that
@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use ally_client::state::SharedStore;
+use ally_core::state::SharedStore;
 
 use crate::config;
 

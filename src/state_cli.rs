@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use ally_client::proxy::{CONNECTION_OWNER, QueueEntry, StateProxies};
+use ally_core::proxy::{CONNECTION_OWNER, QueueEntry, StateProxies};
 use serde_json::json;
 
 use crate::cli::{AtomicCommand, CacheCommand, ConnectArgs, LockCommand};
@@ -13,7 +13,7 @@ async fn proxies(app: &str, connect: &ConnectArgs) -> Result<StateProxies, Strin
     let target = Target::connect(app, connect).await?;
     StateProxies::on(target.connection(), Some(app))
         .await
-        .map_err(|e| e.message())
+        .map_err(|e| format!("cannot create the state proxies: {e}"))
 }
 
 fn ms(ttl: Option<std::time::Duration>) -> u64 {

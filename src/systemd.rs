@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::time::Duration;
 
-use ally_client::net::ListenAddr;
+use ally_core::net::ListenAddr;
 use sd_notify::NotifyState;
 
 fn under_systemd() -> bool {
@@ -149,7 +149,7 @@ fn classify(fd: &OwnedFd) -> io::Result<(ListenAddr, Vec<ListenAddr>)> {
     let socket = SockRef::from(fd);
     let domain = socket.domain()?;
     let kind = socket.r#type()?;
-    let local = ally_client::net::local_address(&fd.as_raw_fd())?;
+    let local = ally_core::net::local_address(&fd.as_raw_fd())?;
     let listening = socket.is_listener().unwrap_or(false);
     let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidInput, what.to_string());
     let parse =
@@ -184,7 +184,7 @@ fn classify(fd: &OwnedFd) -> io::Result<(ListenAddr, Vec<ListenAddr>)> {
         let dual = !socket.only_v6()?;
         let any = parse(v6)?;
         let unspecified =
-            matches!(&any.endpoint, ally_client::net::Endpoint::Inet(a) if a.ip().is_unspecified());
+            matches!(&any.endpoint, ally_core::net::Endpoint::Inet(a) if a.ip().is_unspecified());
         if dual && unspecified {
             return Ok((parse(base)?, vec![]));
         }
@@ -240,7 +240,7 @@ mod tests {
 
     fn classify_bound(network: &str, address: &str) -> (String, Vec<String>) {
         let addr = ListenAddr::parse(network, address).unwrap();
-        let socket = ally_client::net::bind(&addr, &Default::default()).unwrap();
+        let socket = ally_core::net::bind(&addr, &Default::default()).unwrap();
         let fd: OwnedFd = socket.into();
         let (key, aliases) = classify(&fd).unwrap();
         (

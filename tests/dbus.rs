@@ -117,7 +117,7 @@ async fn reload_results_are_signalled() {
         b.wait_running(1);
         b
     });
-    let proxy = ally_client::proxy::connect(&broker.address(), Some("sig"))
+    let proxy = ally_core::proxy::connect(&broker.address(), Some("sig"))
         .await
         .unwrap();
     let mut finished = proxy.receive_reload_finished().await.unwrap();

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use ally_client::wire::{self, FIXED_HEADER};
+use ally_core::wire::{self, FIXED_HEADER};
 use common::*;
 
 const STRANGER_UID: u32 = 65533;
@@ -437,7 +437,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
                 .build()
                 .await
                 .unwrap();
-            ally_client::proxy::StateProxies::on(&conn, Some("waiters"))
+            ally_core::proxy::StateProxies::on(&conn, Some("waiters"))
                 .await
                 .unwrap()
                 .locker
@@ -451,7 +451,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             }
             other => panic!("expected LimitExceeded, got {other:?}"),
         };
-        let waits = |proxy: ally_client::proxy::LockerProxy<'static>, n: usize| {
+        let waits = |proxy: ally_core::proxy::LockerProxy<'static>, n: usize| {
             (0..n)
                 .map(|_| {
                     let proxy = proxy.clone();
@@ -459,7 +459,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
                 })
                 .collect::<Vec<_>>()
         };
-        let waiting_count = |proxy: ally_client::proxy::LockerProxy<'static>| async move {
+        let waiting_count = |proxy: ally_core::proxy::LockerProxy<'static>| async move {
             proxy.queues("x").await.unwrap().1.len()
         };
 

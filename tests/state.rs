@@ -11,8 +11,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ally_client::state::Limits;
 use ally_client::{Ally, ErrorKind, Simulation, StateSocket};
+use ally_core::state::Limits;
 use common::*;
 
 const LIMITS: Limits = Limits {

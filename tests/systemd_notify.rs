@@ -106,7 +106,7 @@ fn the_broker_speaks_sd_notify() {
         stored.text
     );
     assert_eq!(stored.fds.len(), 1, "the socket itself is attached");
-    let local = ally_client::net::local_address(&stored.fds[0]).unwrap();
+    let local = ally_core::net::local_address(&stored.fds[0]).unwrap();
     assert!(local.starts_with("127.0.0.1:"), "{local}");
 
     // READY=1 only once generation 1 is ready, i.e. it serves.

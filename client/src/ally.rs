@@ -12,10 +12,10 @@ use zbus::Variant;
 
 use crate::direct::{Direct, StateSocket};
 use crate::error::{Error, ErrorKind, Result};
-use crate::net::{self, ListenAddr, ListenOptions, Network};
-use crate::proxy::{self, BrokerProxy, Instance, Listener, StateProxies, Status};
 use crate::shared::{Atomic, Backend, Cache, Locker, Simulation};
 use crate::stop::{StopHandle, parse_signal};
+use ally_core::net::{self, ListenAddr, ListenOptions, Network};
+use ally_core::proxy::{self, BrokerProxy, Instance, Listener, StateProxies, Status};
 
 /// Sockets of simulate mode, shared by every [`Ally`] of the process, as the broker
 /// shares its sockets between instances.
@@ -76,8 +76,18 @@ impl Ally {
             stop.install(&[stop_signal()?])?;
         }
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
-        let broker = proxy::connect(address, app.as_deref()).await?;
-        let state = StateProxies::on(broker.inner().connection(), app.as_deref()).await?;
+        let broker = proxy::connect(address, app.as_deref())
+            .await
+            .map_err(|source| Error::Transport {
+                context: format!("cannot connect to the broker at {address}"),
+                source,
+            })?;
+        let state = StateProxies::on(broker.inner().connection(), app.as_deref())
+            .await
+            .map_err(|source| Error::Transport {
+                context: "cannot create the state proxies".into(),
+                source,
+            })?;
         Ally::new(
             Some(broker),
             app.unwrap_or_else(program_name),
@@ -292,7 +302,8 @@ impl Ally {
                     .status()
                     .await
                     .map_err(|e| Error::call("Status", e))?,
-            ),
+            )
+            .map_err(|e| Error::local(ErrorKind::Broker, e.to_string())),
             None => Ok(self.simulated_status()),
         }
     }

@@ -18,9 +18,9 @@ use serde::de::DeserializeOwned;
 
 use crate::Queues;
 use crate::error::{Error, Result};
-use crate::net::ListenOptions;
-use crate::proxy::Status;
 use crate::stop::StopHandle;
+use ally_core::net::ListenOptions;
+use ally_core::proxy::Status;
 
 /// Blocking twin of [`crate::Ally`].
 #[derive(Debug)]

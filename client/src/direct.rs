@@ -10,7 +10,7 @@
 //!
 //! The blocking client, while it calls in sequence, waits for each reply by polling
 //! the socket for up to [`CLIENT_BUDGET`] before sleeping on it (see
-//! [`crate::busy_poll`]); not when other state calls are in flight in the process:
+//! [`ally_core::busy_poll`]); not when other state calls are in flight in the process:
 //! their callers would poll against each other for the same CPUs. The async client
 //! waits in its runtime: a worker that polled would hold up the app's other tasks,
 //! and measured side by side it was not reliably faster (on busy vCPUs, at times
@@ -36,10 +36,10 @@ use zbus::Message;
 use zbus::message::Type as MessageType;
 use zbus::wire::{DynamicType, Type};
 
-use crate::busy_poll::{BusyPoll, CLIENT_BUDGET};
 use crate::error::{Error, Result};
-use crate::proxy::PATH;
-use crate::wire::{self, FIXED_HEADER};
+use ally_core::busy_poll::{BusyPoll, CLIENT_BUDGET};
+use ally_core::proxy::PATH;
+use ally_core::wire::{self, FIXED_HEADER};
 
 pub(crate) const CACHE: &str = "org.ally.Cache1";
 pub(crate) const ATOMIC: &str = "org.ally.Atomic1";

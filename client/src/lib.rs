@@ -74,25 +74,20 @@
 //!
 //! Without an async runtime, [`blocking::Ally`] offers the same API with std types.
 //! Any language with a D-Bus library can do the same as this crate: see
-//! `docs/dbus-api.md` and [`proxy`].
+//! `docs/dbus-api.md`.
 
 mod ally;
 pub mod blocking;
-pub mod busy_poll;
 mod direct;
 pub mod drain;
 pub mod error;
-pub mod net;
-pub mod proxy;
 mod shared;
-pub mod state;
 pub mod stdnet;
 mod stop;
-pub mod wire;
 
 pub use ally::Ally;
+pub use ally_core::net::ListenOptions;
 pub use direct::StateSocket;
 pub use error::{Error, ErrorKind, Result};
-pub use net::ListenOptions;
 pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};
 pub use stop::{StopHandle, parse_signal};

@@ -1,7 +1,7 @@
 //! Shared state for the app's instances: [`Cache`], [`Atomic`] counters and [`Locker`]
 //! read/write locks, kept by the broker so it survives reloads and crashes.
 //!
-//! In simulate mode the same stores (the very same code, `crate::state`) live in the
+//! In simulate mode the same stores (the very same code, `ally_core::state`) live in the
 //! process: every [`Ally`] of a [`Simulation`] shares them, each `Ally` acting as one
 //! lock owner, like one connection to a broker.
 
@@ -15,8 +15,8 @@ use zbus::wire::{DynamicType, Type};
 use crate::Ally;
 use crate::direct::{ATOMIC, CACHE, Direct};
 use crate::error::{Error, ErrorKind, Result};
-use crate::proxy::{QueueEntry, StateProxies, WAIT_FOREVER};
-use crate::state::{Limits, Mode, SharedStore, StateError};
+use ally_core::proxy::{QueueEntry, StateProxies, WAIT_FOREVER};
+use ally_core::state::{Limits, Mode, SharedStore, StateError};
 
 /// Where the state lives for one [`Ally`].
 #[derive(Debug)]
@@ -83,7 +83,7 @@ impl Simulation {
         static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Backend::Simulated {
             store: self.store.clone(),
-            owner: crate::proxy::CONNECTION_OWNER
+            owner: ally_core::proxy::CONNECTION_OWNER
                 + NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -545,7 +545,7 @@ impl Locker {
             Backend::Simulated { store, .. } => {
                 let (holders, waiters) = store.with(|s, _| s.locker.queues(name)).map_err(local)?;
                 let now = std::time::Instant::now();
-                let entries = |holds: Vec<crate::state::Hold>| {
+                let entries = |holds: Vec<ally_core::state::Hold>| {
                     holds
                         .into_iter()
                         .map(|h| QueueEntry {

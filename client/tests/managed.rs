@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
-use ally_client::net::{self, ListenAddr, ListenOptions};
 use ally_client::{Ally, ErrorKind};
+use ally_core::net::{self, ListenAddr, ListenOptions};
 use zbus::{OwnedVariant, Variant};
 
 #[derive(Debug, zbus::DBusError)]

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use ally_client::wire;
+use ally_core::wire;
 use zbus::Message;
 use zbus::message::Flags;
 use zbus::wire::Endian;

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use ally::config::Config;
-use ally_client::net::needs_resolver;
+use ally_core::net::needs_resolver;
 use libfuzzer_sys::fuzz_target;
 
 const ORIGIN: &str = "/etc/ally/fuzz.toml";

@@ -2,7 +2,7 @@
 //! the address. An accepted address must parse again, from its display, to itself.
 #![no_main]
 
-use ally_client::net::{ListenAddr, needs_resolver};
+use ally_core::net::{ListenAddr, needs_resolver};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@
 //! server said `OK`, and only for the peer's own uid; replies are single lines.
 #![no_main]
 
-use ally::dbus::sasl::{Handshake, MAX_LINE, Step};
+use ally_core::sasl::{Handshake, MAX_LINE, Step};
 use libfuzzer_sys::fuzz_target;
 
 const PEER_UID: u32 = 1000;

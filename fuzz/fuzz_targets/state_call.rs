@@ -12,7 +12,7 @@ use ally::dbus::broker1::{Access, Peer};
 use ally::dbus::peer::Identity;
 use ally::dbus::state_calls::StateCalls;
 use ally::dbus::state_socket::reply_to;
-use ally_client::wire::{self, FIXED_HEADER};
+use ally_core::wire::{self, FIXED_HEADER};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use ally_client::net::{ListenAddr, ListenOptions};
+use ally_core::net::{ListenAddr, ListenOptions};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedVariant, Variant, interface};
@@ -412,7 +412,7 @@ impl Broker1 {
 
 /// Host names may need a resolver; keep that off the async workers.
 async fn parse_address(network: &str, address: &str) -> Result<ListenAddr> {
-    let parsed = if ally_client::net::needs_resolver(network, address) {
+    let parsed = if ally_core::net::needs_resolver(network, address) {
         let (network, address) = (network.to_string(), address.to_string());
         tokio::task::spawn_blocking(move || ListenAddr::parse(&network, &address))
             .await

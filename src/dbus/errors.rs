@@ -32,9 +32,9 @@ impl From<crate::broker::Error> for AllyError {
 
 pub type Result<T> = std::result::Result<T, AllyError>;
 
-impl From<ally_client::state::StateError> for AllyError {
-    fn from(e: ally_client::state::StateError) -> Self {
-        use ally_client::state::StateError as E;
+impl From<ally_core::state::StateError> for AllyError {
+    fn from(e: ally_core::state::StateError) -> Self {
+        use ally_core::state::StateError as E;
         match e {
             E::InvalidArgument(m) => AllyError::InvalidArgument(m),
             E::LimitExceeded(m) => AllyError::LimitExceeded(m),

@@ -4,7 +4,7 @@
 
 use std::io;
 
-use ally_client::wire::{self, FIXED_HEADER};
+use ally_core::wire::{self, FIXED_HEADER};
 
 /// The whole length of the message that starts with `fixed`, if it is at most `max`.
 pub fn declared_len(fixed: &[u8; FIXED_HEADER], max: u64) -> io::Result<usize> {

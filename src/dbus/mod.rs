@@ -10,7 +10,6 @@ pub mod framing;
 pub mod gate;
 pub mod peer;
 pub mod private_stream;
-pub mod sasl;
 pub mod server;
 pub mod state1;
 pub mod state_calls;
@@ -18,4 +17,4 @@ pub mod state_socket;
 
 pub const OBJECT_PATH: &str = "/org/ally";
 
-pub use ally_client::proxy::bus_name;
+pub use ally_core::proxy::bus_name;

@@ -25,7 +25,7 @@ use zbus::export::async_trait::async_trait;
 
 use super::framing::Framing;
 use super::gate::Gate;
-use super::sasl::{self, Handshake, Step};
+use ally_core::sasl::{self, Handshake, Step};
 
 /// Runs the authentication conversation on `stream` for a peer whose socket
 /// credentials say `uid`; whether the client authenticated and began.

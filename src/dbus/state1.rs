@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ally_client::state::{Hold, Mode, StateError};
+use ally_core::state::{Hold, Mode, StateError};
 use zbus::message::Header;
 use zbus::{Connection, interface};
 

@@ -43,8 +43,8 @@ impl From<AllyError> for Refusal {
     }
 }
 
-impl From<ally_client::state::StateError> for Refusal {
-    fn from(e: ally_client::state::StateError) -> Self {
+impl From<ally_core::state::StateError> for Refusal {
+    fn from(e: ally_core::state::StateError) -> Self {
         Refusal::Ally(e.into())
     }
 }

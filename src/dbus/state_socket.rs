@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use ally_client::busy_poll::BusyPoll;
-use ally_client::wire::{self, FIXED_HEADER};
+use ally_core::busy_poll::BusyPoll;
+use ally_core::wire::{self, FIXED_HEADER};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
@@ -27,9 +27,9 @@ use super::broker1::{Access, Peer};
 use super::framing;
 use super::gate::Gate;
 use super::peer::Identity;
-use super::sasl::{self, Handshake, Step};
 use super::state_calls::StateCalls;
 use crate::broker::Broker;
+use ally_core::sasl::{self, Handshake, Step};
 
 /// Serves the state socket on a thread of its own, which does nothing else: its
 /// connections' tasks then run where their reads wake up, with no scheduler between.

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use zbus::proxy::CacheProperties;
 use zbus::{OwnedVariant, Type, Variant};
 
-use crate::error::{Error, Result};
+use zbus::Result;
 
 /// Object path the broker serves.
 pub const PATH: &str = "/org/ally";
@@ -240,10 +240,10 @@ where
     T::Error: Into<zbus::Error>,
 {
     T::try_from(value).map_err(|e| {
-        Error::local(
-            crate::ErrorKind::Broker,
-            format!("Status: key {key:?} has an unexpected type: {}", e.into()),
-        )
+        zbus::Error::Failure(format!(
+            "Status: key {key:?} has an unexpected type: {}",
+            e.into()
+        ))
     })
 }
 
@@ -279,11 +279,7 @@ pub async fn connect(address: &str, app: Option<&str>) -> Result<BrokerProxy<'st
     let conn = zbus::connection::Builder::address(address)
         .p2p()
         .build()
-        .await
-        .map_err(|source| Error::Transport {
-            context: format!("cannot connect to the broker at {address}"),
-            source,
-        })?;
+        .await?;
     proxy_on(&conn, app).await
 }
 
@@ -294,10 +290,6 @@ pub async fn proxy_on(conn: &zbus::Connection, app: Option<&str>) -> Result<Brok
         .cache_properties(CacheProperties::No)
         .build()
         .await
-        .map_err(|source| Error::Transport {
-            context: "cannot create the broker proxy".into(),
-            source,
-        })
 }
 
 fn destination(app: Option<&str>) -> String {
@@ -314,30 +306,23 @@ pub struct StateProxies {
 
 impl StateProxies {
     pub async fn on(conn: &zbus::Connection, app: Option<&str>) -> Result<StateProxies> {
-        let failed = |source| Error::Transport {
-            context: "cannot create the state proxies".into(),
-            source,
-        };
         let dest = destination(app);
         Ok(StateProxies {
             cache: CacheProxy::builder(conn)
                 .destination(dest.clone())
                 .cache_properties(CacheProperties::No)
                 .build()
-                .await
-                .map_err(failed)?,
+                .await?,
             atomic: AtomicProxy::builder(conn)
                 .destination(dest.clone())
                 .cache_properties(CacheProperties::No)
                 .build()
-                .await
-                .map_err(failed)?,
+                .await?,
             locker: LockerProxy::builder(conn)
                 .destination(dest)
                 .cache_properties(CacheProperties::No)
                 .build()
-                .await
-                .map_err(failed)?,
+                .await?,
         })
     }
 }
