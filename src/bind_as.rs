@@ -23,7 +23,8 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
-use ally_core::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions, Network};
+use ally_core::net::{self, Endpoint, ListenAddr, ListenOptions, Network};
+use ally_core::{Error as CoreError, ErrorKind};
 use nix::errno::Errno;
 use nix::fcntl::{AtFlags, OFlag, openat, readlinkat};
 use nix::sys::stat::{FileStat, Mode, SFlag, fstat, fstatat};
@@ -46,15 +47,16 @@ pub enum BindAs<'a> {
     User(&'a Credentials),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a bind failed: the address's own error, or the user's lack of rights.
+#[derive(Debug, Clone)]
 pub enum Error {
-    Address(AddressError),
+    Address(CoreError),
     /// The user may not: the reason, for the caller to put in its message.
     Denied(String),
 }
 
-impl From<AddressError> for Error {
-    fn from(e: AddressError) -> Self {
+impl From<CoreError> for Error {
+    fn from(e: CoreError) -> Self {
         Error::Address(e)
     }
 }
@@ -127,7 +129,7 @@ pub fn bind(
     if let Some(mode) = options.mode
         && (mode > 0o777 || !matches!(addr.endpoint, Endpoint::Path(_)))
     {
-        return Err(AddressError::Invalid(format!(
+        return Err(CoreError::invalid_argument(format!(
             "{addr}: mode {mode:#o} applies only to filesystem unix sockets and must be at most 0o777"
         ))
         .into());
@@ -167,18 +169,12 @@ fn on_own_thread<T: Send>(
         scope
             .spawn(move || {
                 isolate(who).map_err(|e| {
-                    Error::Address(AddressError::Io(format!(
-                        "cannot take the instance's credentials to bind: {e}"
-                    )))
+                    CoreError::io("cannot take the instance's credentials to bind", e)
                 })?;
                 f()
             })
             .join()
-            .unwrap_or_else(|_| {
-                Err(Error::Address(AddressError::Io(
-                    "the bind thread panicked".into(),
-                )))
-            })
+            .unwrap_or_else(|_| Err(CoreError::failed("the bind thread panicked".into()).into()))
     })
 }
 
@@ -223,9 +219,9 @@ fn bind_path(
         match e {
             Errno::EACCES | Errno::EPERM => Error::Denied(format!("{what}: {}", e.desc())),
             Errno::EADDRINUSE | Errno::EEXIST => {
-                AddressError::InUse(format!("{addr} is already in use")).into()
+                CoreError::address_in_use(format!("{addr} is already in use")).into()
             }
-            _ => AddressError::Io(format!("{addr}: {what}: {}", e.desc())).into(),
+            _ => CoreError::caused_by(ErrorKind::Io, format_args!("{addr}: {what}"), e).into(),
         }
     };
     let (parent, name) = split(path).map_err(|e| io("the path", e))?;
@@ -306,7 +302,7 @@ fn clear_stale(
     name: &OsStr,
     removable: Removable<'_>,
 ) -> Result<(), Error> {
-    let in_use = |why: String| Error::Address(AddressError::InUse(format!("{addr}: {why}")));
+    let in_use = |why: String| Error::Address(CoreError::address_in_use(format!("{addr}: {why}")));
     let entry = match openat(
         dir,
         name,
@@ -335,7 +331,7 @@ fn clear_stale(
         return Err(in_use("the path exists and is not a socket".into()));
     }
     let alive = || {
-        Err(Error::Address(AddressError::InUse(format!(
+        Err(Error::Address(CoreError::address_in_use(format!(
             "{addr} is already in use (another process accepts on it)"
         ))))
     };
@@ -359,10 +355,11 @@ fn clear_stale(
         .is_ok_and(|now| (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino));
     if still {
         nix::unistd::unlinkat(dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir).map_err(|e| {
-            AddressError::Io(format!(
-                "{addr}: removing the stale socket file: {}",
-                e.desc()
-            ))
+            CoreError::caused_by(
+                ErrorKind::Io,
+                format_args!("{addr}: removing the stale socket file"),
+                e,
+            )
         })?;
     }
     Ok(())
@@ -423,11 +420,11 @@ fn open_dir_as_broker(path: &Path) -> Result<OwnedFd, Error> {
     let broker = nix::unistd::geteuid().as_raw();
     let trusted = |uid: u32| uid == 0 || uid == broker;
     let fail = |what: String, e: Errno| {
-        Error::Address(AddressError::Io(format!(
-            "{}: {what}: {}",
-            path.display(),
-            e.desc()
-        )))
+        Error::Address(CoreError::caused_by(
+            ErrorKind::Io,
+            format_args!("{}: {what}", path.display()),
+            e,
+        ))
     };
     let root = || open_dir(Path::new("/")).map_err(|e| fail("/".into(), e));
     let mut dir = root()?;
@@ -565,7 +562,7 @@ mod tests {
         let path = dir.path().join("s.sock");
         let err = bind(&unix(&path), &with_mode(0o4777), BindAs::Broker, NONE).unwrap_err();
         assert!(
-            matches!(err, Error::Address(AddressError::Invalid(_))),
+            matches!(&err, Error::Address(e) if e.kind() == ErrorKind::InvalidArgument),
             "{err:?}"
         );
         assert!(!path.exists());
@@ -581,7 +578,7 @@ mod tests {
         std::os::unix::fs::symlink(&target, &path).unwrap();
         let err = bind(&unix(&path), &with_mode(0o666), BindAs::User(&me()), ANY).unwrap_err();
         assert!(
-            matches!(err, Error::Address(AddressError::InUse(_))),
+            matches!(&err, Error::Address(e) if e.kind() == ErrorKind::AddressInUse),
             "{err:?}"
         );
         assert_eq!(std::fs::metadata(&target).unwrap().mode() & 0o7777, 0o600);

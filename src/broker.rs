@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use ally_core::net::{self, AddressError, Endpoint, ListenAddr, ListenOptions};
+use ally_core::net::{self, Endpoint, ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::bind_as::{self, BindAs, Credentials, SocketFile};
@@ -33,30 +33,8 @@ const MAX_RESTART_DELAY: Duration = Duration::from_secs(60);
 const REAP_GRACE: Duration = Duration::from_secs(5);
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// What went wrong, by the kind a D-Bus caller sees.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Error {
-    #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    AddressInUse(String),
-    #[error("{0}")]
-    AccessDenied(String),
-    #[error("{0}")]
-    ReloadFailed(String),
-    #[error("{0}")]
-    Failed(String),
-}
-
-impl From<AddressError> for Error {
-    fn from(e: AddressError) -> Self {
-        match e {
-            AddressError::Invalid(m) => Error::InvalidArgument(m),
-            AddressError::InUse(m) => Error::AddressInUse(m),
-            AddressError::Io(m) => Error::Failed(m),
-        }
-    }
-}
+/// What went wrong: the kind a D-Bus caller sees, the message and the cause.
+pub use ally_core::Error;
 
 /// The broker's own state, as `State` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,9 +332,9 @@ impl Broker {
             reply: Some(tx),
         });
         async move {
-            sent.map_err(|_| Error::ReloadFailed("the broker is stopping".into()))?;
+            sent.map_err(|_| Error::reload_failed("the broker is stopping".into()))?;
             rx.await
-                .unwrap_or_else(|_| Err(Error::ReloadFailed("the broker is stopping".into())))
+                .unwrap_or_else(|_| Err(Error::reload_failed("the broker is stopping".into())))
         }
     }
 
@@ -393,7 +371,7 @@ impl Broker {
     ) -> Result<OwnedFd, Error> {
         let mut shared = self.lock();
         if shared.table.get(instance).is_none() {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::invalid_argument(format!(
                 "instance {instance} has exited"
             )));
         }
@@ -436,15 +414,15 @@ impl Broker {
                     };
                     bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| {
                         match e {
-                            bind_as::Error::Denied(as_user) => Error::AccessDenied(format!(
+                            bind_as::Error::Denied(as_user) => Error::access_denied(format!(
                                 "{addr} refused: {why}, so the broker does not bind it as root, and the instances run as {}, who {as_user}; choose a path whose directories only root may change, or one the instances' user may write",
                                 self.instance_user(&creds)
                             )),
-                            bind_as::Error::Address(e) => Error::from(e),
+                            bind_as::Error::Address(e) => e,
                         }
                     })
                 }
-                Err(bind_as::Error::Address(e)) => Err(Error::from(e)),
+                Err(bind_as::Error::Address(e)) => Err(e),
                 Ok(bound) => Ok(bound),
             }
         } else {
@@ -471,7 +449,7 @@ impl Broker {
                         self.instance_user(&creds)
                     ),
                 ),
-                bind_as::Error::Address(e) => Error::from(e),
+                bind_as::Error::Address(e) => e,
             })
         };
         let bind_as::Bound { socket, file } = bound?;
@@ -498,7 +476,7 @@ impl Broker {
     }
 
     fn refused(&self, addr: &ListenAddr, why: &str) -> Error {
-        Error::AccessDenied(listen_policy::refusal(
+        Error::access_denied(listen_policy::refusal(
             addr,
             why,
             self.config.file.as_deref(),
@@ -510,8 +488,13 @@ impl Broker {
     /// broker's own.
     fn instance_credentials(&self) -> Result<Credentials, Error> {
         use nix::unistd::{Gid, getegid, geteuid, getgrouplist, getgroups};
-        let failed =
-            |e: nix::Error| Error::Failed(format!("cannot tell the instances' groups: {e}"));
+        let failed = |e: nix::Error| {
+            Error::caused_by(
+                ally_core::ErrorKind::Failed,
+                format_args!("cannot tell the instances' groups"),
+                e,
+            )
+        };
         let uid = self
             .launch
             .user
@@ -523,7 +506,7 @@ impl Broker {
             _ if !geteuid().is_root() => getgroups().map_err(failed)?,
             (Some((_, name)), Some(gid)) => {
                 let name = std::ffi::CString::new(name.as_str())
-                    .map_err(|_| Error::Failed("the user name has a NUL byte".into()))?;
+                    .map_err(|_| Error::failed("the user name has a NUL byte".into()))?;
                 getgrouplist(&name, Gid::from_raw(gid)).map_err(failed)?
             }
             (None, Some(gid)) => vec![Gid::from_raw(gid)],
@@ -557,7 +540,7 @@ impl Broker {
         {
             Ok(())
         } else {
-            Err(Error::InvalidArgument(format!(
+            Err(Error::invalid_argument(format!(
                 "instance {instance} holds no reference to {addr}"
             )))
         }
@@ -569,7 +552,7 @@ impl Broker {
         let changed = shared
             .table
             .mark_ready(instance, Instant::now(), SystemTime::now())
-            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+            .map_err(|e| Error::invalid_argument(e.to_string()))?;
         if changed {
             if let Some(life) = shared.lives.get(&instance) {
                 life.send_replace(Life::State(InstanceState::Ready));
@@ -854,7 +837,7 @@ impl Broker {
             success,
             message: message.clone(),
         });
-        Error::ReloadFailed(message)
+        Error::reload_failed(message)
     }
 
     /// Asks an instance to stop, and SIGKILLs it if it is still there after
@@ -1036,19 +1019,21 @@ fn answer(requests: impl Iterator<Item = Request>, result: Result<Generation, Er
 }
 
 fn stopping_error() -> Error {
-    Error::ReloadFailed("the broker is stopping".into())
+    Error::reload_failed("the broker is stopping".into())
 }
 
 /// The broker's own policy, once it is known that the broker may return an
 /// idle instance to it.
 fn idle_start_policy() -> Result<Policy, Error> {
     let policy = Policy::of_this_thread().map_err(|e| {
-        Error::Failed(format!(
-            "start_priority = \"idle\": cannot read the broker's scheduling policy: {e}"
-        ))
+        Error::caused_by(
+            ally_core::ErrorKind::Failed,
+            format_args!("start_priority = \"idle\": cannot read the broker's scheduling policy"),
+            e,
+        )
     })?;
     priority::check_can_raise(policy).map_err(|e| {
-        Error::Failed(format!(
+        Error::failed(format!(
             "start_priority = \"idle\": the broker could not return a thread from SCHED_IDLE to its own priority ({e}); it needs CAP_SYS_NICE, or an RLIMIT_NICE that allows its nice value (systemd: LimitNICE=)"
         ))
     })?;
@@ -1061,9 +1046,13 @@ fn restart_delay(base: Duration, attempt: u32) -> Duration {
 }
 
 fn dup(fd: &OwnedFd) -> Result<OwnedFd, Error> {
-    fd.as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| Error::Failed(format!("cannot duplicate socket: {e}")))
+    fd.as_fd().try_clone_to_owned().map_err(|e| {
+        Error::caused_by(
+            ally_core::ErrorKind::Failed,
+            format_args!("cannot duplicate socket"),
+            e,
+        )
+    })
 }
 
 fn ms(d: Duration) -> String {

@@ -12,8 +12,7 @@ use crate::runtime_dir;
 
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
-    config::validate_app_name(&args.app)
-        .map_err(|e| format!("invalid app name {:?}: {e}", args.app))?;
+    config::validate_app_name(&args.app)?;
     let config = load_config(&args)?;
     let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);

@@ -1,9 +1,9 @@
-//! Errors of the client binding.
+//! Errors of the client binding: the broker's replies, mapped back from their
+//! D-Bus names to [`ErrorKind`]s, the connection's failures, and local errors
+//! ([`ally_core::Error`], the same value the broker fails with).
 
 use std::fmt;
 use std::io;
-
-use ally_core::net::AddressError;
 
 /// Result type of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -29,47 +29,43 @@ pub enum Error {
         context: String,
         source: zbus::Error,
     },
-    /// A local error with a known kind (simulate mode, bad environment, wrong socket type).
-    Local { kind: ErrorKind, message: String },
-    /// A local I/O error.
-    Io { context: String, source: io::Error },
+    /// A local error (simulate mode, bad address or environment, wrong socket
+    /// type, a failed system call), with its cause.
+    Local(ally_core::Error),
 }
 
 impl Error {
     /// What kind of failure this is.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Broker { kind, .. } | Error::Local { kind, .. } => *kind,
+            Error::Broker { kind, .. } => *kind,
             Error::Transport { .. } => ErrorKind::Transport,
-            Error::Io { source, .. } => match source.raw_os_error() {
-                Some(libc::EADDRINUSE) => ErrorKind::AddressInUse,
-                Some(libc::EACCES | libc::EPERM) => ErrorKind::AccessDenied,
-                Some(libc::EINVAL) => ErrorKind::InvalidArgument,
-                _ => ErrorKind::Io,
-            },
+            Error::Local(e) => e.kind(),
         }
     }
 
     /// The broker's message, or this error's own text for local errors.
     pub fn message(&self) -> String {
         match self {
-            Error::Broker { message, .. } | Error::Local { message, .. } => message.clone(),
+            Error::Broker { message, .. } => message.clone(),
+            Error::Local(e) => e.message().to_owned(),
             other => other.to_string(),
         }
     }
 
     pub(crate) fn local(kind: ErrorKind, message: impl Into<String>) -> Error {
-        Error::Local {
-            kind,
-            message: message.into(),
-        }
+        Error::Local(ally_core::Error::new(kind, message))
     }
 
+    /// A failed system call; its kind follows the OS error where one fits.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        let kind = match source.raw_os_error() {
+            Some(libc::EADDRINUSE) => ErrorKind::AddressInUse,
+            Some(libc::EACCES | libc::EPERM) => ErrorKind::AccessDenied,
+            Some(libc::EINVAL) => ErrorKind::InvalidArgument,
+            _ => ErrorKind::Io,
+        };
+        Error::Local(ally_core::Error::caused_by(kind, context.into(), source))
     }
 
     /// Converts a failed method call on the broker.
@@ -140,8 +136,7 @@ impl fmt::Display for Error {
             Error::Transport { context, source } => {
                 write!(f, "{context}: {}", one_line(&source.to_string()))
             }
-            Error::Local { message, .. } => f.write_str(&one_line(message)),
-            Error::Io { context, source } => write!(f, "{context}: {source}"),
+            Error::Local(e) => f.write_str(&one_line(e.message())),
         }
     }
 }
@@ -150,20 +145,22 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Transport { source, .. } => Some(source),
-            Error::Io { source, .. } => Some(source),
-            _ => None,
+            // The local error's text is this error's: its cause is the next link.
+            Error::Local(e) => std::error::Error::source(e),
+            Error::Broker { .. } => None,
         }
     }
 }
 
-impl From<AddressError> for Error {
-    fn from(e: AddressError) -> Self {
-        let kind = match e {
-            AddressError::Invalid(_) => ErrorKind::InvalidArgument,
-            AddressError::InUse(_) => ErrorKind::AddressInUse,
-            AddressError::Io(_) => ErrorKind::Io,
-        };
-        Error::local(kind, e.to_string())
+impl From<ally_core::Error> for Error {
+    fn from(e: ally_core::Error) -> Self {
+        Error::Local(e)
+    }
+}
+
+impl From<ally_core::state::StateError> for Error {
+    fn from(e: ally_core::state::StateError) -> Self {
+        Error::Local(e.into())
     }
 }
 
@@ -186,25 +183,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn dbus_names_round_trip() {
-        for kind in [
-            ErrorKind::InvalidArgument,
-            ErrorKind::AccessDenied,
-            ErrorKind::AddressInUse,
-            ErrorKind::ReloadFailed,
-            ErrorKind::NotOwner,
-            ErrorKind::Timeout,
-            ErrorKind::LimitExceeded,
-        ] {
-            let name = kind.dbus_name().unwrap();
-            assert_eq!(ErrorKind::from_dbus_name(name), Some(kind));
+    fn every_name_the_broker_sends_maps_back_to_its_kind() {
+        for kind in ErrorKind::ALL {
+            let Some(name) = kind.dbus_name() else {
+                continue;
+            };
+            let reply = zbus::Error::MethodError(
+                zbus::names::OwnedErrorName::try_from(name).unwrap(),
+                Some("why".into()),
+                zbus::message::Message::method_call("/", "M")
+                    .build(&())
+                    .unwrap(),
+            );
+            let e = Error::call("Listen", reply);
+            assert_eq!(e.kind(), kind, "{name}");
+            assert_eq!(e.to_string(), format!("Listen failed: why ({name})"));
         }
-        assert_eq!(ErrorKind::from_dbus_name("org.ally.Error.Nope"), None);
-        assert_eq!(
-            ErrorKind::from_dbus_name("org.freedesktop.DBus.Error.AccessDenied"),
-            None
-        );
-        assert_eq!(ErrorKind::Io.dbus_name(), None);
+        let failed = ErrorKind::from_dbus_name("org.ally.Error.Failed");
+        assert_eq!(failed, Some(ErrorKind::Failed));
     }
 
     #[test]
@@ -224,10 +220,33 @@ mod tests {
 
     #[test]
     fn address_errors_keep_their_kind() {
-        let e: Error = AddressError::InUse("tcp 127.0.0.1:80 is already in use".into()).into();
+        let e: Error =
+            ally_core::Error::address_in_use("tcp 127.0.0.1:80 is already in use".into()).into();
         assert_eq!(e.kind(), ErrorKind::AddressInUse);
         assert_eq!(e.to_string(), "tcp 127.0.0.1:80 is already in use");
         let io: io::Error = e.into();
         assert_eq!(io.kind(), io::ErrorKind::AddrInUse);
+    }
+
+    #[test]
+    fn a_local_io_error_keeps_its_cause_and_an_errno_kind() {
+        let e = Error::io(
+            "tokio TcpListener",
+            io::Error::from_raw_os_error(libc::EACCES),
+        );
+        assert_eq!(e.kind(), ErrorKind::AccessDenied);
+        assert_eq!(
+            e.to_string(),
+            "tokio TcpListener: Permission denied (os error 13)"
+        );
+        let cause = std::error::Error::source(&e).expect("the cause is kept");
+        assert_eq!(
+            cause
+                .downcast_ref::<io::Error>()
+                .and_then(io::Error::raw_os_error),
+            Some(libc::EACCES)
+        );
+        let other = Error::io("dup", io::Error::from_raw_os_error(libc::EMFILE));
+        assert_eq!(other.kind(), ErrorKind::Io);
     }
 }

@@ -90,12 +90,7 @@ impl Simulation {
 }
 
 fn local(e: StateError) -> Error {
-    let kind = match e {
-        StateError::InvalidArgument(_) => ErrorKind::InvalidArgument,
-        StateError::LimitExceeded(_) => ErrorKind::LimitExceeded,
-        StateError::NotOwner(_) => ErrorKind::NotOwner,
-    };
-    Error::local(kind, e.to_string())
+    Error::from(e)
 }
 
 /// A TTL on the wire: 0 is none; anything shorter than a millisecond is one.

@@ -45,9 +45,9 @@ impl TestBroker {
             .map_err(|e| BrokerError::InvalidArgument(e.to_string()))?;
         let mut sockets = self.sockets.lock().unwrap();
         if !sockets.contains_key(&key) {
-            let socket = net::bind(&key, options).map_err(|e| match e {
-                net::AddressError::InUse(m) => BrokerError::AddressInUse(m),
-                other => BrokerError::InvalidArgument(other.to_string()),
+            let socket = net::bind(&key, options).map_err(|e| match e.kind() {
+                ErrorKind::AddressInUse => BrokerError::AddressInUse(e.to_string()),
+                _ => BrokerError::InvalidArgument(e.to_string()),
             })?;
             sockets.insert(key.clone(), socket);
         }

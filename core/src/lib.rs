@@ -5,7 +5,7 @@
 //! is a change to the protocol.
 //!
 //! - [`net`]: listening addresses (Go's network names), their normalisation and binding.
-//! - [`error`]: the kinds of failure and their `org.ally.Error.*` names.
+//! - [`error`]: the one error value, its kinds and their `org.ally.Error.*` names.
 //! - [`proxy`]: the D-Bus interfaces as zbus proxies, and the names of the broker.
 //! - [`wire`] and [`sasl`]: the D-Bus framing and `EXTERNAL` handshake of the state socket.
 //! - [`state`]: the shared-state stores (cache, atomics, locks).
@@ -19,4 +19,4 @@ pub mod sasl;
 pub mod state;
 pub mod wire;
 
-pub use error::ErrorKind;
+pub use error::{Error, ErrorKind};

@@ -16,6 +16,8 @@ use std::str::FromStr;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::Error;
+
 /// Longest path a `sockaddr_un` holds, without the terminating NUL.
 const UNIX_PATH_MAX: usize = 107;
 
@@ -103,14 +105,14 @@ impl fmt::Display for Network {
 }
 
 impl FromStr for Network {
-    type Err = AddressError;
+    type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Network::ALL
             .into_iter()
             .find(|n| n.as_str() == s)
             .ok_or_else(|| {
-                AddressError::Invalid(format!(
+                Error::invalid_argument(format!(
                     "unknown network {s:?}: expected one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket"
                 ))
             })
@@ -163,7 +165,7 @@ impl ListenAddr {
     ///
     /// `":8080"` means every address; for `tcp`/`udp` that is the dual-stack `[::]`.
     /// Host names are resolved once, here. Unix paths must be absolute; `@name` is abstract.
-    pub fn parse(network: &str, address: &str) -> Result<Self, AddressError> {
+    pub fn parse(network: &str, address: &str) -> Result<Self, Error> {
         let network: Network = network.parse()?;
         let endpoint = match network.family() {
             Family::Unix => parse_unix(network, address)?,
@@ -193,9 +195,9 @@ pub fn needs_resolver(network: &str, address: &str) -> bool {
     !host.is_empty() && host.parse::<IpAddr>().is_err()
 }
 
-fn parse_inet(network: Network, family: Family, address: &str) -> Result<SocketAddr, AddressError> {
+fn parse_inet(network: Network, family: Family, address: &str) -> Result<SocketAddr, Error> {
     let invalid = |why: &str| {
-        AddressError::Invalid(format!(
+        Error::invalid_argument(format!(
             "invalid {network} address {address:?}: {why} (expected host:port, [ipv6]:port or :port)"
         ))
     };
@@ -261,9 +263,9 @@ fn ipv6_available() -> bool {
     Socket::new(Domain::IPV6, Type::STREAM, None).is_ok()
 }
 
-fn parse_unix(network: Network, address: &str) -> Result<Endpoint, AddressError> {
+fn parse_unix(network: Network, address: &str) -> Result<Endpoint, Error> {
     let invalid = |why: String| {
-        AddressError::Invalid(format!("invalid {network} address {address:?}: {why}"))
+        Error::invalid_argument(format!("invalid {network} address {address:?}: {why}"))
     };
     if address.is_empty() {
         return Err(invalid("empty path".into()));
@@ -309,35 +311,24 @@ pub struct ListenOptions {
     pub mode: Option<u32>,
 }
 
-/// Why an address could not be used.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum AddressError {
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    InUse(String),
-    #[error("{0}")]
-    Io(String),
-}
-
 /// Creates, binds and (for connection-oriented networks) starts listening on a socket.
 ///
 /// Sockets are close-on-exec. Stream sockets get `SO_REUSEADDR` so a restarted broker
 /// can bind past connections in TIME_WAIT; datagram sockets do not, since on Linux it
 /// would let two processes share a UDP port silently. A stale unix socket file (nobody
 /// accepting on it) is replaced; a live one is `InUse`.
-pub fn bind(addr: &ListenAddr, options: &ListenOptions) -> Result<Socket, AddressError> {
+pub fn bind(addr: &ListenAddr, options: &ListenOptions) -> Result<Socket, Error> {
     let io_error = |what: &str, e: io::Error| match e.raw_os_error() {
-        Some(libc::EADDRINUSE) => AddressError::InUse(format!("{addr} is already in use")),
+        Some(libc::EADDRINUSE) => Error::address_in_use(format!("{addr} is already in use")),
         Some(libc::EADDRNOTAVAIL) => {
-            AddressError::Invalid(format!("{addr}: the address is not on this machine"))
+            Error::invalid_argument(format!("{addr}: the address is not on this machine"))
         }
-        _ => AddressError::Io(format!("{addr}: {what}: {e}")),
+        _ => Error::io(format!("{addr}: {what}"), e),
     };
     if let Some(mode) = options.mode
         && (mode > 0o7777 || !matches!(addr.endpoint, Endpoint::Path(_)))
     {
-        return Err(AddressError::Invalid(format!(
+        return Err(Error::invalid_argument(format!(
             "{addr}: mode {mode:#o} applies only to filesystem unix sockets and must be at most 0o7777"
         )));
     }
@@ -395,14 +386,14 @@ pub fn bind(addr: &ListenAddr, options: &ListenOptions) -> Result<Socket, Addres
     Ok(socket)
 }
 
-fn remove_stale_unix_socket(addr: &ListenAddr, path: &Path) -> Result<(), AddressError> {
+fn remove_stale_unix_socket(addr: &ListenAddr, path: &Path) -> Result<(), Error> {
     let metadata = match std::fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(AddressError::Io(format!("{addr}: {e}"))),
+        Err(e) => return Err(Error::io(addr, e)),
     };
     if !metadata.file_type().is_socket() {
-        return Err(AddressError::InUse(format!(
+        return Err(Error::address_in_use(format!(
             "{addr}: the path exists and is not a socket"
         )));
     }
@@ -416,7 +407,7 @@ fn remove_stale_unix_socket(addr: &ListenAddr, path: &Path) -> Result<(), Addres
         _ => UnixStream::connect(path).is_ok(),
     };
     if alive {
-        return Err(AddressError::InUse(format!(
+        return Err(Error::address_in_use(format!(
             "{addr} is already in use (another process accepts on it)"
         )));
     }
@@ -428,7 +419,7 @@ fn remove_stale_unix_socket(addr: &ListenAddr, path: &Path) -> Result<(), Addres
                 Err(e)
             }
         })
-        .map_err(|e| AddressError::Io(format!("{addr}: removing stale socket file: {e}")))
+        .map_err(|e| Error::io(format!("{addr}: removing stale socket file"), e))
 }
 
 /// The address a socket is bound to, in the same form as [`Endpoint`]'s display
@@ -454,8 +445,9 @@ pub fn local_address(fd: &impl AsRawFd) -> io::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ErrorKind;
 
-    fn parse(n: &str, a: &str) -> Result<String, AddressError> {
+    fn parse(n: &str, a: &str) -> Result<String, Error> {
         ListenAddr::parse(n, a).map(|l| l.to_string())
     }
 
@@ -554,10 +546,26 @@ mod tests {
         let port = holder.local_addr().unwrap().port();
         let addr = ListenAddr::parse("tcp", &format!("127.0.0.1:{port}")).unwrap();
         let err = bind(&addr, &ListenOptions::default()).unwrap_err();
-        assert!(matches!(err, AddressError::InUse(_)), "{err:?}");
+        assert_eq!(err.kind(), ErrorKind::AddressInUse, "{err:?}");
         assert!(
             err.to_string().contains(&format!("127.0.0.1:{port}")),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn a_failed_bind_keeps_the_os_error_as_its_cause() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing").join("s.sock");
+        let addr = ListenAddr::parse("unix", path.to_str().unwrap()).unwrap();
+        let err = bind(&addr, &ListenOptions::default()).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Io, "{err:?}");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT), "{err:?}");
+        let source = std::error::Error::source(&err).expect("the cause is kept");
+        assert!(source.downcast_ref::<io::Error>().is_some(), "{source:?}");
+        assert_eq!(
+            err.to_string(),
+            format!("unix {}: bind: {source}", path.display())
         );
     }
 
@@ -577,10 +585,12 @@ mod tests {
         .unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode, 0o660);
-        assert!(matches!(
-            bind(&addr, &ListenOptions::default()),
-            Err(AddressError::InUse(_))
-        ));
+        assert_eq!(
+            bind(&addr, &ListenOptions::default())
+                .map_err(|e| e.kind())
+                .err(),
+            Some(ErrorKind::AddressInUse)
+        );
         drop(live);
     }
 

@@ -11,7 +11,7 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedVariant, Variant, interface};
 
 use super::caller::{self, Role, Transport};
-use super::errors::{AllyError, Result};
+use super::errors::{Error, Result};
 use super::peer::Identity;
 use crate::broker::{Broker, Status};
 use crate::generations::{Instance, InstanceId};
@@ -68,14 +68,20 @@ impl Access {
         }
         let sender = header
             .and_then(|h| h.sender())
-            .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
+            .ok_or_else(|| Error::access_denied("the call has no sender".into()))?;
         let dbus = zbus::fdo::DBusProxy::new(conn).await?;
         let creds = dbus
             .get_connection_credentials(sender.clone().into())
             .await
-            .map_err(|e| AllyError::Failed(format!("cannot identify {sender}: {e}")))?;
+            .map_err(|e| {
+                Error::caused_by(
+                    ally_core::ErrorKind::Failed,
+                    format_args!("cannot identify {sender}"),
+                    e,
+                )
+            })?;
         let uid = creds.unix_user_id().ok_or_else(|| {
-            AllyError::AccessDenied(format!("the bus does not know the uid of {sender}"))
+            Error::access_denied(format!("the bus does not know the uid of {sender}"))
         })?;
         // The bus's pid for a sender may since belong to another process: on a
         // bus only the uid counts, and instances use the private socket.
@@ -140,7 +146,7 @@ impl Access {
     ) -> Result<InstanceId> {
         match self.role(header, conn).await? {
             Role::Instance(id) => Ok(id),
-            Role::Admin => Err(AllyError::AccessDenied(format!(
+            Role::Admin => Err(Error::access_denied(format!(
                 "{method} is for instances of {}: the caller is an admin, not one of its instances",
                 self.broker.app()
             ))),
@@ -174,7 +180,7 @@ impl Access {
     ) -> Result<()> {
         match self.role(header, conn).await? {
             Role::Admin => Ok(()),
-            Role::Instance(_) => Err(AccessDenied(format!(
+            Role::Instance(_) => Err(Error::access_denied(format!(
                 "{method} is for admins (root or the broker's user), not instances"
             ))),
             _ => Err(self.denied(method)),
@@ -211,7 +217,7 @@ impl Access {
             Peer::Bus => {
                 let sender = header
                     .and_then(|h| h.sender())
-                    .ok_or_else(|| AllyError::AccessDenied("the call has no sender".into()))?;
+                    .ok_or_else(|| Error::access_denied("the call has no sender".into()))?;
                 self.broker.state().sender_conn(sender.as_str())
             }
         };
@@ -221,15 +227,13 @@ impl Access {
         })
     }
 
-    fn denied(&self, what: &str) -> AllyError {
-        AllyError::AccessDenied(format!(
+    fn denied(&self, what: &str) -> Error {
+        Error::access_denied(format!(
             "{what} denied: the caller is neither root, the broker's user, nor an instance of {}",
             self.broker.app()
         ))
     }
 }
-
-use AllyError::AccessDenied;
 
 pub struct Broker1 {
     broker: Arc<Broker>,
@@ -297,7 +301,7 @@ impl Broker1 {
             .require_instance(Some(&header), conn, "Close")
             .await?;
         let addr = parse_address(network, address).await?;
-        Ok(self.broker.close(instance, &addr)?)
+        self.broker.close(instance, &addr)
     }
 
     async fn ready(
@@ -309,7 +313,7 @@ impl Broker1 {
             .access
             .require_instance(Some(&header), conn, "Ready")
             .await?;
-        Ok(self.broker.ready(instance)?)
+        self.broker.ready(instance)
     }
 
     #[zbus(out_args("generation"))]
@@ -321,7 +325,7 @@ impl Broker1 {
         self.access
             .require_admin(Some(&header), conn, "Reload")
             .await?;
-        Ok(self.broker.reload().await?)
+        self.broker.reload().await
     }
 
     #[zbus(out_args("status"))]
@@ -412,22 +416,21 @@ impl Broker1 {
 
 /// Host names may need a resolver; keep that off the async workers.
 async fn parse_address(network: &str, address: &str) -> Result<ListenAddr> {
-    let parsed = if ally_core::net::needs_resolver(network, address) {
+    if ally_core::net::needs_resolver(network, address) {
         let (network, address) = (network.to_string(), address.to_string());
         tokio::task::spawn_blocking(move || ListenAddr::parse(&network, &address))
             .await
-            .map_err(|e| AllyError::Failed(e.to_string()))?
+            .map_err(|e| Error::from_source(ally_core::ErrorKind::Failed, e))?
     } else {
         ListenAddr::parse(network, address)
-    };
-    parsed.map_err(|e| AllyError::from(crate::broker::Error::from(e)))
+    }
 }
 
 fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOptions> {
     let mut parsed = ListenOptions::default();
     for (key, value) in options {
         let wrong_type = |expected: &str| {
-            AllyError::InvalidArgument(format!(
+            Error::invalid_argument(format!(
                 "option {key:?} must be of type {expected}, not {}",
                 value.value_signature()
             ))
@@ -436,7 +439,7 @@ fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOption
             "backlog" => {
                 let backlog = u32::try_from(value).map_err(|_| wrong_type("u"))?;
                 if backlog == 0 {
-                    return Err(AllyError::InvalidArgument(
+                    return Err(Error::invalid_argument(
                         "option \"backlog\" must be at least 1".into(),
                     ));
                 }
@@ -448,14 +451,14 @@ fn parse_options(options: &HashMap<String, OwnedVariant>) -> Result<ListenOption
             "mode" => {
                 let mode = u32::try_from(value).map_err(|_| wrong_type("u"))?;
                 if mode > 0o777 {
-                    return Err(AllyError::InvalidArgument(format!(
+                    return Err(Error::invalid_argument(format!(
                         "option \"mode\" is {mode:#o}: expected permission bits of at most 0o777 (set-id and sticky bits mean nothing on a socket)"
                     )));
                 }
                 parsed.mode = Some(mode);
             }
             other => {
-                return Err(AllyError::InvalidArgument(format!(
+                return Err(Error::invalid_argument(format!(
                     "unknown option {other:?}: expected backlog (u), reuse_port (b) or mode (u)"
                 )));
             }
@@ -497,7 +500,7 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
     fn owned<'a>(v: impl Into<Variant<'a>>) -> Result<OwnedVariant> {
         v.into()
             .try_into_owned()
-            .map_err(|e| AllyError::Failed(e.to_string()))
+            .map_err(|e| Error::from_source(ally_core::ErrorKind::Failed, e))
     }
     Ok(HashMap::from([
         ("app".to_string(), owned(status.app.as_str())?),

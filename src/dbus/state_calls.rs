@@ -18,7 +18,7 @@ use zbus::{DBusError, Message};
 use super::OBJECT_PATH;
 use super::broker1::Access;
 use super::caller::Role;
-use super::errors::AllyError;
+use super::errors::Error;
 
 const CACHE: &str = "org.ally.Cache1";
 const ATOMIC: &str = "org.ally.Atomic1";
@@ -33,12 +33,12 @@ pub struct StateCalls {
 }
 
 enum Refusal {
-    Ally(AllyError),
+    Ally(Error),
     Fdo(zbus::fdo::Error),
 }
 
-impl From<AllyError> for Refusal {
-    fn from(e: AllyError) -> Self {
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
         Refusal::Ally(e)
     }
 }
@@ -228,7 +228,7 @@ impl StateCalls {
 
     fn role(&self) -> Result<super::caller::Role, Refusal> {
         self.access.private_role().ok_or_else(|| {
-            Refusal::Ally(AllyError::Failed(
+            Refusal::Ally(Error::failed(
                 "the state socket has a peer without credentials".into(),
             ))
         })

@@ -6,37 +6,17 @@
 
 pub mod atomic;
 pub mod cache;
+mod error;
 pub mod limits;
 pub mod locker;
 pub mod shared;
 
-use std::fmt;
-
 pub use atomic::Atomics;
 pub use cache::Cache;
+pub use error::StateError;
 pub use limits::Limits;
 pub use locker::{Acquire, Cancel, Effects, Hold, Locker, Mode, Owner, Ticket};
 pub use shared::SharedStore;
-
-/// Why a state operation was refused. Nothing changed when one is returned.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StateError {
-    InvalidArgument(String),
-    LimitExceeded(String),
-    NotOwner(String),
-}
-
-impl fmt::Display for StateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            StateError::InvalidArgument(m)
-            | StateError::LimitExceeded(m)
-            | StateError::NotOwner(m) => f.write_str(m),
-        }
-    }
-}
-
-impl std::error::Error for StateError {}
 
 /// All the state of one application.
 #[derive(Debug, Default)]
