@@ -51,7 +51,7 @@ for file in "$@"; do
     s~(?<![\w:])((?:crate::)?(?:broker::)?)Error::($kinds)\(~$1Error::$snake{$2}(~g;
 
     # The client kept its own StateError-to-kind table; one From does it now.
-    s~(fn local\(e: StateError\) -> Error \{\n).*?\n\}\n~$1    Error::from(e)\n}\n~s;
+    s~(fn local\(e: StateError\) -> Error \{\n).*?\n\}\n~$1    ally_core::Error::from(e).into()\n}\n~s;
 
     # AllyError is now ally_core::Error, re-exported by dbus::errors.
     s~\bAllyError\b~Error~g;

@@ -158,12 +158,6 @@ impl From<ally_core::Error> for Error {
     }
 }
 
-impl From<ally_core::state::StateError> for Error {
-    fn from(e: ally_core::state::StateError) -> Self {
-        Error::Local(e.into())
-    }
-}
-
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e.kind() {

@@ -90,7 +90,7 @@ impl Simulation {
 }
 
 fn local(e: StateError) -> Error {
-    Error::from(e)
+    ally_core::Error::from(e).into()
 }
 
 /// A TTL on the wire: 0 is none; anything shorter than a millisecond is one.
