@@ -175,6 +175,10 @@ mod tests {
     fn a_spawned_child_starts_idle_and_is_raised_with_its_threads_and_children() {
         let normal = Policy::of_this_thread().unwrap();
         assert!(!normal.is_idle());
+        if let Err(e) = check_can_raise(normal) {
+            eprintln!("skipped: this process may not leave SCHED_IDLE ({e})");
+            return;
+        }
         // A shell whose child (a sleep) also inherits the policy.
         let mut child = spawn_idle(|| {
             std::process::Command::new("sh")
