@@ -8,6 +8,14 @@ use ally_testkit::stats::Distribution;
 
 use crate::{CALLS, WARMUP, time_ns};
 
+/// `CALLS` timed round trips after `WARMUP` untimed ones, ns.
+fn measure(mut round_trip: impl FnMut()) -> Distribution {
+    for _ in 0..WARMUP {
+        round_trip();
+    }
+    Distribution::new((0..CALLS).map(|_| time_ns(&mut round_trip) as f64))
+}
+
 /// Request/response of 16 bytes over a unix stream socket between two threads.
 pub fn pingpong_floor() -> Distribution {
     let (mut client, mut server) = UnixStream::pair().expect("socketpair");
@@ -19,20 +27,15 @@ pub fn pingpong_floor() -> Distribution {
             }
         }
     });
-    let mut round_trip = || {
+    let round_trip = || {
         let mut buf = [7u8; 16];
         client.write_all(&buf).expect("ping");
         client.read_exact(&mut buf).expect("pong");
     };
-    for _ in 0..WARMUP {
-        round_trip();
-    }
-    let durations: Vec<f64> = (0..CALLS)
-        .map(|_| time_ns(&mut round_trip) as f64)
-        .collect();
+    let durations = measure(round_trip);
     drop(client);
     echo.join().expect("echo thread");
-    Distribution::new(durations)
+    durations
 }
 
 /// Sends `data` with a duplicate of `fd` (SCM_RIGHTS).
@@ -109,20 +112,15 @@ pub fn fd_pingpong_floor() -> Distribution {
             }
         }
     });
-    let mut round_trip = || {
+    let round_trip = || {
         client.write_all(&[7u8; 16]).expect("ask");
         let mut buf = [0u8; 16];
         let (n, fd) = recv_with_fd(client.as_raw_fd(), &mut buf).expect("answer");
         assert_eq!(n, 16, "short answer");
         drop(fd.expect("no descriptor in the answer"));
     };
-    for _ in 0..WARMUP {
-        round_trip();
-    }
-    let durations: Vec<f64> = (0..CALLS)
-        .map(|_| time_ns(&mut round_trip) as f64)
-        .collect();
+    let durations = measure(round_trip);
     drop(client);
     server_thread.join().expect("server thread");
-    Distribution::new(durations)
+    durations
 }

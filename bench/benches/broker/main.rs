@@ -223,6 +223,17 @@ fn bench_reloads(ally: &Path, reloads: usize) -> ReloadResult {
     }
 }
 
+/// One row of a table: p50, the `p`th percentile, mean and max in `unit`.
+fn table_row(name: &str, s: &Summary, unit: f64, p: f64, decimals: usize, target: &str) {
+    println!(
+        "{name:<44} {:>10.decimals$} {:>10.decimals$} {:>10.decimals$} {:>10.decimals$}   {target}",
+        s.p(50.0) / unit,
+        s.p(p) / unit,
+        s.mean() / unit,
+        s.max() / unit
+    );
+}
+
 fn verdict(pass: bool) -> &'static str {
     if pass { "PASS" } else { "MISS" }
 }
@@ -281,15 +292,7 @@ fn drive() {
         "{:<44} {:>10} {:>10} {:>10} {:>10}   target",
         "round trip (µs)", "p50", "p99", "mean", "max"
     );
-    let row = |name: &str, s: &Summary, target: &str| {
-        println!(
-            "{name:<44} {:>10.1} {:>10.1} {:>10.1} {:>10.1}   {target}",
-            s.p(50.0) / US,
-            s.p(99.0) / US,
-            s.mean() / US,
-            s.max() / US
-        );
-    };
+    let row = |name: &str, s: &Summary, target: &str| table_row(name, s, US, 99.0, 1, target);
     row(
         &format!("Listen, blocking client (n={CALLS})"),
         &listen.blocking,
@@ -308,15 +311,7 @@ fn drive() {
         "{:<44} {:>10} {:>10} {:>10} {:>10}   target",
         "reload, ms from the Reload() call", "p50", "p90", "mean", "max"
     );
-    let row_ms = |name: &str, s: &Summary, target: &str| {
-        println!(
-            "{name:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.2}   {target}",
-            s.p(50.0) / MS,
-            s.p(90.0) / MS,
-            s.mean() / MS,
-            s.max() / MS
-        );
-    };
+    let row_ms = |name: &str, s: &Summary, target: &str| table_row(name, s, MS, 90.0, 2, target);
     row_ms(
         &format!("overhead: old instance gets SIGTERM (n={n_reloads})"),
         &overhead,

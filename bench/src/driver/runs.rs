@@ -12,6 +12,26 @@ use ally_testkit::procfs;
 use super::target::{Scenario, Target};
 use super::{Bins, Result, STEADY_AFTER, STEADY_BEFORE, Settings, WINDOW_TAIL};
 
+/// The load of a run on `target`, bounded in time and requests per client; a
+/// request not answered in 5 s failed.
+fn load_config(
+    target: &Target,
+    mode: Mode,
+    s: &Settings,
+    max_duration: Duration,
+    max_requests: u64,
+) -> LoadConfig {
+    LoadConfig {
+        mode,
+        http: target.http,
+        grpc: target.grpc,
+        connections: s.connections,
+        max_duration,
+        max_requests,
+        timeout: Duration::from_secs(5),
+    }
+}
+
 pub async fn run_scenario(
     bins: &Bins,
     scenario: Scenario,
@@ -23,19 +43,17 @@ pub async fn run_scenario(
     let mut target = Target::start(scenario, bins, dir.clone()).await?;
     let stop = StopFlag::default();
     let start = Instant::now();
-    let config = LoadConfig {
+    let config = load_config(
+        &target,
         mode,
-        http: target.http,
-        grpc: target.grpc,
-        connections: s.connections,
+        s,
         // Generous bound: restarts that take 2 s each and then some.
-        max_duration: STEADY_BEFORE
+        STEADY_BEFORE
             + STEADY_AFTER
             + (s.gap + Duration::from_secs(2)) * restarts as u32
             + Duration::from_secs(30),
-        max_requests: 50_000_000,
-        timeout: Duration::from_secs(5),
-    };
+        50_000_000,
+    );
     let load = tokio::spawn(load::run(config, stop.clone(), start));
     tokio::time::sleep(STEADY_BEFORE).await;
     let mut windows = Vec::new();
@@ -106,15 +124,8 @@ pub async fn datapath(bins: &Bins, s: &Settings) -> Result<report::DataPath> {
             let dir = tempdir()?;
             let target = Target::start(scenario, bins, dir.clone()).await?;
             let start = Instant::now();
-            let config = LoadConfig {
-                mode: Mode::KeepAlive,
-                http: target.http,
-                grpc: target.grpc,
-                connections: s.connections,
-                max_duration: Duration::from_secs(s.datapath_secs),
-                max_requests: 50_000_000,
-                timeout: Duration::from_secs(5),
-            };
+            let duration = Duration::from_secs(s.datapath_secs);
+            let config = load_config(&target, Mode::KeepAlive, s, duration, 50_000_000);
             let result = load::run(config, StopFlag::default(), start).await;
             target.stop().await;
             let _ = std::fs::remove_dir_all(&dir);
@@ -153,15 +164,8 @@ pub async fn soak(bins: &Bins, s: &Settings) -> Result<Vec<SoakPoint>> {
     let pid = target.broker_pid().await.ok_or("no broker pid")?;
     let stop = StopFlag::default();
     let start = Instant::now();
-    let config = LoadConfig {
-        mode: Mode::KeepAlive,
-        http: target.http,
-        grpc: target.grpc,
-        connections: s.connections,
-        max_duration: Duration::from_secs(60) + Duration::from_millis(500) * s.soak_reloads as u32,
-        max_requests: 100_000_000,
-        timeout: Duration::from_secs(5),
-    };
+    let duration = Duration::from_secs(60) + Duration::from_millis(500) * s.soak_reloads as u32;
+    let config = load_config(&target, Mode::KeepAlive, s, duration, 100_000_000);
     let load = tokio::spawn(load::run(config, stop.clone(), start));
     // Connected before the first figure, so that its fd is counted from the start.
     target.admin().await?;
