@@ -12,8 +12,45 @@ pub use ally_testkit::*;
 
 pub const ALLY: &str = env!("CARGO_BIN_EXE_ally");
 
-/// The broker of these tests: [`Broker`] under its old name.
-pub type TestBroker = Broker;
+/// The broker of these tests: the kit's [`Broker`] (every method and field of
+/// it, through `Deref`), as a type of this module so that helpers only these
+/// tests need can be added to it here.
+pub struct TestBroker(pub Broker);
+
+impl TestBroker {
+    /// Runs `ally run APP --config <file with `config`>`.
+    pub fn start(app: &str, config: &str) -> TestBroker {
+        TestBroker(Broker::start(app, config))
+    }
+
+    pub fn start_with(app: &str, config: &str, extra: &[&str]) -> TestBroker {
+        TestBroker(Broker::start_with(app, config, extra))
+    }
+
+    /// With extra `ally run` arguments and environment variables.
+    pub fn start_env(app: &str, config: &str, extra: &[&str], env: &[(&str, &str)]) -> TestBroker {
+        TestBroker(Broker::start_env(app, config, extra, env))
+    }
+
+    /// Runs `ally run APP -- COMMAND...` on the built-in defaults.
+    pub fn start_command(app: &str, command: &[&str]) -> TestBroker {
+        TestBroker(Broker::start_command(app, command))
+    }
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = Broker;
+
+    fn deref(&self) -> &Broker {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TestBroker {
+    fn deref_mut(&mut self) -> &mut Broker {
+        &mut self.0
+    }
+}
 
 pub fn hello() -> PathBuf {
     example("hello")
