@@ -216,18 +216,11 @@ fn ally_run_bounded(config: &std::path::Path, runtime: &std::path::Path) -> (Opt
         });
     }
     let mut child = command.spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
     let mut err = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
     (status.and_then(|s| s.code()), err)

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ally_testkit::http::{head_end, parse_head};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -136,30 +137,17 @@ impl Conn {
 
 /// A complete response in `buf`, `None` while partial.
 pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, Failure> {
-    let Some(end) = find(buf, b"\r\n\r\n") else {
+    let Some(end) = head_end(buf) else {
         return Ok(None);
     };
-    let head = std::str::from_utf8(&buf[..end])
-        .map_err(|_| Failure::WrongAnswer("head is not UTF-8".into()))?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 200 ") {
-        return Err(Failure::WrongAnswer(format!("status {status:?}")));
+    let head = parse_head(&buf[..end]).map_err(Failure::WrongAnswer)?;
+    if head.version != "HTTP/1.1" || head.status != 200 {
+        return Err(Failure::WrongAnswer(format!(
+            "status {} {}",
+            head.version, head.status
+        )));
     }
-    let mut length = None;
-    let mut keep_alive = true;
-    for line in lines {
-        let Some((name, value)) = line.split_once(':') else {
-            return Err(Failure::WrongAnswer(format!("header {line:?}")));
-        };
-        let value = value.trim();
-        if name.eq_ignore_ascii_case("content-length") {
-            length = value.parse::<usize>().ok();
-        } else if name.eq_ignore_ascii_case("connection") && value.eq_ignore_ascii_case("close") {
-            keep_alive = false;
-        }
-    }
-    let Some(length) = length else {
+    let Some(length) = head.content_length() else {
         return Err(Failure::WrongAnswer("no content-length".into()));
     };
     if buf.len() < end + 4 + length {
@@ -169,11 +157,10 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, Failure> {
     if !body.starts_with("bench ") {
         return Err(Failure::WrongAnswer(format!("body {body:?}")));
     }
+    let keep_alive = !head
+        .header("Connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"));
     Ok(Some(Response { body, keep_alive }))
-}
-
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// What the server made of the start of its buffer.
@@ -194,7 +181,7 @@ pub fn parse_request(buf: &[u8]) -> Parsed {
         .iter()
         .position(|&b| b != b'\r' && b != b'\n')
         .unwrap_or(buf.len());
-    let Some(end) = find(&buf[start..], b"\r\n\r\n") else {
+    let Some(end) = head_end(&buf[start..]) else {
         return Parsed::Partial;
     };
     let Ok(head) = std::str::from_utf8(&buf[start..start + end]) else {

@@ -7,7 +7,9 @@
 //! cargo run --release -p ally-bench -- soak           # only the 1000-reload soak
 //! ```
 //!
-//! Loopback only; every load is bounded in requests and time.
+//! Loopback only; every load is bounded in requests and time. The broker's own
+//! figures are this crate's benches: `cargo bench -p ally-bench --bench broker`
+//! and `--bench state` (`benches/`).
 
 mod driver;
 

@@ -36,14 +36,7 @@ pub fn by_offset(samples: &[Sample], marks: &[u64], edges_ms: &[u64]) -> Vec<Lat
     groups.into_iter().map(Latency::of).collect()
 }
 
-/// The nearest-rank percentile (`p` in 0..=100) of sorted values; 0 when empty.
-pub fn percentile(sorted: &[u32], p: f64) -> u32 {
-    if sorted.is_empty() {
-        return 0;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
+pub use ally_testkit::stats::percentile;
 
 /// Time intervals in µs since the load started, sorted and merged.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -160,20 +153,6 @@ pub fn per_second(samples: &[Sample], seconds: usize) -> Vec<(u64, u64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<u32> = (1..=100).collect();
-        assert_eq!(percentile(&v, 50.0), 50);
-        assert_eq!(percentile(&v, 99.0), 99);
-        assert_eq!(percentile(&v, 100.0), 100);
-        assert_eq!(percentile(&v, 0.0), 1);
-        assert_eq!(percentile(&[7], 99.0), 7);
-        assert_eq!(percentile(&[], 99.0), 0);
-        // 1000 values: p99 is the 990th.
-        let v: Vec<u32> = (0..1000).collect();
-        assert_eq!(percentile(&v, 99.0), 989);
-    }
 
     #[test]
     fn windows_merge_and_overlap() {

@@ -1,79 +1,41 @@
 //! The example programs, run as processes in simulate mode.
 //!
-//! `cargo test -p ally-client` builds the examples first; `cargo test --test examples`
-//! alone does not rebuild them, and would run stale binaries.
+//! The kit builds the workspace's examples once per run, so `cargo test --test
+//! examples` alone never runs stale binaries.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-
-/// `cargo test` builds the examples next to the test binaries' `deps` directory.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p ally-client --examples`",
-        path.display()
-    );
-    path
-}
+use ally_testkit::example;
+use ally_testkit::http::Response;
+use ally_testkit::process::{Pipe, Spawned};
+use nix::sys::signal::Signal;
 
 struct Program {
-    child: Child,
-    stderr: mpsc::Receiver<String>,
+    process: Spawned,
     first_line: String,
 }
 
 impl Program {
     fn start(name: &str, args: &[&str]) -> Program {
-        let mut child = Command::new(example(name))
-            .args(args)
+        let mut cmd = Command::new(example(name));
+        cmd.args(args)
             .env_remove("ALLY_ADDRESS")
             .env_remove("ALLY_STOP_SIGNAL")
             .env_remove("HELLO_VERSION")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let first_line = rx
-            .recv_timeout(Duration::from_secs(30))
+            .stdout(Stdio::null());
+        let process = Spawned::start(cmd, Pipe::Stderr);
+        let first_line = process
+            .next_line(Duration::from_secs(30))
             .unwrap_or_else(|e| panic!("{name} printed nothing: {e}"));
         Program {
-            child,
-            stderr: rx,
+            process,
             first_line,
         }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.pid() as i32), sig).unwrap();
     }
 
     /// The `host:port` after `word` in the first line.
@@ -86,84 +48,34 @@ impl Program {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
-    fn wait(&mut self, within: Duration) -> ExitStatus {
-        let deadline = Instant::now() + within;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("process did not exit within {within:?}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
     fn stderr_lines(&self) -> Vec<String> {
-        self.stderr.try_iter().collect()
+        self.process.lines_so_far()
     }
 }
 
-impl Drop for Program {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+impl std::ops::Deref for Program {
+    type Target = Spawned;
+
+    fn deref(&self) -> &Spawned {
+        &self.process
     }
 }
 
-struct Response {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
-}
-
-impl Response {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+impl std::ops::DerefMut for Program {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.process
     }
 }
 
 /// Reads one response; `None` on a clean end of stream before any byte.
 fn read_response(stream: &mut TcpStream) -> Option<Response> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match stream.read(&mut byte) {
-            Ok(0) if head.is_empty() => return None,
-            Ok(0) => panic!("connection closed mid-response: {head:?}"),
-            Ok(_) => head.push(byte[0]),
-            Err(e) => panic!("reading response: {e}"),
-        }
-    }
-    let head = String::from_utf8(head).unwrap();
-    let mut lines = head.trim_end().split("\r\n");
-    let status_line = lines.next().unwrap();
-    let status = status_line.split(' ').nth(1).unwrap().parse().unwrap();
-    let headers: Vec<(String, String)> = lines
-        .map(|l| {
-            let (n, v) = l.split_once(':').unwrap();
-            (n.trim().to_string(), v.trim().to_string())
-        })
-        .collect();
-    let mut response = Response {
-        status,
-        headers,
-        body: String::new(),
-    };
-    let len: usize = response
-        .header("Content-Length")
-        .expect("every response has Content-Length")
-        .parse()
-        .unwrap();
-    let mut body = vec![0u8; len];
-    stream.read_exact(&mut body).unwrap();
-    response.body = String::from_utf8(body).unwrap();
+    let response = ally_testkit::http::read_response(stream)
+        .unwrap_or_else(|e| panic!("reading response: {e}"))?;
+    assert!(
+        response.header("Content-Length").is_some(),
+        "every response has Content-Length: {:?}",
+        response.head
+    );
     Some(response)
 }
 

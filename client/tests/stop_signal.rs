@@ -5,14 +5,12 @@
 //! mode), says so on stdout, and only *later* starts waiting, so a signal sent at once must
 //! not be lost.
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::ExitStatusExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use ally_testkit::process::{Pipe, Spawned};
+use nix::sys::signal::Signal;
 
 const CHILD_ENV: &str = "ALLY_CLIENT_TEST_CHILD";
 
@@ -55,66 +53,45 @@ fn child() {
     std::process::exit(code);
 }
 
-struct Running {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
+/// The child under test; its stdout lines can be waited for.
+struct Running(Spawned);
 
 fn start(mode: &str, stop_signal: Option<&str>) -> Running {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args(["child", "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_ENV, mode)
         .env_remove("ALLY_ADDRESS")
-        .stdout(Stdio::piped())
         .stderr(Stdio::null());
     match stop_signal {
         Some(sig) => cmd.env("ALLY_STOP_SIGNAL", sig),
         None => cmd.env_remove("ALLY_STOP_SIGNAL"),
     };
-    let mut child = cmd.spawn().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, lines) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let running = Running { child, lines };
+    let running = Running(Spawned::start(cmd, Pipe::Stdout));
     running.expect_line("CHILD READY");
     running
 }
 
 impl Running {
     fn expect_line(&self, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(want) => return,
-                Ok(_) => {}
-                Err(e) => panic!("child never printed {want:?}: {e}"),
-            }
-        }
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill(Pid::from_raw(self.child.id() as i32), sig).unwrap();
+        self.0.expect_line(want, Duration::from_secs(20));
     }
 
     fn wait(mut self) -> ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("child did not exit");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.0.wait(Duration::from_secs(20))
+    }
+}
+
+impl std::ops::Deref for Running {
+    type Target = Spawned;
+
+    fn deref(&self) -> &Spawned {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Spawned {
+        &mut self.0
     }
 }
 

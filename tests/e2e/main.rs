@@ -66,17 +66,11 @@ impl Sandbox {
             child.stdin.take().unwrap().write_all(input).unwrap();
         }
         // Bounded: a hung command fails the suite instead of hanging CI.
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                return child.wait_with_output().unwrap();
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("timed out: {args:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if wait_exit(&mut child, Duration::from_secs(180)).is_none() {
+            let _ = child.kill();
+            panic!("timed out: {args:?}");
         }
+        child.wait_with_output().unwrap()
     }
 
     /// Runs a command that must succeed; returns its stdout.

@@ -1,4 +1,4 @@
-//! Shared-state throughput: `cargo bench --bench state`.
+//! Shared-state throughput: `cargo bench -p ally-bench --bench state`.
 //!
 //! Starts a real broker (`ally run`), then measures Atomic.Add, Cache.Get and Cache.Set
 //! through ally-client with one client calling sequentially (async, blocking, and async
@@ -17,12 +17,14 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ally_client::Ally;
+use ally_testkit::procfs::thread_cpu_time;
+use ally_testkit::{Broker, Launch, median};
 
 const CLIENTS: usize = 64;
 
@@ -33,72 +35,15 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
-
-struct Broker {
-    child: Child,
-    _dir: tempfile::TempDir,
-    address: String,
-}
-
-impl Broker {
-    fn start(extra_config: &str) -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("bench.toml");
-        std::fs::write(
-            &config,
-            format!("command = [\"sleep\", \"1000000\"]\nready_timeout = \"1h\"\n{extra_config}"),
-        )
-        .unwrap();
-        let run = dir.path().join("run");
-        let child = Command::new(env!("CARGO_BIN_EXE_ally"))
-            .args(["run", "bench", "--bus", "none", "--config"])
-            .arg(&config)
-            .arg("--runtime-dir")
-            .arg(&run)
-            .env("ALLY_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let socket = run.join("bus");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(&socket).is_err() {
-            assert!(Instant::now() < deadline, "the broker did not start");
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Broker {
-            child,
-            address: format!("unix:path={}", socket.display()),
-            _dir: dir,
-        }
-    }
-}
-
-impl Broker {
-    /// CPU time the broker's threads have used.
-    fn cpu_time(&self) -> Duration {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        std::fs::read_dir(tasks)
-            .unwrap()
-            .filter_map(|task| Some(schedstat_cpu(&task.ok()?.path().join("schedstat"))))
-            .sum()
-    }
-}
-
-/// CPU time this thread has used.
-fn thread_cpu_time() -> Duration {
-    schedstat_cpu(std::path::Path::new("/proc/thread-self/schedstat"))
-}
-
-/// The time on CPU that a task's `schedstat` gives.
-fn schedstat_cpu(path: &std::path::Path) -> Duration {
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    let nanos = stat.split_whitespace().next().and_then(|n| n.parse().ok());
-    Duration::from_nanos(nanos.unwrap_or(0))
+/// A broker of one app that sleeps; `extra_config` is added to its config.
+fn start_broker(ally: &Path, extra_config: &str) -> Broker {
+    Launch::new("bench")
+        .ally(ally)
+        .config(&format!(
+            "command = [\"sleep\", \"1000000\"]\nready_timeout = \"1h\"\n{extra_config}"
+        ))
+        .log_level("warn")
+        .start()
 }
 
 /// CPU µs per call of the broker and of the calling thread, for `calls` Atomic.Add
@@ -126,7 +71,7 @@ fn cpu_per_call(
 /// CPU per call side by side, polling broker first, slice after slice; medians.
 fn busy_poll_cost(runs: usize, quick: bool, polling: &Broker, sleeping: &Broker) {
     let clients =
-        [polling, sleeping].map(|b| ally_client::blocking::Ally::connect(&b.address).unwrap());
+        [polling, sleeping].map(|b| ally_client::blocking::Ally::connect(&b.address()).unwrap());
     let (back_to_back, paced) = if quick { (1_000, 20) } else { (50_000, 1_000) };
     for (what, calls, pause) in [
         ("back to back   ", back_to_back, Duration::ZERO),
@@ -140,21 +85,11 @@ fn busy_poll_cost(runs: usize, quick: bool, polling: &Broker, sleeping: &Broker)
                 figures[i][1].push(c);
             }
         }
-        let [on, off] = figures.map(|[b, c]| (median(b), median(c)));
+        let [on, off] = figures.map(|[b, c]| (median(&b), median(&c)));
         println!(
             "CPU per call, {what}: broker {:>5.1} µs polling, {:>5.1} µs not; client {:>5.1} µs, {:>5.1} µs",
             on.0, off.0, on.1, off.1
         );
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
     }
 }
 
@@ -230,16 +165,22 @@ struct Pairs(Vec<(f64, f64)>);
 
 impl Pairs {
     fn rate(&self) -> f64 {
-        median(self.0.iter().map(|p| p.1).collect())
+        median(&self.0.iter().map(|p| p.1).collect::<Vec<_>>())
     }
 
     fn raw_rate(&self) -> f64 {
-        median(self.0.iter().map(|p| p.0).collect())
+        median(&self.0.iter().map(|p| p.0).collect::<Vec<_>>())
     }
 
     /// Median of (latency / raw latency) over the pairs.
     fn ratio(&self) -> f64 {
-        median(self.0.iter().map(|(raw, rate)| raw / rate).collect())
+        median(
+            &self
+                .0
+                .iter()
+                .map(|(raw, rate)| raw / rate)
+                .collect::<Vec<_>>(),
+        )
     }
 
     /// Median latency over the fastest raw slice's: the harshest comparison, since
@@ -389,7 +330,8 @@ fn main() {
             .unwrap_or(0.5)
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let broker = Broker::start("");
+    let ally = ally_testkit::build_ally();
+    let broker = start_broker(&ally, "");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -418,18 +360,18 @@ fn main() {
         floor.ratio()
     );
     let (one, over_dbus, clients) = rt.block_on(async {
-        let one = Ally::connect(&broker.address).await.unwrap();
-        let over_dbus = Ally::connect_with(&broker.address, ally_client::StateSocket::Off)
+        let one = Ally::connect(&broker.address()).await.unwrap();
+        let over_dbus = Ally::connect_with(&broker.address(), ally_client::StateSocket::Off)
             .await
             .unwrap();
         one.cache("bench").set("key", b"value", None).await.unwrap();
         let mut clients = Vec::new();
         for _ in 0..CLIENTS {
-            clients.push(Ally::connect(&broker.address).await.unwrap());
+            clients.push(Ally::connect(&broker.address()).await.unwrap());
         }
         (one, over_dbus, clients)
     });
-    let blocking = ally_client::blocking::Ally::connect(&broker.address).unwrap();
+    let blocking = ally_client::blocking::Ally::connect(&broker.address()).unwrap();
     for op in [Op::Add, Op::Get, Op::Set] {
         let seq = paired(runs, &mut raw, secs, |secs| {
             let one = one.clone();
@@ -443,9 +385,9 @@ fn main() {
             sequential_blocking(&blocking, op, secs)
         });
         let conc = median(
-            (0..runs.min(3))
+            &(0..runs.min(3))
                 .map(|_| rt.block_on(concurrent(&clients, op, secs.max(1.0))))
-                .collect(),
+                .collect::<Vec<_>>(),
         );
         for (who, pairs) in [
             ("1 client  ", &seq),
@@ -471,7 +413,7 @@ fn main() {
         );
     }
     drop((one, over_dbus, clients, blocking));
-    let sleeping = Broker::start("state_busy_poll = \"0s\"\n");
+    let sleeping = start_broker(&ally, "state_busy_poll = \"0s\"\n");
     busy_poll_cost(runs, quick, &broker, &sleeping);
     drop(broker);
 }
