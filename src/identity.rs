@@ -153,17 +153,19 @@ impl Cx<'_> {
                     None => return Ok((*uid, None, None)),
                 }
             }
-            Principal::Name(name) => User::from_name(name).map_err(lookup_error)?.ok_or_else(
-                || {
-                    self.invalid(
+            Principal::Name(name) => {
+                User::from_name(name)
+                    .map_err(lookup_error)?
+                    .ok_or_else(|| {
+                        self.invalid(
                         user,
                         "user",
                         format!(
                             "unknown user {name:?}: expected an existing user name or a numeric uid"
                         ),
                     )
-                },
-            )?,
+                    })?
+            }
         };
         Ok((
             found.uid.as_raw(),

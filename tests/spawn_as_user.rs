@@ -39,8 +39,16 @@ fn ids_of(pid: u32) -> (String, String, String) {
             .unwrap_or_default()
     };
     (
-        field("Uid:").first().cloned().unwrap_or_default().to_string(),
-        field("Gid:").first().cloned().unwrap_or_default().to_string(),
+        field("Uid:")
+            .first()
+            .cloned()
+            .unwrap_or_default()
+            .to_string(),
+        field("Gid:")
+            .first()
+            .cloned()
+            .unwrap_or_default()
+            .to_string(),
         field("Groups:").join(" "),
     )
 }
@@ -188,7 +196,9 @@ async fn spawning_as_a_user_does_not_hang_while_other_threads_read_the_user_data
             false,
         )
         .unwrap_or_else(|e| panic!("spawn {n}: {e}"));
-        let left = deadline.saturating_sub(started.elapsed()).max(Duration::from_secs(1));
+        let left = deadline
+            .saturating_sub(started.elapsed())
+            .max(Duration::from_secs(1));
         match tokio::time::timeout(left, child.wait()).await {
             Ok(status) => {
                 let status = status.unwrap();

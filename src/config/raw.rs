@@ -23,15 +23,21 @@ pub const SIZE_EXPECTED: &str =
 pub const NETWORKS: &str = "one of tcp, tcp4, tcp6, udp, udp4, udp6, unix, unixgram, unixpacket";
 pub const ADDRESS_EXAMPLE: &str = r#"an address like ":8080" or "/run/app.sock""#;
 
+pub type Command = Array<Text<AString>, CommandArray>;
+pub type Environment = Table<BTreeMap<String, Spanned<Text<EnvValue>>>, EnvTable>;
+pub type Listen = Array<ListenItem, ListenArray>;
+pub type ListenItem = Table<RawListen, ListenTable>;
+pub type AllowListen = Array<Text<AllowEntry>, AllowEntry>;
+
 /// The whole file, `/etc/ally/<app>.toml`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawConfig {
-    pub command: Option<Spanned<Array<Text<AString>, CommandArray>>>,
+    pub command: Option<Spanned<Command>>,
     pub working_directory: Option<Spanned<Text<AbsolutePath>>>,
     pub user: Option<Spanned<IntOrText<UserId>>>,
     pub group: Option<Spanned<IntOrText<GroupId>>>,
-    pub environment: Option<Spanned<Table<BTreeMap<String, Spanned<Text<EnvValue>>>, EnvTable>>>,
+    pub environment: Option<Spanned<Environment>>,
     pub stop_signal: Option<Spanned<Text<SignalName>>>,
     pub ready_timeout: Option<Spanned<DurationText>>,
     pub stop_timeout: Option<Spanned<DurationText>>,
@@ -39,8 +45,8 @@ pub struct RawConfig {
     pub restart_delay: Option<Spanned<DurationText>>,
     pub max_draining: Option<Spanned<Integer>>,
     pub listener_linger: Option<Spanned<DurationText>>,
-    pub listen: Option<Spanned<Array<Table<RawListen, ListenTable>, ListenArray>>>,
-    pub allow_listen: Option<Spanned<Array<Text<AllowEntry>, AllowEntry>>>,
+    pub listen: Option<Spanned<Listen>>,
+    pub allow_listen: Option<Spanned<AllowListen>>,
     pub limits: Option<Spanned<Table<RawLimits, LimitsTable>>>,
     pub state_busy_poll: Option<Spanned<DurationText>>,
     pub start_priority: Option<Spanned<Text<PriorityName>>>,

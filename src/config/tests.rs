@@ -874,3 +874,44 @@ fn a_message_quotes_values_exactly() {
         "{m}"
     );
 }
+
+/// The fuzzer's corpus: every file is accepted, or refused with one line naming
+/// the file and, where it gives one, a place inside the text.
+#[test]
+fn the_fuzz_corpus_is_accepted_or_refused_in_one_line() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/config");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let bytes = std::fs::read(entry.path()).unwrap();
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            continue;
+        };
+        if names_a_host(text) {
+            continue;
+        }
+        if let Err(e) = parse(text) {
+            let m = e.to_string();
+            assert!(m.starts_with(ORIGIN) && !m.contains(['\n', '\r']), "{m:?}");
+            if let Some((line, column)) = e.location() {
+                assert!(line >= 1 && column >= 1, "{m:?}");
+                assert!(line <= text.split('\n').count(), "{m:?}");
+            }
+        }
+    }
+}
+
+/// Whether a `[[listen]]` address would be looked up in the DNS, which blocks.
+fn names_a_host(text: &str) -> bool {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return false;
+    };
+    let Some(listen) = table.get("listen").and_then(|l| l.as_array()) else {
+        return false;
+    };
+    listen.iter().filter_map(|l| l.as_table()).any(|entry| {
+        let field = |k: &str| entry.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        ally_core::net::needs_resolver(field("network"), field("address"))
+    })
+}

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::error::{ConfigError, Location, line_column};
 use super::raw::{
     self, COMMAND_EXAMPLE, DURATION_EXAMPLE, DurationText, Expected, IntOrText, MODE_EXPECTED,
-    RawConfig, RawLimits, RawListen, SIZE_EXPECTED, Scalar,
+    RawConfig, RawLimits, SIZE_EXPECTED, Scalar,
 };
 use super::{
     Config, ConnectionLimits, Limits, ListenEntry, Located, MAX_DURATION, MAX_STATE_BUSY_POLL,
@@ -135,10 +135,7 @@ impl Cx<'_> {
         Ok(config)
     }
 
-    fn command(
-        &self,
-        value: &Spanned<raw::Array<raw::Text<raw::AString>, raw::CommandArray>>,
-    ) -> Result<Vec<String>, ConfigError> {
+    fn command(&self, value: &Spanned<raw::Command>) -> Result<Vec<String>, ConfigError> {
         let items = &value.get_ref().0;
         if items.is_empty() {
             return Err(self.invalid(
@@ -228,9 +225,7 @@ impl Cx<'_> {
 
     fn environment(
         &self,
-        value: Spanned<
-            raw::Table<BTreeMap<String, Spanned<raw::Text<raw::EnvValue>>>, raw::EnvTable>,
-        >,
+        value: Spanned<raw::Environment>,
     ) -> Result<BTreeMap<String, String>, ConfigError> {
         value
             .into_inner()
@@ -317,7 +312,7 @@ impl Cx<'_> {
 
     fn listen(
         &self,
-        items: Vec<Spanned<raw::Table<RawListen, raw::ListenTable>>>,
+        items: Vec<Spanned<raw::ListenItem>>,
     ) -> Result<Vec<ListenEntry>, ConfigError> {
         let mut entries: Vec<ListenEntry> = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
@@ -341,7 +336,7 @@ impl Cx<'_> {
     fn listen_entry(
         &self,
         prefix: &str,
-        item: &Spanned<raw::Table<RawListen, raw::ListenTable>>,
+        item: &Spanned<raw::ListenItem>,
     ) -> Result<ListenEntry, ConfigError> {
         let table = &item.get_ref().0;
         let key = |name: &str| format!("{prefix}.{name}");
