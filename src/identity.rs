@@ -36,13 +36,12 @@ impl RunAs {
         let cx = Cx { config };
         let root = geteuid().is_root();
         let group = config.group.as_ref().map(|g| cx.group(g)).transpose()?;
-        let user = config.user.as_ref().map(|u| cx.user(u)).transpose()?;
         let broker_groups = || {
             getgroups()
                 .map(|gs| gs.into_iter().map(Gid::as_raw).collect())
                 .map_err(|e| format!("cannot tell the broker's groups: {}", e.desc()))
         };
-        let Some((uid, name, primary)) = user else {
+        let Some(user) = &config.user else {
             let uid = geteuid().as_raw();
             return Ok(RunAs {
                 uid,
@@ -56,9 +55,10 @@ impl RunAs {
                 set_groups: root,
             });
         };
+        let (uid, name, primary) = cx.user(user)?;
         let Some(gid) = group.or(primary) else {
             return Err(cx.invalid(
-                config.user.as_ref().expect("a user"),
+                user,
                 "user",
                 format!(
                     "uid {uid} has no entry in the user database, so it has no primary group: set `group` too"
@@ -74,7 +74,7 @@ impl RunAs {
                 getgrouplist(&c_name, Gid::from_raw(gid))
                     .map_err(|e| {
                         cx.invalid(
-                            config.user.as_ref().expect("a user"),
+                            user,
                             "user",
                             format!("cannot list the groups of {name:?}: {}", e.desc()),
                         )
