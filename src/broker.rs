@@ -17,6 +17,7 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use crate::bind_as::{self, BindAs, Credentials, SocketFile};
 use crate::config::{Config, RestartPolicy, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
+use crate::identity::RunAs;
 use crate::instance::{self, Launch};
 use crate::listen_policy;
 use crate::listeners::{ListenerInfo, Registry};
@@ -176,6 +177,7 @@ impl Broker {
     pub fn new(
         app: &str,
         config: Config,
+        run_as: RunAs,
         address: String,
         state_address: String,
     ) -> Result<Arc<Self>, Error> {
@@ -187,8 +189,7 @@ impl Broker {
         let launch = Launch {
             command: config.command.clone(),
             working_directory: config.working_directory.clone(),
-            user: config.user.zip(config.user_name.clone()),
-            group: config.group,
+            run_as,
             environment: config.environment.clone(),
             app: app.to_string(),
             address,
@@ -485,50 +486,14 @@ impl Broker {
 
     /// The credentials the instances run with (see `instance::spawn`): the
     /// configured user and group with the user's supplementary groups, else the
-    /// broker's own.
+    /// broker's own, as resolved at start-up (see `crate::identity`).
     fn instance_credentials(&self) -> Result<Credentials, Error> {
-        use nix::unistd::{Gid, getegid, geteuid, getgrouplist, getgroups};
-        let failed = |e: nix::Error| {
-            Error::caused_by(
-                ally_core::ErrorKind::Failed,
-                format_args!("cannot tell the instances' groups"),
-                e,
-            )
-        };
-        let uid = self
-            .launch
-            .user
-            .as_ref()
-            .map_or(geteuid().as_raw(), |u| u.0);
-        let gid = self.launch.group.unwrap_or(getegid().as_raw());
-        let groups: Vec<Gid> = match (&self.launch.user, self.launch.group) {
-            (_, None) => getgroups().map_err(failed)?,
-            _ if !geteuid().is_root() => getgroups().map_err(failed)?,
-            (Some((_, name)), Some(gid)) => {
-                let name = std::ffi::CString::new(name.as_str())
-                    .map_err(|_| Error::failed("the user name has a NUL byte".into()))?;
-                getgrouplist(&name, Gid::from_raw(gid)).map_err(failed)?
-            }
-            (None, Some(gid)) => vec![Gid::from_raw(gid)],
-        };
-        Ok(Credentials {
-            uid,
-            gid,
-            groups: groups.into_iter().map(|g| g.as_raw()).collect(),
-        })
+        Ok(self.launch.run_as.credentials())
     }
 
     /// "nobody (uid 65534)", for messages.
-    fn instance_user(&self, creds: &Credentials) -> String {
-        match &self.launch.user {
-            Some((uid, name)) => format!("{name} (uid {uid})"),
-            None => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(creds.uid))
-                .ok()
-                .flatten()
-                .map_or(format!("uid {}", creds.uid), |u| {
-                    format!("{} (uid {})", u.name, creds.uid)
-                }),
-        }
+    fn instance_user(&self, _creds: &Credentials) -> String {
+        self.launch.run_as.describe()
     }
 
     /// Drops the instance's references to a listener.

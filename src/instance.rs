@@ -9,14 +9,15 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
 use crate::generations::{Generation, InstanceId};
+use crate::identity::RunAs;
 
 /// Everything needed to start one instance.
 #[derive(Debug, Clone)]
 pub struct Launch {
     pub command: Vec<String>,
     pub working_directory: Option<PathBuf>,
-    pub user: Option<(u32, String)>,
-    pub group: Option<u32>,
+    /// Who the instances run as, resolved when the broker started.
+    pub run_as: RunAs,
     pub environment: BTreeMap<String, String>,
     pub app: String,
     pub address: String,
@@ -65,22 +66,20 @@ pub fn spawn(
     if let Some(dir) = &launch.working_directory {
         cmd.current_dir(dir);
     }
-    if launch.user.is_some() || launch.group.is_some() {
-        let (uid, name) = match &launch.user {
-            Some((uid, name)) => (Some(*uid), Some(name.clone())),
-            None => (None, None),
-        };
-        let name = name
-            .map(std::ffi::CString::new)
-            .transpose()
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "user name has NUL"))?;
-        let gid = launch.group;
-        let privileged = nix::unistd::geteuid().is_root();
-        // std's own uid()/gid() run before pre_exec hooks, and initgroups needs
-        // root: the whole drop happens here, in order.
-        // SAFETY: the hook only makes the set*id calls every setuid-spawning daemon makes.
+    if launch.run_as.switch {
+        let RunAs {
+            uid,
+            gid,
+            set_groups,
+            ..
+        } = launch.run_as;
+        let groups: Vec<libc::gid_t> = launch.run_as.groups.clone();
+        // std's own uid()/gid() run before pre_exec hooks, and setgroups must come
+        // before setuid: the whole drop happens here, in order.
+        // SAFETY: the hook makes only the async-signal-safe calls `drop_privileges`
+        // documents, on data prepared before the fork.
         unsafe {
-            cmd.pre_exec(move || drop_privileges(uid, gid, name.as_deref(), privileged));
+            cmd.pre_exec(move || drop_privileges(uid, gid, set_groups.then_some(&groups[..])));
         }
     }
     let spawned = if idle {
@@ -95,24 +94,30 @@ pub fn spawn(
     spawned.map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
 }
 
-fn drop_privileges(
-    uid: Option<u32>,
-    gid: Option<u32>,
-    name: Option<&std::ffi::CStr>,
-    privileged: bool,
-) -> io::Result<()> {
-    use nix::unistd::{Gid, Uid, initgroups, setgid, setgroups, setuid};
-    if let Some(gid) = gid.map(Gid::from_raw) {
-        if privileged {
-            match name {
-                Some(name) => initgroups(name, gid)?,
-                None => setgroups(&[gid])?,
-            }
+/// Switches the child to `uid`, `gid` and, if given, the supplementary
+/// `groups`.
+///
+/// This runs between fork and exec in a child of the multi-threaded broker,
+/// where a lock another thread held at the fork stays held forever: so it makes
+/// only raw, async-signal-safe calls, with no allocation, no lock and no user
+/// database lookup (`initgroups` would read /etc/group through NSS; the groups
+/// were resolved before, see [`crate::identity`]). An error is built from errno
+/// without allocating.
+fn drop_privileges(uid: u32, gid: u32, groups: Option<&[libc::gid_t]>) -> io::Result<()> {
+    let check = |result: libc::c_int| {
+        if result == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
-        setgid(gid)?;
-    }
-    if let Some(uid) = uid {
-        setuid(Uid::from_raw(uid))?;
+    };
+    // SAFETY: plain system calls; `groups` points to `groups.len()` valid ids.
+    unsafe {
+        if let Some(groups) = groups {
+            check(libc::setgroups(groups.len(), groups.as_ptr()))?;
+        }
+        check(libc::setgid(gid))?;
+        check(libc::setuid(uid))?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod control;
 pub mod dbus;
 pub mod generations;
+pub mod identity;
 pub mod instance;
 pub mod listen_policy;
 pub mod listeners;

@@ -8,6 +8,7 @@ use crate::cli::RunArgs;
 use crate::config::{self, Config};
 use crate::dbus::gate::Gate;
 use crate::dbus::{bus, server, state_socket};
+use crate::identity::RunAs;
 use crate::runtime_dir;
 
 pub async fn run(args: RunArgs) -> Result<i32, String> {
@@ -17,13 +18,14 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
-    let owner = config.user.map(|uid| (uid, config.group.unwrap_or(0)));
+    let run_as = RunAs::resolve(&config)?;
+    let owner = config.user.is_some().then_some((run_as.uid, run_as.gid));
     let state_busy_poll = config.state_busy_poll;
     let gate = Gate::for_this_process(config.connections);
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
-    let broker =
-        Broker::new(&args.app, config, address, state_address).map_err(|e| e.to_string())?;
+    let broker = Broker::new(&args.app, config, run_as, address, state_address)
+        .map_err(|e| e.to_string())?;
     runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
     let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
     let _socket_file = server::SocketFile::new(&socket);

@@ -1,5 +1,8 @@
-//! `Config::parse` on any UTF-8 text. Every error is one line that names the file;
-//! a config accepted has a command and distinct listen addresses.
+//! `Config::parse` on any UTF-8 text (the raw serde document, then the typed
+//! checks). Every error is one line that names the file, and a line and column
+//! inside the text when it gives one; a config accepted has a command and
+//! distinct listen addresses. Users and groups are not looked up here: that is
+//! `identity::RunAs::resolve`, at start-up.
 #![no_main]
 
 use std::path::Path;
@@ -28,6 +31,10 @@ fuzz_target!(|data: &[u8]| {
             let message = e.to_string();
             assert!(message.starts_with(ORIGIN), "{message:?}");
             assert!(!message.contains(['\n', '\r']), "{message:?}");
+            if let Some((line, column)) = e.location() {
+                assert!(line >= 1 && column >= 1, "{message:?}");
+                assert!(line <= text.lines().count().max(1) + 1, "{message:?}");
+            }
         }
     }
 });

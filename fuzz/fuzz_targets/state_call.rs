@@ -12,6 +12,7 @@ use ally::dbus::broker1::{Access, Peer};
 use ally::dbus::peer::Identity;
 use ally::dbus::state_calls::StateCalls;
 use ally::dbus::state_socket::reply_to;
+use ally::identity::RunAs;
 use ally_core::wire::{self, FIXED_HEADER};
 use libfuzzer_sys::fuzz_target;
 
@@ -43,9 +44,11 @@ fuzz_target!(|data: &[u8]| {
 
 fn state_calls() -> StateCalls {
     let config = Config::defaults(vec!["/bin/true".into()]);
+    let run_as = RunAs::resolve(&config).expect("the fuzzer's own ids");
     let broker: Arc<Broker> = Broker::new(
         "fuzz",
         config,
+        run_as,
         "unix:path=/nonexistent".into(),
         String::new(),
     )
