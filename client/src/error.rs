@@ -27,7 +27,8 @@ pub enum Error {
     /// Connecting to the broker, or talking to it, failed.
     Transport {
         context: String,
-        source: zbus::Error,
+        /// The D-Bus library's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A local error with a known kind (simulate mode, bad environment, wrong socket type).
     Local { kind: ErrorKind, message: String },
@@ -72,6 +73,13 @@ impl Error {
         }
     }
 
+    pub(crate) fn transport(context: impl Into<String>, source: zbus::Error) -> Error {
+        Error::Transport {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// Converts a failed method call on the broker.
     pub(crate) fn call(method: &'static str, e: zbus::Error) -> Error {
         match e {
@@ -96,10 +104,7 @@ impl Error {
                         ErrorKind::Timeout
                     }
                     zbus::fdo::Error::ZBus(_) => {
-                        return Error::Transport {
-                            context: format!("{method} failed"),
-                            source: zbus::Error::FDO(fdo),
-                        };
+                        return Error::transport(format!("{method} failed"), zbus::Error::FDO(fdo));
                     }
                     _ => ErrorKind::Broker,
                 };
@@ -110,10 +115,7 @@ impl Error {
                     message: fdo.description().unwrap_or_default().to_owned(),
                 }
             }
-            other => Error::Transport {
-                context: format!("{method} failed"),
-                source: other,
-            },
+            other => Error::transport(format!("{method} failed"), other),
         }
     }
 }
@@ -149,7 +151,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Transport { source, .. } => Some(source),
+            Error::Transport { source, .. } => Some(&**source),
             Error::Io { source, .. } => Some(source),
             _ => None,
         }

@@ -81,13 +81,17 @@ pub mod blocking;
 mod direct;
 pub mod drain;
 pub mod error;
+mod listen;
+mod listener;
 mod shared;
+mod status;
 pub mod stdnet;
 mod stop;
 
 pub use ally::Ally;
-pub use ally_core::net::ListenOptions;
 pub use direct::StateSocket;
 pub use error::{Error, ErrorKind, Result};
+pub use listener::{FromShared, FromSharedStd, ListenOptions, SeqpacketListener};
 pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};
+pub use status::{InstanceStatus, ListenerStatus, Status};
 pub use stop::{StopHandle, parse_signal};
