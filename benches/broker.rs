@@ -94,12 +94,14 @@ fn time_ns(mut f: impl FnMut()) -> u64 {
 fn role_listen() {
     let out = PathBuf::from(env(OUT));
     let address = format!("127.0.0.1:{}", env(PORT));
+    // A raw socket: the broker's round trip, without the client's checks of the type.
+    let tcp = ally_client::ListenOptions::network("tcp");
     let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
     assert!(ally.is_managed(), "ALLY_ADDRESS is not set");
     // Bind once and report ready, as an app does; then time the steady state.
-    drop(ally.listen("tcp", &address).expect("first Listen"));
+    drop(ally.listen_with::<OwnedFd>(&address, &tcp).expect("first Listen"));
     ally.ready().expect("Ready");
-    let listen = || drop(ally.listen("tcp", &address).expect("Listen"));
+    let listen = || drop(ally.listen_with::<OwnedFd>(&address, &tcp).expect("Listen"));
     for _ in 0..WARMUP {
         listen();
     }
@@ -116,12 +118,12 @@ fn role_listen() {
             .await
             .expect("connecting to the broker (async)");
         for _ in 0..WARMUP {
-            drop(ally.listen("tcp", &address).await.expect("Listen"));
+            drop(ally.listen_with::<OwnedFd>(&address, &tcp).await.expect("Listen"));
         }
         let mut durations = Vec::with_capacity(CALLS);
         for _ in 0..CALLS {
             let start = Instant::now();
-            drop(ally.listen("tcp", &address).await.expect("Listen"));
+            drop(ally.listen_with::<OwnedFd>(&address, &tcp).await.expect("Listen"));
             durations.push(start.elapsed().as_nanos() as u64);
         }
         durations
@@ -158,9 +160,10 @@ fn role_app() {
     // SAFETY: the handler only reads the clock and stores to an atomic.
     unsafe { sigaction(Signal::SIGTERM, &action) }.expect("installing the SIGTERM handler");
 
+    let tcp = ally_client::ListenOptions::network("tcp");
     let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
     let connected_ns = mono_ns();
-    let _socket = ally.listen("tcp", &address).expect("Listen");
+    let _socket = ally.listen_with::<OwnedFd>(&address, &tcp).expect("Listen");
     let listened_ns = mono_ns();
     ally.ready().expect("Ready");
     let ready_ns = mono_ns();

@@ -38,6 +38,8 @@ pub(crate) mod sealed {
         /// The networks this type takes; the first is the default. Empty: any, and
         /// the network must be given.
         const NETWORKS: &'static [Network];
+        /// The family, in "not a … network".
+        const FAMILY: &'static str;
         fn from_fd(fd: OwnedFd, context: &str) -> Result<Self>;
     }
 }
@@ -67,10 +69,11 @@ fn nonblocking<T: AsFd>(socket: T, context: &str) -> Result<T> {
 }
 
 macro_rules! shared {
-    ($ty:ty, $networks:expr, $sock:expr, $domains:expr) => {
+    ($ty:ty, $family:literal, $networks:expr, $sock:expr, $domains:expr) => {
         impl sealed::Std for $ty {}
         impl sealed::Shared for $ty {
             const NETWORKS: &'static [Network] = $networks;
+            const FAMILY: &'static str = $family;
             fn from_fd(fd: OwnedFd, context: &str) -> Result<Self> {
                 checked(fd, context, $sock, $domains)
             }
@@ -79,6 +82,7 @@ macro_rules! shared {
     (tokio $ty:ty, $std:ty, $what:literal) => {
         impl sealed::Shared for $ty {
             const NETWORKS: &'static [Network] = <$std as sealed::Shared>::NETWORKS;
+            const FAMILY: &'static str = <$std as sealed::Shared>::FAMILY;
             fn from_fd(fd: OwnedFd, context: &str) -> Result<Self> {
                 let std = nonblocking(<$std as sealed::Shared>::from_fd(fd, context)?, context)?;
                 <$ty>::from_std(std).map_err(|e| Error::io(concat!("tokio ", $what), e))
@@ -87,16 +91,18 @@ macro_rules! shared {
     };
 }
 
-shared!(std::net::TcpListener, TCP, Type::STREAM, INET);
-shared!(std::net::UdpSocket, UDP, Type::DGRAM, INET);
+shared!(std::net::TcpListener, "TCP", TCP, Type::STREAM, INET);
+shared!(std::net::UdpSocket, "UDP", UDP, Type::DGRAM, INET);
 shared!(
     std::os::unix::net::UnixListener,
+    "unix stream",
     &[Network::Unix],
     Type::STREAM,
     &[Domain::UNIX]
 );
 shared!(
     std::os::unix::net::UnixDatagram,
+    "unix datagram",
     &[Network::Unixgram],
     Type::DGRAM,
     &[Domain::UNIX]
@@ -113,6 +119,7 @@ pub struct SeqpacketListener(OwnedFd);
 
 shared!(
     SeqpacketListener,
+    "unix seqpacket",
     &[Network::Unixpacket],
     Type::SEQPACKET,
     &[Domain::UNIX]
@@ -146,6 +153,7 @@ impl AsRawFd for SeqpacketListener {
 impl sealed::Std for OwnedFd {}
 impl sealed::Shared for OwnedFd {
     const NETWORKS: &'static [Network] = &[];
+    const FAMILY: &'static str = "socket";
     fn from_fd(fd: OwnedFd, _context: &str) -> Result<Self> {
         Ok(fd)
     }
@@ -206,8 +214,8 @@ impl ListenOptions {
         Err(Error::local(
             ErrorKind::InvalidArgument,
             format!(
-                "{network} is not a network for {} (expected {})",
-                std::any::type_name::<L>(),
+                "{network} is not a {} network (expected {})",
+                L::FAMILY,
                 names.join(", ")
             ),
         ))
