@@ -99,7 +99,10 @@ fn role_listen() {
     let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
     assert!(ally.is_managed(), "ALLY_ADDRESS is not set");
     // Bind once and report ready, as an app does; then time the steady state.
-    drop(ally.listen_with::<OwnedFd>(&address, &tcp).expect("first Listen"));
+    drop(
+        ally.listen_with::<OwnedFd>(&address, &tcp)
+            .expect("first Listen"),
+    );
     ally.ready().expect("Ready");
     let listen = || drop(ally.listen_with::<OwnedFd>(&address, &tcp).expect("Listen"));
     for _ in 0..WARMUP {
@@ -118,12 +121,20 @@ fn role_listen() {
             .await
             .expect("connecting to the broker (async)");
         for _ in 0..WARMUP {
-            drop(ally.listen_with::<OwnedFd>(&address, &tcp).await.expect("Listen"));
+            drop(
+                ally.listen_with::<OwnedFd>(&address, &tcp)
+                    .await
+                    .expect("Listen"),
+            );
         }
         let mut durations = Vec::with_capacity(CALLS);
         for _ in 0..CALLS {
             let start = Instant::now();
-            drop(ally.listen_with::<OwnedFd>(&address, &tcp).await.expect("Listen"));
+            drop(
+                ally.listen_with::<OwnedFd>(&address, &tcp)
+                    .await
+                    .expect("Listen"),
+            );
             durations.push(start.elapsed().as_nanos() as u64);
         }
         durations

@@ -130,7 +130,10 @@ async fn serve(stream: TcpStream, body: Bytes, stop: StopHandle) {
             std::future::ready(Ok::<_, Infallible>(respond(&request, &body, &stop)))
         })
     };
-    let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+    // Title-case header names, as hello always sent: HTTP does not care, scripts may.
+    let conn = http1::Builder::new()
+        .title_case_headers(true)
+        .serve_connection(TokioIo::new(stream), service);
     let mut conn = pin!(conn);
     tokio::select! {
         _ = conn.as_mut() => return,

@@ -71,9 +71,9 @@ impl Ally {
             stop.install(&[stop_signal()?])?;
         }
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
-        let broker = proxy::connect(address, app.as_deref())
-            .await
-            .map_err(|e| Error::transport(format!("cannot connect to the broker at {address}"), e))?;
+        let broker = proxy::connect(address, app.as_deref()).await.map_err(|e| {
+            Error::transport(format!("cannot connect to the broker at {address}"), e)
+        })?;
         let state = StateProxies::on(broker.inner().connection(), app.as_deref())
             .await
             .map_err(|e| Error::transport("cannot create the state proxies", e))?;

@@ -103,7 +103,11 @@ impl Ally {
     }
 
     /// See [`crate::Ally::listen_with`].
-    pub fn listen_with<L: FromSharedStd>(&self, address: &str, options: &ListenOptions) -> Result<L> {
+    pub fn listen_with<L: FromSharedStd>(
+        &self,
+        address: &str,
+        options: &ListenOptions,
+    ) -> Result<L> {
         self.runtime
             .block_on(self.inner.listen_with(address, options))
     }

@@ -253,7 +253,9 @@ mod tests {
             "tcp"
         );
         assert_eq!(
-            default.network_for::<std::os::unix::net::UnixDatagram>().unwrap(),
+            default
+                .network_for::<std::os::unix::net::UnixDatagram>()
+                .unwrap(),
             "unixgram"
         );
         assert_eq!(
@@ -264,7 +266,10 @@ mod tests {
         assert_eq!(tcp6.network_for::<std::net::TcpListener>().unwrap(), "tcp6");
         let err = tcp6.network_for::<std::net::UdpSocket>().unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-        assert!(err.to_string().contains("expected udp, udp4, udp6"), "{err}");
+        assert!(
+            err.to_string().contains("expected udp, udp4, udp6"),
+            "{err}"
+        );
         let err = default.network_for::<OwnedFd>().unwrap_err();
         assert!(err.to_string().contains("ListenOptions::network"), "{err}");
         // A raw socket passes any name on, for the binder to judge.

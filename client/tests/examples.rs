@@ -100,6 +100,19 @@ impl Program {
         }
     }
 
+    /// Waits for a line of stderr containing `needle`, skipping the lines before it.
+    fn wait_for_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stderr.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(e) => panic!("no line with {needle:?} within {within:?}: {e}"),
+            }
+        }
+    }
+
     fn stderr_lines(&self) -> Vec<String> {
         self.stderr.try_iter().collect()
     }
@@ -213,7 +226,7 @@ fn hello_keeps_alive_then_drains_on_sigterm() {
 
     hello.signal(Signal::SIGTERM);
     let stopped_at = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
+    hello.wait_for_line("stopping", Duration::from_secs(10));
 
     // A request on a kept-alive connection after the stop is answered, then closed.
     let r = get(&mut busy, "");

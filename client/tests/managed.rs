@@ -186,7 +186,10 @@ async fn a_managed_instance_talks_to_its_broker() {
     }
 
     // Broker errors keep their kind and message.
-    let err = ally.listen::<std::net::TcpListener>("nonsense").await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>("nonsense")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().starts_with("Listen failed: "), "{err}");
     assert!(
@@ -197,7 +200,10 @@ async fn a_managed_instance_talks_to_its_broker() {
 
     let holder = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
     let taken = holder.local_addr().unwrap().to_string();
-    let err = ally.listen::<std::net::TcpListener>(&taken).await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>(&taken)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AddressInUse);
 
     let err = ally.reload().await.unwrap_err();

@@ -40,7 +40,10 @@ async fn every_network_listens_and_serves() {
     let dir = tempfile::tempdir().unwrap();
 
     for network in ["tcp", "tcp4"] {
-        let listener = ally.listen_with::<tokio::net::TcpListener>("127.0.0.2:0", &ListenOptions::network(network)).await.unwrap();
+        let listener = ally
+            .listen_with::<tokio::net::TcpListener>("127.0.0.2:0", &ListenOptions::network(network))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         assert_eq!(addr.ip().to_string(), "127.0.0.2");
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -51,7 +54,10 @@ async fn every_network_listens_and_serves() {
         assert_eq!(got, network.as_bytes());
     }
     for network in ["udp", "udp4"] {
-        let socket = ally.listen_with::<tokio::net::UdpSocket>("127.0.0.2:0", &ListenOptions::network(network)).await.unwrap();
+        let socket = ally
+            .listen_with::<tokio::net::UdpSocket>("127.0.0.2:0", &ListenOptions::network(network))
+            .await
+            .unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.send_to(b"ping", socket.local_addr().unwrap()).unwrap();
         let mut buf = [0u8; 16];
@@ -60,17 +66,26 @@ async fn every_network_listens_and_serves() {
         assert_eq!(from, peer.local_addr().unwrap());
     }
     if ipv6() {
-        let listener = ally.listen_with::<tokio::net::TcpListener>("[::1]:0", &ListenOptions::network("tcp6")).await.unwrap();
+        let listener = ally
+            .listen_with::<tokio::net::TcpListener>("[::1]:0", &ListenOptions::network("tcp6"))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(addr.is_ipv6());
         let _client = TcpStream::connect(addr).unwrap();
         listener.accept().await.unwrap();
-        let socket = ally.listen_with::<std::net::UdpSocket>("[::1]:0", &ListenOptions::network("udp6")).await.unwrap();
+        let socket = ally
+            .listen_with::<std::net::UdpSocket>("[::1]:0", &ListenOptions::network("udp6"))
+            .await
+            .unwrap();
         assert!(socket.local_addr().unwrap().is_ipv6());
     }
 
     let path = dir.path().join("stream.sock");
-    let listener = ally.listen::<tokio::net::UnixListener>(path.to_str().unwrap()).await.unwrap();
+    let listener = ally
+        .listen::<tokio::net::UnixListener>(path.to_str().unwrap())
+        .await
+        .unwrap();
     let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
     let (mut server, _) = listener.accept().await.unwrap();
     client.write_all(b"unix").await.unwrap();
@@ -79,7 +94,10 @@ async fn every_network_listens_and_serves() {
     assert_eq!(&got, b"unix");
 
     let path = dir.path().join("dgram.sock");
-    let socket = ally.listen::<tokio::net::UnixDatagram>(path.to_str().unwrap()).await.unwrap();
+    let socket = ally
+        .listen::<tokio::net::UnixDatagram>(path.to_str().unwrap())
+        .await
+        .unwrap();
     let peer = UnixDatagram::unbound().unwrap();
     peer.send_to(b"gram", &path).unwrap();
     let mut buf = [0u8; 16];
@@ -103,7 +121,10 @@ async fn every_network_listens_and_serves() {
     assert_eq!(server.recv(&mut buf).unwrap(), 3);
 
     let name = format!("@ally-client-test-{}", std::process::id());
-    let listener = ally.listen::<std::os::unix::net::UnixListener>(&name).await.unwrap();
+    let listener = ally
+        .listen::<std::os::unix::net::UnixListener>(&name)
+        .await
+        .unwrap();
     let mut raw = vec![0u8];
     raw.extend_from_slice(&name.as_bytes()[1..]);
     let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
@@ -115,7 +136,10 @@ async fn every_network_listens_and_serves() {
 #[tokio::test]
 async fn equal_addresses_share_one_kernel_socket() {
     let ally = simulate().await;
-    let first = ally.listen::<std::net::TcpListener>("127.0.0.3:0").await.unwrap();
+    let first = ally
+        .listen::<std::net::TcpListener>("127.0.0.3:0")
+        .await
+        .unwrap();
     // Another spelling of the same address, from another client of the same process.
     let other = Ally::simulate().await.unwrap();
     let second = other
@@ -138,7 +162,10 @@ async fn equal_addresses_share_one_kernel_socket() {
 
     // After close, the address is bound anew: port 0 picks another port.
     ally.close("tcp", "127.0.0.3:0").await.unwrap();
-    let third = ally.listen::<std::net::TcpListener>("127.0.0.3:0").await.unwrap();
+    let third = ally
+        .listen::<std::net::TcpListener>("127.0.0.3:0")
+        .await
+        .unwrap();
     assert_ne!(third.local_addr().unwrap(), addr);
     assert_ne!(inode(&third), inode(&first));
 }
@@ -153,16 +180,25 @@ async fn unix_paths_are_normalised_before_sharing() {
         .listen::<std::os::unix::net::UnixListener>(plain.to_str().unwrap())
         .await
         .unwrap();
-    let b = ally.listen::<std::os::unix::net::UnixListener>(&messy).await.unwrap();
+    let b = ally
+        .listen::<std::os::unix::net::UnixListener>(&messy)
+        .await
+        .unwrap();
     assert_eq!(inode(&a), inode(&b));
 }
 
 #[tokio::test]
 async fn o_nonblock_is_shared_between_duplicates() {
     let ally = simulate().await;
-    let std_listener = ally.listen::<std::net::TcpListener>("127.0.0.4:0").await.unwrap();
+    let std_listener = ally
+        .listen::<std::net::TcpListener>("127.0.0.4:0")
+        .await
+        .unwrap();
     assert!(!nonblocking(&std_listener));
-    let tokio_listener = ally.listen::<tokio::net::TcpListener>("127.0.0.4:0").await.unwrap();
+    let tokio_listener = ally
+        .listen::<tokio::net::TcpListener>("127.0.0.4:0")
+        .await
+        .unwrap();
     assert!(nonblocking(&tokio_listener));
     // The tokio helper turned the flag on for the std duplicate too...
     assert!(nonblocking(&std_listener));
@@ -183,17 +219,26 @@ async fn o_nonblock_is_shared_between_duplicates() {
 async fn errors_have_kinds_and_say_what_is_wrong() {
     let ally = simulate().await;
 
-    let err = ally.listen_with::<OwnedFd>("127.0.0.5:1", &ListenOptions::network("sctp")).await.unwrap_err();
+    let err = ally
+        .listen_with::<OwnedFd>("127.0.0.5:1", &ListenOptions::network("sctp"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("unknown network"), "{err}");
 
-    let err = ally.listen::<std::net::TcpListener>("127.0.0.5").await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>("127.0.0.5")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("missing port"), "{err}");
 
     let holder = std::net::TcpListener::bind("127.0.0.5:0").unwrap();
     let taken = holder.local_addr().unwrap().to_string();
-    let err = ally.listen::<tokio::net::TcpListener>(&taken).await.unwrap_err();
+    let err = ally
+        .listen::<tokio::net::TcpListener>(&taken)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AddressInUse);
     assert!(err.to_string().contains(&taken), "{err}");
 
@@ -257,7 +302,10 @@ async fn listen_with_applies_options() {
 #[tokio::test]
 async fn status_follows_the_instance() {
     let ally = simulate().await;
-    let _l = ally.listen::<std::net::TcpListener>("127.0.0.7:0").await.unwrap();
+    let _l = ally
+        .listen::<std::net::TcpListener>("127.0.0.7:0")
+        .await
+        .unwrap();
     let status = ally.status().await.unwrap();
     assert_eq!(status.state, "starting");
     assert_eq!(status.generation, 0);
