@@ -156,6 +156,11 @@ fn respond(request: &Request<Incoming>, body: &Bytes, stop: &StopHandle) -> Resp
         CONNECTION,
         HeaderValue::from_static(if keep_alive { "keep-alive" } else { "close" }),
     );
+    // To an HTTP/1.0 client that asked for keep-alive, hyper would add `keep-alive` to
+    // a 1.1 response's `close`; a 1.0 response it closes as told.
+    if request.version() == Version::HTTP_10 {
+        *response.version_mut() = Version::HTTP_10;
+    }
     response
 }
 
