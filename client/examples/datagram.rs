@@ -91,6 +91,10 @@ async fn run(udp_addr: &str, unix_path: &str) -> Result<(), Box<dyn std::error::
         }
     }
     drop(unix);
+    eprintln!(
+        "datagram: stopping, {} connection(s) open",
+        connections.len()
+    );
     udp_task.await?;
     while connections.join_next().await.is_some() {}
     eprintln!("datagram: stopped pid={pid}");

@@ -35,9 +35,9 @@ struct Args {
     /// The address to serve on.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: String,
-    /// The version it reports.
-    #[arg(long, env = "HELLO_VERSION", default_value = "1")]
-    version: String,
+    /// The version it reports [default: 1; empty: 1]
+    #[arg(long, env = "HELLO_VERSION")]
+    version: Option<String>,
     /// Milliseconds to wait before reporting ready.
     #[arg(long, value_name = "MS")]
     ready_delay: Option<u64>,
@@ -58,13 +58,14 @@ async fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    let version = args.version.filter(|v| !v.is_empty());
+    let version = version.as_deref().unwrap_or("1");
     let ally = Ally::from_env().await?;
     let listener: TcpListener = ally.listen(&args.listen).await?;
     let pid = std::process::id();
     eprintln!(
-        "hello: listening on {} version={} pid={pid} generation={} ({})",
+        "hello: listening on {} version={version} pid={pid} generation={} ({})",
         listener.local_addr()?,
-        args.version,
         ally.generation(),
         if ally.is_managed() {
             "managed"
@@ -85,8 +86,7 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         ally.stop_handle()
     };
     let body = Bytes::from(format!(
-        "hello version={} pid={pid} generation={}\n",
-        args.version,
+        "hello version={version} pid={pid} generation={}\n",
         ally.generation()
     ));
     let mut connections = JoinSet::new();

@@ -404,8 +404,8 @@ fn datagram_echoes_and_stops() {
     }
 
     program.signal(Signal::SIGTERM);
+    program.wait_for_line("stopping", Duration::from_secs(10));
     // The open connection is still served until it has been idle for a second.
-    std::thread::sleep(Duration::from_millis(200));
     unix.write_all(b"three\n").unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
