@@ -23,7 +23,7 @@
 //! # async fn run(server: impl FnOnce(ally_client::drain::Incoming, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)) -> ally_client::Result<()> {
 //! use ally_client::drain;
 //! let ally = ally_client::Ally::from_env().await?;
-//! let listener = ally.tcp_listener("127.0.0.1:50051").await?;
+//! let listener: tokio::net::TcpListener = ally.listen("127.0.0.1:50051").await?;
 //! ally.ready().await?;
 //! let stop = ally.stop_handle();
 //! let incoming = drain::incoming(listener, stop.clone());
