@@ -16,7 +16,9 @@ fn an_admin_may_reload_and_read_but_not_listen_or_ready() {
     let broker = TestBroker::start("adm", &hello_config(port, "1", ""));
     broker.wait_running(1);
     let admin = ally_client::blocking::Ally::connect(&broker.address()).unwrap();
-    let err = admin.listen("tcp", "127.0.0.1:0").unwrap_err();
+    let err = admin
+        .listen::<std::net::TcpListener>("127.0.0.1:0")
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AccessDenied, "{err}");
     assert!(
         err.to_string().contains("Listen is for instances of adm"),

@@ -15,14 +15,25 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use ally_client::{Ally, StopHandle};
+use clap::Parser;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UdpSocket, UnixStream};
+use tokio::net::{UdpSocket, UnixListener, UnixStream};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, sleep_until};
 
 const IDLE_AFTER_STOP: Duration = Duration::from_secs(1);
 const MAX_LINE: usize = 64 * 1024;
-const USAGE: &str = "usage: datagram [--udp ADDR] [--unix PATH]";
+
+#[derive(Parser)]
+#[command(about = "Echo over a UDP socket and a unix stream socket taken from the broker")]
+struct Args {
+    /// The UDP address.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    udp: String,
+    /// The unix socket's path [default: $XDG_RUNTIME_DIR/ally-datagram.sock]
+    #[arg(long)]
+    unix: Option<String>,
+}
 
 fn default_unix_path() -> String {
     match std::env::var("XDG_RUNTIME_DIR") {
@@ -31,44 +42,11 @@ fn default_unix_path() -> String {
     }
 }
 
-fn parse_args() -> Result<(String, String), String> {
-    let mut udp = "127.0.0.1:8081".to_string();
-    let mut unix = default_unix_path();
-    let mut argv = std::env::args().skip(1);
-    while let Some(arg) = argv.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
-            _ => (arg.clone(), None),
-        };
-        let mut value = || {
-            inline
-                .clone()
-                .or_else(|| argv.next())
-                .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))
-        };
-        match flag.as_str() {
-            "--udp" => udp = value()?,
-            "--unix" => unix = value()?,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            _ => return Err(format!("unknown argument {arg:?}\n{USAGE}")),
-        }
-    }
-    Ok((udp, unix))
-}
-
 #[tokio::main]
 async fn main() -> ExitCode {
-    let (udp, unix) = match parse_args() {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("datagram: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match run(&udp, &unix).await {
+    let args = Args::parse();
+    let unix = args.unix.unwrap_or_else(default_unix_path);
+    match run(&args.udp, &unix).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("datagram: {e}");
@@ -79,8 +57,8 @@ async fn main() -> ExitCode {
 
 async fn run(udp_addr: &str, unix_path: &str) -> Result<(), Box<dyn std::error::Error>> {
     let ally = Ally::from_env().await?;
-    let udp = ally.udp_socket(udp_addr).await?;
-    let unix = ally.unix_listener(unix_path).await?;
+    let udp: UdpSocket = ally.listen(udp_addr).await?;
+    let unix: UnixListener = ally.listen(unix_path).await?;
     let pid = std::process::id();
     eprintln!(
         "datagram: udp on {} unix on {unix_path} pid={pid} generation={} ({})",
@@ -113,6 +91,10 @@ async fn run(udp_addr: &str, unix_path: &str) -> Result<(), Box<dyn std::error::
         }
     }
     drop(unix);
+    eprintln!(
+        "datagram: stopping, {} connection(s) open",
+        connections.len()
+    );
     udp_task.await?;
     while connections.join_next().await.is_some() {}
     eprintln!("datagram: stopped pid={pid}");

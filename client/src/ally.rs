@@ -1,25 +1,20 @@
 //! The async client.
 
-use std::collections::{BTreeMap, HashMap};
-use std::os::fd::OwnedFd;
+use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use nix::sys::signal::Signal;
-use socket2::{Domain, SockRef, Socket, Type};
-use zbus::Variant;
 
 use crate::direct::{Direct, StateSocket};
 use crate::error::{Error, ErrorKind, Result};
+use crate::listen::simulated;
 use crate::shared::{Atomic, Backend, Cache, Locker, Simulation};
+use crate::status::{InstanceStatus, ListenerStatus, Status};
 use crate::stop::{StopHandle, parse_signal};
-use ally_core::net::{self, ListenAddr, ListenOptions, Network};
-use ally_core::proxy::{self, BrokerProxy, Instance, Listener, StateProxies, Status};
-
-/// Sockets of simulate mode, shared by every [`Ally`] of the process, as the broker
-/// shares its sockets between instances.
-static SIMULATED: Mutex<BTreeMap<ListenAddr, Socket>> = Mutex::new(BTreeMap::new());
+use ally_core::net;
+use ally_core::proxy::{self, BrokerProxy, StateProxies};
 
 /// An app instance's handle on its broker, or on its stand-in in simulate mode.
 ///
@@ -76,18 +71,12 @@ impl Ally {
             stop.install(&[stop_signal()?])?;
         }
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
-        let broker = proxy::connect(address, app.as_deref())
-            .await
-            .map_err(|source| Error::Transport {
-                context: format!("cannot connect to the broker at {address}"),
-                source,
-            })?;
+        let broker = proxy::connect(address, app.as_deref()).await.map_err(|e| {
+            Error::transport(format!("cannot connect to the broker at {address}"), e)
+        })?;
         let state = StateProxies::on(broker.inner().connection(), app.as_deref())
             .await
-            .map_err(|source| Error::Transport {
-                context: "cannot create the state proxies".into(),
-                source,
-            })?;
+            .map_err(|e| Error::transport("cannot create the state proxies", e))?;
         Ally::new(
             Some(broker),
             app.unwrap_or_else(program_name),
@@ -184,8 +173,7 @@ impl Ally {
         self.inner.generation
     }
 
-    /// The broker proxy, for calls this type does not wrap; `None` in simulate mode.
-    pub fn broker(&self) -> Option<&BrokerProxy<'static>> {
+    pub(crate) fn broker_proxy(&self) -> Option<&BrokerProxy<'static>> {
         self.inner.broker.as_ref()
     }
 
@@ -195,73 +183,17 @@ impl Ally {
     }
 
     /// Resolves when the broker asks this instance to stop.
-    pub async fn stopped(&self) {
-        self.inner.stop.stopped().await
+    ///
+    /// The future owns what it needs (it is `'static`), so it can be handed to a server
+    /// or a task and outlive this handle. To stop a server without losing requests, see
+    /// [`crate::drain`].
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.inner.stop.stopped()
     }
 
     /// Whether the broker asked this instance to stop.
     pub fn is_stopping(&self) -> bool {
         self.inner.stop.is_stopping()
-    }
-
-    /// The listening socket for `network` and `address`, as a raw file descriptor.
-    ///
-    /// Equal (normalised) requests get the same kernel socket, duplicated: across reloads
-    /// from the broker, within the process in simulate mode. See the crate docs on the
-    /// consequences for `O_NONBLOCK`.
-    pub async fn listen(&self, network: &str, address: &str) -> Result<OwnedFd> {
-        self.listen_with(network, address, &ListenOptions::default())
-            .await
-    }
-
-    /// [`listen`](Self::listen) with options used if the socket has to be created.
-    pub async fn listen_with(
-        &self,
-        network: &str,
-        address: &str,
-        options: &ListenOptions,
-    ) -> Result<OwnedFd> {
-        let Some(broker) = &self.inner.broker else {
-            return simulate_listen(network, address, options);
-        };
-        let fd = if options == &ListenOptions::default() {
-            broker
-                .listen(network, address)
-                .await
-                .map_err(|e| Error::call("Listen", e))?
-        } else {
-            let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
-            if let Some(backlog) = options.backlog {
-                dict.insert("backlog", Variant::from(backlog));
-            }
-            if options.reuse_port {
-                dict.insert("reuse_port", Variant::from(true));
-            }
-            if let Some(mode) = options.mode {
-                dict.insert("mode", Variant::from(mode));
-            }
-            broker
-                .listen_with(network, address, dict)
-                .await
-                .map_err(|e| Error::call("ListenWith", e))?
-        };
-        Ok(fd.into())
-    }
-
-    /// Drops this instance's reference to a socket (file descriptors already handed out
-    /// stay valid). In simulate mode the next `listen` binds anew.
-    pub async fn close(&self, network: &str, address: &str) -> Result<()> {
-        match &self.inner.broker {
-            Some(broker) => broker
-                .close(network, address)
-                .await
-                .map_err(|e| Error::call("Close", e)),
-            None => {
-                let key = ListenAddr::parse(network, address)?;
-                simulated().remove(&key);
-                Ok(())
-            }
-        }
     }
 
     /// Tells the broker this instance serves; during a reload this is what lets the older
@@ -297,12 +229,13 @@ impl Ally {
     /// The broker's status; in simulate mode, this process's own.
     pub async fn status(&self) -> Result<Status> {
         match &self.inner.broker {
-            Some(broker) => Status::from_dict(
+            Some(broker) => proxy::Status::from_dict(
                 broker
                     .status()
                     .await
                     .map_err(|e| Error::call("Status", e))?,
             )
+            .map(Status::from)
             .map_err(|e| Error::local(ErrorKind::Broker, e.to_string())),
             None => Ok(self.simulated_status()),
         }
@@ -323,7 +256,7 @@ impl Ally {
         };
         let listeners = simulated()
             .iter()
-            .map(|(key, socket)| Listener {
+            .map(|(key, socket)| ListenerStatus {
                 network: key.network.to_string(),
                 address: net::local_address(socket).unwrap_or_else(|_| key.endpoint.to_string()),
                 references: 1,
@@ -338,7 +271,7 @@ impl Ally {
                 self.inner.generation
             },
             pid: std::process::id(),
-            instances: vec![Instance {
+            instances: vec![InstanceStatus {
                 id: self.inner.instance,
                 generation: self.inner.generation,
                 pid: std::process::id(),
@@ -351,207 +284,6 @@ impl Ally {
             last_reload: String::new(),
         }
     }
-
-    // Typed listeners. Each checks the socket it gets is of the kind asked for.
-
-    /// A Tokio TCP listener on `address` (network `tcp`).
-    pub async fn tcp_listener(&self, address: &str) -> Result<tokio::net::TcpListener> {
-        self.tcp_listener_net("tcp", address).await
-    }
-
-    /// A Tokio TCP listener; `network` is `tcp`, `tcp4` or `tcp6`.
-    pub async fn tcp_listener_net(
-        &self,
-        network: &str,
-        address: &str,
-    ) -> Result<tokio::net::TcpListener> {
-        let std = self.std_tcp_listener_net(network, address).await?;
-        to_tokio(&std, network, address)?;
-        tokio::net::TcpListener::from_std(std).map_err(|e| Error::io("tokio TcpListener", e))
-    }
-
-    /// A std TCP listener on `address` (network `tcp`). Its accept may fail with
-    /// `WouldBlock`: see [`crate::stdnet`].
-    pub async fn std_tcp_listener(&self, address: &str) -> Result<std::net::TcpListener> {
-        self.std_tcp_listener_net("tcp", address).await
-    }
-
-    /// A std TCP listener; `network` is `tcp`, `tcp4` or `tcp6`.
-    pub async fn std_tcp_listener_net(
-        &self,
-        network: &str,
-        address: &str,
-    ) -> Result<std::net::TcpListener> {
-        expect_network(
-            network,
-            &[Network::Tcp, Network::Tcp4, Network::Tcp6],
-            "a TCP",
-        )?;
-        let fd = self.listen(network, address).await?;
-        check_socket(
-            &fd,
-            network,
-            address,
-            Type::STREAM,
-            &[Domain::IPV4, Domain::IPV6],
-        )?;
-        Ok(fd.into())
-    }
-
-    /// A Tokio UDP socket on `address` (network `udp`).
-    pub async fn udp_socket(&self, address: &str) -> Result<tokio::net::UdpSocket> {
-        self.udp_socket_net("udp", address).await
-    }
-
-    /// A Tokio UDP socket; `network` is `udp`, `udp4` or `udp6`.
-    pub async fn udp_socket_net(
-        &self,
-        network: &str,
-        address: &str,
-    ) -> Result<tokio::net::UdpSocket> {
-        let std = self.std_udp_socket_net(network, address).await?;
-        to_tokio(&std, network, address)?;
-        tokio::net::UdpSocket::from_std(std).map_err(|e| Error::io("tokio UdpSocket", e))
-    }
-
-    /// A std UDP socket on `address` (network `udp`).
-    pub async fn std_udp_socket(&self, address: &str) -> Result<std::net::UdpSocket> {
-        self.std_udp_socket_net("udp", address).await
-    }
-
-    /// A std UDP socket; `network` is `udp`, `udp4` or `udp6`.
-    pub async fn std_udp_socket_net(
-        &self,
-        network: &str,
-        address: &str,
-    ) -> Result<std::net::UdpSocket> {
-        expect_network(
-            network,
-            &[Network::Udp, Network::Udp4, Network::Udp6],
-            "a UDP",
-        )?;
-        let fd = self.listen(network, address).await?;
-        check_socket(
-            &fd,
-            network,
-            address,
-            Type::DGRAM,
-            &[Domain::IPV4, Domain::IPV6],
-        )?;
-        Ok(fd.into())
-    }
-
-    /// A Tokio unix stream listener on a path or `@abstract` name (network `unix`).
-    pub async fn unix_listener(&self, address: &str) -> Result<tokio::net::UnixListener> {
-        let std = self.std_unix_listener(address).await?;
-        to_tokio(&std, "unix", address)?;
-        tokio::net::UnixListener::from_std(std).map_err(|e| Error::io("tokio UnixListener", e))
-    }
-
-    /// A std unix stream listener (network `unix`).
-    pub async fn std_unix_listener(
-        &self,
-        address: &str,
-    ) -> Result<std::os::unix::net::UnixListener> {
-        let fd = self.listen("unix", address).await?;
-        check_socket(&fd, "unix", address, Type::STREAM, &[Domain::UNIX])?;
-        Ok(fd.into())
-    }
-
-    /// A Tokio unix datagram socket (network `unixgram`).
-    pub async fn unix_datagram(&self, address: &str) -> Result<tokio::net::UnixDatagram> {
-        let std = self.std_unix_datagram(address).await?;
-        to_tokio(&std, "unixgram", address)?;
-        tokio::net::UnixDatagram::from_std(std).map_err(|e| Error::io("tokio UnixDatagram", e))
-    }
-
-    /// A std unix datagram socket (network `unixgram`).
-    pub async fn std_unix_datagram(
-        &self,
-        address: &str,
-    ) -> Result<std::os::unix::net::UnixDatagram> {
-        let fd = self.listen("unixgram", address).await?;
-        check_socket(&fd, "unixgram", address, Type::DGRAM, &[Domain::UNIX])?;
-        Ok(fd.into())
-    }
-
-    /// A listening unix `SOCK_SEQPACKET` socket (network `unixpacket`), which neither std
-    /// nor Tokio has a type for.
-    pub async fn unix_seqpacket(&self, address: &str) -> Result<OwnedFd> {
-        let fd = self.listen("unixpacket", address).await?;
-        check_socket(&fd, "unixpacket", address, Type::SEQPACKET, &[Domain::UNIX])?;
-        Ok(fd)
-    }
-}
-
-fn simulated() -> std::sync::MutexGuard<'static, BTreeMap<ListenAddr, Socket>> {
-    SIMULATED.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn simulate_listen(network: &str, address: &str, options: &ListenOptions) -> Result<OwnedFd> {
-    let key = ListenAddr::parse(network, address)?;
-    let mut sockets = simulated();
-    let socket = match sockets.get(&key) {
-        Some(socket) => socket,
-        None => {
-            let socket = net::bind(&key, options)?;
-            sockets.entry(key.clone()).or_insert(socket)
-        }
-    };
-    let dup = socket
-        .try_clone()
-        .map_err(|e| Error::io(format!("{key}: dup"), e))?;
-    Ok(dup.into())
-}
-
-fn expect_network(network: &str, allowed: &[Network], what: &str) -> Result<()> {
-    let parsed: Network = network.parse()?;
-    if allowed.contains(&parsed) {
-        Ok(())
-    } else {
-        let names: Vec<&str> = allowed.iter().map(|n| n.as_str()).collect();
-        Err(Error::local(
-            ErrorKind::InvalidArgument,
-            format!(
-                "{network} is not {what} network (expected {})",
-                names.join(", ")
-            ),
-        ))
-    }
-}
-
-fn check_socket(
-    fd: &OwnedFd,
-    network: &str,
-    address: &str,
-    ty: Type,
-    domains: &[Domain],
-) -> Result<()> {
-    let sock = SockRef::from(fd);
-    let context = format!("{network} {address}");
-    let got_type = sock
-        .r#type()
-        .map_err(|e| Error::io(format!("{context}: SO_TYPE"), e))?;
-    let got_domain = sock
-        .domain()
-        .map_err(|e| Error::io(format!("{context}: SO_DOMAIN"), e))?;
-    if got_type != ty || !domains.contains(&got_domain) {
-        return Err(Error::local(
-            ErrorKind::InvalidArgument,
-            format!(
-                "{context}: got a socket of type {got_type:?} in domain {got_domain:?}, expected {ty:?}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Tokio needs `O_NONBLOCK`, which lives in the open file description shared with every
-/// other duplicate of the socket (see the crate docs).
-fn to_tokio(fd: &impl std::os::fd::AsFd, network: &str, address: &str) -> Result<()> {
-    SockRef::from(fd)
-        .set_nonblocking(true)
-        .map_err(|e| Error::io(format!("{network} {address}: O_NONBLOCK"), e))
 }
 
 fn stop_signal() -> Result<Signal> {

@@ -7,20 +7,14 @@
 //! Listeners are std types. They may be in non-blocking mode because another
 //! generation's async code shares them: accept with [`crate::stdnet`].
 
-use std::net::{TcpListener, UdpSocket};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::{UnixDatagram, UnixListener};
-
 use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::Queues;
 use crate::error::{Error, Result};
 use crate::stop::StopHandle;
-use ally_core::net::ListenOptions;
-use ally_core::proxy::Status;
+use crate::{FromSharedStd, ListenOptions, Queues, Status};
 
 /// Blocking twin of [`crate::Ally`].
 #[derive(Debug)]
@@ -102,18 +96,20 @@ impl Ally {
         self.inner.stop_handle().wait()
     }
 
-    pub fn listen(&self, network: &str, address: &str) -> Result<OwnedFd> {
-        self.runtime.block_on(self.inner.listen(network, address))
+    /// See [`crate::Ally::listen`]; the types are std's:
+    /// `ally.listen::<std::net::TcpListener>("127.0.0.1:8080")`.
+    pub fn listen<L: FromSharedStd>(&self, address: &str) -> Result<L> {
+        self.runtime.block_on(self.inner.listen(address))
     }
 
-    pub fn listen_with(
+    /// See [`crate::Ally::listen_with`].
+    pub fn listen_with<L: FromSharedStd>(
         &self,
-        network: &str,
         address: &str,
         options: &ListenOptions,
-    ) -> Result<OwnedFd> {
+    ) -> Result<L> {
         self.runtime
-            .block_on(self.inner.listen_with(network, address, options))
+            .block_on(self.inner.listen_with(address, options))
     }
 
     pub fn close(&self, network: &str, address: &str) -> Result<()> {
@@ -130,43 +126,6 @@ impl Ally {
 
     pub fn status(&self) -> Result<Status> {
         self.runtime.block_on(self.inner.status())
-    }
-
-    /// Network `tcp`.
-    pub fn tcp_listener(&self, address: &str) -> Result<TcpListener> {
-        self.runtime.block_on(self.inner.std_tcp_listener(address))
-    }
-
-    /// `network` is `tcp`, `tcp4` or `tcp6`.
-    pub fn tcp_listener_net(&self, network: &str, address: &str) -> Result<TcpListener> {
-        self.runtime
-            .block_on(self.inner.std_tcp_listener_net(network, address))
-    }
-
-    /// Network `udp`.
-    pub fn udp_socket(&self, address: &str) -> Result<UdpSocket> {
-        self.runtime.block_on(self.inner.std_udp_socket(address))
-    }
-
-    /// `network` is `udp`, `udp4` or `udp6`.
-    pub fn udp_socket_net(&self, network: &str, address: &str) -> Result<UdpSocket> {
-        self.runtime
-            .block_on(self.inner.std_udp_socket_net(network, address))
-    }
-
-    /// Network `unix`.
-    pub fn unix_listener(&self, address: &str) -> Result<UnixListener> {
-        self.runtime.block_on(self.inner.std_unix_listener(address))
-    }
-
-    /// Network `unixgram`.
-    pub fn unix_datagram(&self, address: &str) -> Result<UnixDatagram> {
-        self.runtime.block_on(self.inner.std_unix_datagram(address))
-    }
-
-    /// Network `unixpacket`.
-    pub fn unix_seqpacket(&self, address: &str) -> Result<OwnedFd> {
-        self.runtime.block_on(self.inner.unix_seqpacket(address))
     }
 }
 

@@ -1,5 +1,6 @@
-//! Graceful stop for servers that shut down through a future, such as tonic's
-//! `serve_with_incoming_shutdown` (and hyper or axum servers built the same way).
+//! Graceful stop without losing requests.
+//!
+//! # Servers that shut down through a future (tonic, HTTP/2)
 //!
 //! Handing such a server [`Ally::stopped`](crate::Ally::stopped) as its shutdown
 //! future loses requests on a reload. The moment the future resolves the server
@@ -22,7 +23,7 @@
 //! # async fn run(server: impl FnOnce(ally_client::drain::Incoming, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)) -> ally_client::Result<()> {
 //! use ally_client::drain;
 //! let ally = ally_client::Ally::from_env().await?;
-//! let listener = ally.tcp_listener("127.0.0.1:50051").await?;
+//! let listener: tokio::net::TcpListener = ally.listen("127.0.0.1:50051").await?;
 //! ally.ready().await?;
 //! let stop = ally.stop_handle();
 //! let incoming = drain::incoming(listener, stop.clone());
@@ -32,12 +33,53 @@
 //! server(incoming, shutdown);
 //! # Ok(()) }
 //! ```
+//!
+//! # HTTP/1.1 keep-alive connections
+//!
+//! An HTTP/1.1 server must not close an idle keep-alive connection the moment the
+//! stop comes, as hyper's `graceful_shutdown` (and so `axum::serve(..)
+//! .with_graceful_shutdown(..)`) does: the client may be sending its next request
+//! on it at that very moment, and it fails (a client that does not retry reports an
+//! error). Nor may it close a connection it accepted whose first request has not
+//! arrived yet. The drain that loses nothing but that inherent race:
+//!
+//! 1. stop accepting (the next generation takes what is queued);
+//! 2. keep serving the connections already open, answering each request with
+//!    `Connection: close` so the client moves to a new connection;
+//! 3. close a connection only once it has been idle for a while after the stop:
+//!    [`track`] times a connection's reads, and [`Activity::idle_after_stop`]
+//!    resolves when it is time to shut that connection down gracefully.
+//!
+//! ```no_run
+//! # async fn serve(stream: tokio::net::TcpStream, stop: ally_client::StopHandle) {
+//! use ally_client::drain;
+//! let (stream, activity) = drain::track(stream);
+//! // let conn = hyper::server::conn::http1::Builder::new()
+//! //     .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+//! // let mut conn = std::pin::pin!(conn);
+//! // tokio::select! {
+//! //     _ = conn.as_mut() => return,
+//! //     _ = activity.idle_after_stop(stop, drain::DEFAULT_IDLE) => conn.as_mut().graceful_shutdown(),
+//! // }
+//! // let _ = conn.await;
+//! # drop((stream, activity, stop));
+//! # }
+//! ```
+//!
+//! The `hello` and `axum` examples are complete servers built this way. Ready-made
+//! integrations for axum, hyper-util, tonic and actix-web are the subject of the
+//! issue on real frameworks ("Zero failed requests for apps built on real
+//! frameworks").
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::stop::StopHandle;
@@ -46,6 +88,130 @@ use crate::stop::StopHandle;
 /// above a handshake's round trips on a loaded machine, well below any
 /// `stop_timeout`.
 pub const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
+
+/// How long [`Activity::idle_after_stop`] waits, by default, for a connection to stay
+/// idle after the stop: well above the gap between a busy client's requests and a
+/// handshake's round trips, well below any `stop_timeout`.
+pub const DEFAULT_IDLE: Duration = Duration::from_secs(1);
+
+/// `io` with its reads timed, and the handle that reads the time; see the module docs.
+pub fn track<S>(io: S) -> (Tracked<S>, Activity) {
+    let activity = Activity {
+        inner: Arc::new(ActivityInner {
+            born: Instant::now(),
+            last_read_us: AtomicU64::new(0),
+        }),
+    };
+    let tracked = Tracked {
+        io,
+        activity: activity.clone(),
+    };
+    (tracked, activity)
+}
+
+/// A connection whose reads are timed by [`track`]; reads and writes pass through.
+#[derive(Debug)]
+pub struct Tracked<S> {
+    io: S,
+    activity: Activity,
+}
+
+impl<S> Tracked<S> {
+    /// The wrapped connection.
+    pub fn get_ref(&self) -> &S {
+        &self.io
+    }
+}
+
+/// When a [`Tracked`] connection last read something.
+#[derive(Debug, Clone)]
+pub struct Activity {
+    inner: Arc<ActivityInner>,
+}
+
+#[derive(Debug)]
+struct ActivityInner {
+    born: Instant,
+    /// Microseconds after `born`; 0: nothing read yet.
+    last_read_us: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let us = self.inner.born.elapsed().as_micros().max(1) as u64;
+        self.inner.last_read_us.store(us, Ordering::Relaxed);
+    }
+
+    /// When the connection last read a byte, if it has.
+    pub fn last_read(&self) -> Option<Instant> {
+        match self.inner.last_read_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(self.inner.born + Duration::from_micros(us)),
+        }
+    }
+
+    /// Resolves once `stop` has been requested and the connection has then read nothing
+    /// for `idle` (counting from the later of the stop and its last read): the moment to
+    /// shut it down gracefully. A connection accepted just before the stop gets `idle`
+    /// to send its first request.
+    pub async fn idle_after_stop(&self, stop: StopHandle, idle: Duration) {
+        stop.stopped().await;
+        let stopped_at = stop.stopping_since().unwrap_or_else(Instant::now);
+        loop {
+            let quiet_since = self.last_read().map_or(stopped_at, |r| r.max(stopped_at));
+            let deadline = quiet_since + idle;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.io).poll_read(cx, buf);
+        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.activity.touch();
+        }
+        poll
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
 
 /// Accepted connections of `listener` until `stop` is requested; see the module docs.
 ///
@@ -149,6 +315,42 @@ mod tests {
         other.set_nonblocking(false).unwrap();
         let (queued, _) = other.accept().unwrap();
         drop(queued);
+    }
+
+    #[tokio::test]
+    async fn idle_counts_from_the_stop_or_the_last_read() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server) = tokio::io::duplex(64);
+        let (mut server, activity) = track(server);
+        assert_eq!(activity.last_read(), None);
+        let stop = StopHandle::new();
+        let idle = Duration::from_millis(300);
+        let waiter = {
+            let (activity, stop) = (activity.clone(), stop.clone());
+            tokio::spawn(async move { activity.idle_after_stop(stop, idle).await })
+        };
+        // No stop, no end however long it is idle.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!waiter.is_finished());
+
+        stop.stop();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // A read into the drain restarts the clock.
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 3];
+        server.read_exact(&mut buf).await.unwrap();
+        let read_at = activity.last_read().unwrap();
+        // Writes do not count as activity.
+        server.write_all(b"200").await.unwrap();
+        assert_eq!(activity.last_read(), Some(read_at));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiter.is_finished(), "closed 200 ms after a read");
+        tokio::time::timeout(Duration::from_secs(10), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        let waited = read_at.elapsed();
+        assert!(waited >= idle, "closed {waited:?} after the last read");
     }
 
     #[tokio::test]

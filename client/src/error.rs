@@ -27,7 +27,8 @@ pub enum Error {
     /// Connecting to the broker, or talking to it, failed.
     Transport {
         context: String,
-        source: zbus::Error,
+        /// The D-Bus library's error.
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A local error (simulate mode, bad address or environment, wrong socket
     /// type, a failed system call), with its cause.
@@ -68,6 +69,13 @@ impl Error {
         Error::Local(ally_core::Error::caused_by(kind, context.into(), source))
     }
 
+    pub(crate) fn transport(context: impl Into<String>, source: zbus::Error) -> Error {
+        Error::Transport {
+            context: context.into(),
+            source: Box::new(source),
+        }
+    }
+
     /// Converts a failed method call on the broker.
     pub(crate) fn call(method: &'static str, e: zbus::Error) -> Error {
         match e {
@@ -92,10 +100,7 @@ impl Error {
                         ErrorKind::Timeout
                     }
                     zbus::fdo::Error::ZBus(_) => {
-                        return Error::Transport {
-                            context: format!("{method} failed"),
-                            source: zbus::Error::FDO(fdo),
-                        };
+                        return Error::transport(format!("{method} failed"), zbus::Error::FDO(fdo));
                     }
                     _ => ErrorKind::Broker,
                 };
@@ -106,10 +111,7 @@ impl Error {
                     message: fdo.description().unwrap_or_default().to_owned(),
                 }
             }
-            other => Error::Transport {
-                context: format!("{method} failed"),
-                source: other,
-            },
+            other => Error::transport(format!("{method} failed"), other),
         }
     }
 }
@@ -144,7 +146,7 @@ impl fmt::Display for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            Error::Transport { source, .. } => Some(source),
+            Error::Transport { source, .. } => Some(&**source),
             // The local error's text is this error's: its cause is the next link.
             Error::Local(e) => std::error::Error::source(e),
             Error::Broker { .. } => None,

@@ -11,8 +11,8 @@
 //!    `ALLY_APP`, `ALLY_INSTANCE`, `ALLY_GENERATION` and `ALLY_STOP_SIGNAL` in its
 //!    environment. [`Ally::from_env`] connects to the broker and installs the stop-signal
 //!    handler.
-//! 2. **Listen.** [`Ally::listen`] (or a typed helper such as [`Ally::tcp_listener`])
-//!    asks the broker for a socket. The first request for an address binds it; every
+//! 2. **Listen.** [`Ally::listen`] asks the broker for a socket, as the type you want
+//!    (`ally.listen::<tokio::net::TcpListener>("127.0.0.1:8080")`; see [`FromShared`]). The first request for an address binds it; every
 //!    later request, from this or any later generation, gets a duplicate of the *same*
 //!    kernel socket. Nothing is bound or closed across a reload, so no connection is
 //!    refused and the accept queue is never lost.
@@ -26,7 +26,9 @@
 //!    Replacing the binary first makes the reload an upgrade.
 //! 5. **Stop.** On the stop signal, [`Ally::stopped`] resolves (and [`StopHandle`]s wake):
 //!    stop accepting, finish in-flight work, close idle connections and exit. Past the
-//!    configured `stop_timeout` the broker sends `SIGKILL`.
+//!    configured `stop_timeout` the broker sends `SIGKILL`. Handing a server's graceful
+//!    shutdown the stop future as it is loses requests on every reload; [`drain`] says
+//!    why and what to do instead.
 //!
 //! # Managed and simulate mode
 //!
@@ -50,12 +52,15 @@
 //!
 //! ```no_run
 //! use tokio::io::AsyncWriteExt;
+//! use tokio::net::TcpListener;
 //!
 //! #[tokio::main]
 //! async fn main() -> Result<(), ally_client::Error> {
 //!     let ally = ally_client::Ally::from_env().await?;
-//!     let listener = ally.tcp_listener("127.0.0.1:8080").await?;
+//!     let listener: TcpListener = ally.listen("127.0.0.1:8080").await?;
 //!     ally.ready().await?;
+//!     let stopped = ally.stopped(); // 'static: it may outlive `ally`
+//!     tokio::pin!(stopped);
 //!     loop {
 //!         tokio::select! {
 //!             accepted = listener.accept() => {
@@ -64,13 +69,19 @@
 //!                     let _ = stream.write_all(b"hello\n").await;
 //!                 });
 //!             }
-//!             _ = ally.stopped() => break,
+//!             () = &mut stopped => break,
 //!         }
 //!     }
-//!     // Drain in-flight connections here, then return.
+//!     // Stop accepting (the next generation accepts what is queued), then drain the
+//!     // connections already accepted and return.
+//!     drop(listener);
 //!     Ok(())
 //! }
 //! ```
+//!
+//! The examples are complete apps: `hello` (hyper; the README's quick start),
+//! `axum_server`, `tonic_server`, `std_server` (std threads, [`blocking`]) and
+//! `datagram` (UDP and unix sockets), each draining without losing a request.
 //!
 //! Without an async runtime, [`blocking::Ally`] offers the same API with std types.
 //! Any language with a D-Bus library can do the same as this crate: see
@@ -81,13 +92,17 @@ pub mod blocking;
 mod direct;
 pub mod drain;
 pub mod error;
+mod listen;
+mod listener;
 mod shared;
+mod status;
 pub mod stdnet;
 mod stop;
 
 pub use ally::Ally;
-pub use ally_core::net::ListenOptions;
 pub use direct::StateSocket;
 pub use error::{Error, ErrorKind, Result};
+pub use listener::{FromShared, FromSharedStd, ListenOptions, SeqpacketListener};
 pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};
+pub use status::{InstanceStatus, ListenerStatus, Status};
 pub use stop::{StopHandle, parse_signal};

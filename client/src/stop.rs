@@ -1,5 +1,6 @@
 //! Graceful-stop notification.
 
+use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -80,10 +81,17 @@ impl StopHandle {
     }
 
     /// Resolves when the stop is requested (at once if it already was).
-    pub async fn stopped(&self) {
+    ///
+    /// The future owns a share of the handle (it is `'static`), so it can be given to a
+    /// server's shutdown hook or a spawned task.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
         let mut rx = self.inner.tx.subscribe();
-        // The sender lives as long as `self`, so this cannot fail.
-        let _ = rx.wait_for(|stopping| *stopping).await;
+        let inner = self.inner.clone();
+        async move {
+            // `inner` holds the sender, so this cannot fail.
+            let _ = rx.wait_for(|stopping| *stopping).await;
+            drop(inner);
+        }
     }
 
     /// Blocks the calling thread until the stop is requested.
@@ -207,5 +215,22 @@ mod tests {
         assert!(handle.wait_timeout(Duration::ZERO));
         // Resolves at once when already stopping.
         rt.block_on(handle.stopped());
+    }
+
+    #[test]
+    fn the_stop_future_outlives_its_handle() {
+        fn spawnable<F: Future<Output = ()> + Send + 'static>(f: F) -> F {
+            f
+        }
+        let handle = StopHandle::new();
+        let stopped = spawnable(handle.clone().stopped());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let task = rt.spawn(stopped);
+        handle.stop();
+        drop(handle);
+        rt.block_on(task).unwrap();
     }
 }

@@ -48,6 +48,11 @@ impl Program {
         rest.split_whitespace().next().unwrap().parse().unwrap()
     }
 
+    /// Waits for a line of stderr containing `needle`, skipping the lines before it.
+    fn wait_for_line(&self, needle: &str, within: Duration) -> String {
+        self.process.expect_line(needle, within)
+    }
+
     fn stderr_lines(&self) -> Vec<String> {
         self.process.lines_so_far()
     }
@@ -122,10 +127,21 @@ fn hello_keeps_alive_then_drains_on_sigterm() {
     }
     let mut idle = connect(addr);
     assert_eq!(get(&mut idle, "").header("Connection"), Some("keep-alive"));
+    let mut old = connect(addr);
+    let keep_alive_10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+    old.write_all(keep_alive_10.as_bytes()).unwrap();
+    let r = read_response(&mut old).unwrap();
+    assert_eq!(r.header("Connection"), Some("keep-alive"));
 
     hello.signal(Signal::SIGTERM);
     let stopped_at = Instant::now();
-    std::thread::sleep(Duration::from_millis(300));
+    hello.wait_for_line("stopping", Duration::from_secs(10));
+
+    // An HTTP/1.0 client is told plainly to close (not `close, keep-alive`).
+    old.write_all(keep_alive_10.as_bytes()).unwrap();
+    let r = read_response(&mut old).unwrap();
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut old);
 
     // A request on a kept-alive connection after the stop is answered, then closed.
     let r = get(&mut busy, "");
@@ -292,8 +308,8 @@ fn datagram_echoes_and_stops() {
     }
 
     program.signal(Signal::SIGTERM);
+    program.wait_for_line("stopping", Duration::from_secs(10));
     // The open connection is still served until it has been idle for a second.
-    std::thread::sleep(Duration::from_millis(200));
     unix.write_all(b"three\n").unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
@@ -302,5 +318,134 @@ fn datagram_echoes_and_stops() {
     assert_eq!(reader.read_line(&mut line).unwrap(), 0, "{line:?}");
 
     let status = program.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn axum_server_serves_then_drains_without_cutting_requests() {
+    let mut app = Program::start("axum_server", &["--listen", "127.0.0.1:0"]);
+    let addr = app.addr_after("listening on ");
+    let expected = format!("hello from axum pid={} generation=1\n", app.pid());
+
+    let mut busy = connect(addr);
+    let r = get(&mut busy, "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, expected);
+    let mut idle = connect(addr);
+    assert_eq!(get(&mut idle, "").status, 200);
+    // Accepted, but its request not sent yet when the stop comes.
+    let mut late = connect(addr);
+
+    app.signal(Signal::SIGTERM);
+    let stopped_at = Instant::now();
+    app.wait_for_line("stopping", Duration::from_secs(10));
+
+    let r = get(&mut late, "");
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut late);
+    let r = get(&mut busy, "");
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut busy);
+
+    assert_closed(&mut idle);
+    let idle_for = stopped_at.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(5),
+        "idle connection closed after {idle_for:?}"
+    );
+    let status = app.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloRequest {
+    #[prost(string, tag = "1")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct HelloReply {
+    #[prost(string, tag = "1")]
+    message: String,
+    #[prost(uint32, tag = "2")]
+    pid: u32,
+    #[prost(uint64, tag = "3")]
+    generation: u64,
+}
+
+async fn say_hello(addr: SocketAddr, name: &str) -> HelloReply {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    grpc.unary(
+        tonic::Request::new(HelloRequest { name: name.into() }),
+        tonic::codegen::http::uri::PathAndQuery::from_static("/hello.Greeter/Hello"),
+        tonic_prost::ProstCodec::<HelloRequest, HelloReply>::default(),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[test]
+fn tonic_server_answers_and_stops() {
+    let mut app = Program::start("tonic_server", &["--listen", "127.0.0.1:0"]);
+    let addr = app.addr_after("listening on ");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let reply = runtime.block_on(say_hello(addr, "ally"));
+    assert_eq!(reply.message, "hello ally");
+    assert_eq!(reply.pid, app.pid());
+    assert_eq!(reply.generation, 1);
+    // The channel's connection lives on the runtime: the client goes away.
+    drop(runtime);
+
+    app.signal(Signal::SIGTERM);
+    let status = app.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let lines = app.stderr_lines();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+}
+
+#[test]
+fn std_server_echoes_then_drains() {
+    let mut app = Program::start("std_server", &["--listen", "127.0.0.1:0"]);
+    let addr = app.addr_after("listening on ");
+    let prefix = format!("pid={} generation=1 ", app.pid());
+    let mut stream = connect(addr);
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    stream.write_all(b"one\ntwo\n").unwrap();
+    for word in ["one", "two"] {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line, format!("{prefix}{word}\n"));
+    }
+
+    app.signal(Signal::SIGTERM);
+    let stopped_at = Instant::now();
+    app.wait_for_line("stopping", Duration::from_secs(10));
+    // New connections go to the next generation; this one is still served...
+    stream.write_all(b"three\n").unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert_eq!(line, format!("{prefix}three\n"));
+    // ...until it has been idle for a second.
+    line.clear();
+    assert_eq!(reader.read_line(&mut line).unwrap(), 0, "{line:?}");
+    let idle_for = stopped_at.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900),
+        "closed after {idle_for:?}"
+    );
+
+    let status = app.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }

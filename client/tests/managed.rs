@@ -115,27 +115,29 @@ impl TestBroker {
     }
 }
 
-/// Serves one connection on a fresh socket; returns its D-Bus address.
+/// Serves every connection on a fresh socket; returns its D-Bus address.
 async fn serve(seen: Arc<Mutex<Seen>>) -> (String, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bus");
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
     tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let broker = TestBroker {
-            sockets: Mutex::new(HashMap::new()),
-            seen,
-        };
-        let conn = zbus::connection::Builder::unix_stream(stream.into_std().unwrap())
-            .server(zbus::Guid::generate())
-            .p2p()
-            .serve_at("/org/ally", broker)
-            .build()
-            .await
-            .unwrap();
-        // Keep the connection alive for the test's duration.
-        std::future::pending::<()>().await;
-        drop(conn);
+        let mut connections = Vec::new();
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let broker = TestBroker {
+                sockets: Mutex::new(HashMap::new()),
+                seen: seen.clone(),
+            };
+            let conn = zbus::connection::Builder::unix_stream(stream.into_std().unwrap())
+                .server(zbus::Guid::generate())
+                .p2p()
+                .serve_at("/org/ally", broker)
+                .build()
+                .await
+                .unwrap();
+            // Keep the connections alive for the test's duration.
+            connections.push(conn);
+        }
     });
     (format!("unix:path={}", path.display()), dir)
 }
@@ -152,8 +154,8 @@ async fn a_managed_instance_talks_to_its_broker() {
     assert!(ally.is_managed());
 
     // Sockets arrive as file descriptors, duplicates of the broker's one socket.
-    let listener = ally.tcp_listener("127.0.0.9:0").await.unwrap();
-    let again = ally.std_tcp_listener("127.0.0.9:0").await.unwrap();
+    let listener: tokio::net::TcpListener = ally.listen("127.0.0.9:0").await.unwrap();
+    let again: std::net::TcpListener = ally.listen("127.0.0.9:0").await.unwrap();
     assert_eq!(listener.local_addr().unwrap(), again.local_addr().unwrap());
     assert_eq!(inode(&listener), inode(&again));
     let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
@@ -165,13 +167,13 @@ async fn a_managed_instance_talks_to_its_broker() {
     // Options go over the wire with their D-Bus types.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.sock");
-    ally.listen_with(
-        "unix",
+    ally.listen_with::<std::os::unix::net::UnixListener>(
         path.to_str().unwrap(),
-        &ListenOptions {
+        &ally_client::ListenOptions {
             backlog: Some(8),
             reuse_port: false,
             mode: Some(0o600),
+            ..Default::default()
         },
     )
     .await
@@ -184,7 +186,10 @@ async fn a_managed_instance_talks_to_its_broker() {
     }
 
     // Broker errors keep their kind and message.
-    let err = ally.listen("tcp", "nonsense").await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>("nonsense")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().starts_with("Listen failed: "), "{err}");
     assert!(
@@ -195,7 +200,10 @@ async fn a_managed_instance_talks_to_its_broker() {
 
     let holder = std::net::TcpListener::bind("127.0.0.9:0").unwrap();
     let taken = holder.local_addr().unwrap().to_string();
-    let err = ally.listen("tcp", &taken).await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>(&taken)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AddressInUse);
 
     let err = ally.reload().await.unwrap_err();
@@ -214,14 +222,10 @@ async fn a_managed_instance_talks_to_its_broker() {
     assert_eq!(status.generation, 1);
 
     // Methods the server does not have come back as broker errors, not hangs.
-    let err = ally
-        .broker()
-        .unwrap()
-        .close("tcp", "127.0.0.9:0")
-        .await
-        .unwrap_err();
+    let err = ally.close("tcp", "127.0.0.9:0").await.unwrap_err();
     assert!(err.to_string().contains("Close"), "{err}");
-    assert_eq!(ally.broker().unwrap().generation().await.unwrap(), 1);
+    let broker = ally_core::proxy::connect(&address, None).await.unwrap();
+    assert_eq!(broker.generation().await.unwrap(), 1);
 }
 
 #[tokio::test]

@@ -5,12 +5,12 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use ally_client::{Ally, ErrorKind, ListenOptions, stdnet};
+use ally_client::{Ally, ErrorKind, ListenOptions, SeqpacketListener, stdnet};
 use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -40,7 +40,10 @@ async fn every_network_listens_and_serves() {
     let dir = tempfile::tempdir().unwrap();
 
     for network in ["tcp", "tcp4"] {
-        let listener = ally.tcp_listener_net(network, "127.0.0.2:0").await.unwrap();
+        let listener = ally
+            .listen_with::<tokio::net::TcpListener>("127.0.0.2:0", &ListenOptions::network(network))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         assert_eq!(addr.ip().to_string(), "127.0.0.2");
         let mut client = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -51,7 +54,10 @@ async fn every_network_listens_and_serves() {
         assert_eq!(got, network.as_bytes());
     }
     for network in ["udp", "udp4"] {
-        let socket = ally.udp_socket_net(network, "127.0.0.2:0").await.unwrap();
+        let socket = ally
+            .listen_with::<tokio::net::UdpSocket>("127.0.0.2:0", &ListenOptions::network(network))
+            .await
+            .unwrap();
         let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
         peer.send_to(b"ping", socket.local_addr().unwrap()).unwrap();
         let mut buf = [0u8; 16];
@@ -60,17 +66,26 @@ async fn every_network_listens_and_serves() {
         assert_eq!(from, peer.local_addr().unwrap());
     }
     if ipv6() {
-        let listener = ally.tcp_listener_net("tcp6", "[::1]:0").await.unwrap();
+        let listener = ally
+            .listen_with::<tokio::net::TcpListener>("[::1]:0", &ListenOptions::network("tcp6"))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         assert!(addr.is_ipv6());
         let _client = TcpStream::connect(addr).unwrap();
         listener.accept().await.unwrap();
-        let socket = ally.std_udp_socket_net("udp6", "[::1]:0").await.unwrap();
+        let socket = ally
+            .listen_with::<std::net::UdpSocket>("[::1]:0", &ListenOptions::network("udp6"))
+            .await
+            .unwrap();
         assert!(socket.local_addr().unwrap().is_ipv6());
     }
 
     let path = dir.path().join("stream.sock");
-    let listener = ally.unix_listener(path.to_str().unwrap()).await.unwrap();
+    let listener = ally
+        .listen::<tokio::net::UnixListener>(path.to_str().unwrap())
+        .await
+        .unwrap();
     let mut client = tokio::net::UnixStream::connect(&path).await.unwrap();
     let (mut server, _) = listener.accept().await.unwrap();
     client.write_all(b"unix").await.unwrap();
@@ -79,7 +94,10 @@ async fn every_network_listens_and_serves() {
     assert_eq!(&got, b"unix");
 
     let path = dir.path().join("dgram.sock");
-    let socket = ally.unix_datagram(path.to_str().unwrap()).await.unwrap();
+    let socket = ally
+        .listen::<tokio::net::UnixDatagram>(path.to_str().unwrap())
+        .await
+        .unwrap();
     let peer = UnixDatagram::unbound().unwrap();
     peer.send_to(b"gram", &path).unwrap();
     let mut buf = [0u8; 16];
@@ -87,8 +105,11 @@ async fn every_network_listens_and_serves() {
     assert_eq!(&buf[..n], b"gram");
 
     let path = dir.path().join("packet.sock");
-    let fd = ally.unix_seqpacket(path.to_str().unwrap()).await.unwrap();
-    let listener = Socket::from(fd);
+    let fd = ally
+        .listen::<SeqpacketListener>(path.to_str().unwrap())
+        .await
+        .unwrap();
+    let listener = Socket::from(OwnedFd::from(fd));
     assert_eq!(listener.r#type().unwrap(), Type::SEQPACKET);
     let client = Socket::new(Domain::UNIX, Type::SEQPACKET, None).unwrap();
     client.connect(&SockAddr::unix(&path).unwrap()).unwrap();
@@ -100,7 +121,10 @@ async fn every_network_listens_and_serves() {
     assert_eq!(server.recv(&mut buf).unwrap(), 3);
 
     let name = format!("@ally-client-test-{}", std::process::id());
-    let listener = ally.std_unix_listener(&name).await.unwrap();
+    let listener = ally
+        .listen::<std::os::unix::net::UnixListener>(&name)
+        .await
+        .unwrap();
     let mut raw = vec![0u8];
     raw.extend_from_slice(&name.as_bytes()[1..]);
     let client = Socket::new(Domain::UNIX, Type::STREAM, None).unwrap();
@@ -112,11 +136,14 @@ async fn every_network_listens_and_serves() {
 #[tokio::test]
 async fn equal_addresses_share_one_kernel_socket() {
     let ally = simulate().await;
-    let first = ally.std_tcp_listener("127.0.0.3:0").await.unwrap();
+    let first = ally
+        .listen::<std::net::TcpListener>("127.0.0.3:0")
+        .await
+        .unwrap();
     // Another spelling of the same address, from another client of the same process.
     let other = Ally::simulate().await.unwrap();
     let second = other
-        .std_tcp_listener("[::ffff:127.0.0.3]:0")
+        .listen::<std::net::TcpListener>("[::ffff:127.0.0.3]:0")
         .await
         .unwrap();
 
@@ -135,7 +162,10 @@ async fn equal_addresses_share_one_kernel_socket() {
 
     // After close, the address is bound anew: port 0 picks another port.
     ally.close("tcp", "127.0.0.3:0").await.unwrap();
-    let third = ally.std_tcp_listener("127.0.0.3:0").await.unwrap();
+    let third = ally
+        .listen::<std::net::TcpListener>("127.0.0.3:0")
+        .await
+        .unwrap();
     assert_ne!(third.local_addr().unwrap(), addr);
     assert_ne!(inode(&third), inode(&first));
 }
@@ -147,19 +177,28 @@ async fn unix_paths_are_normalised_before_sharing() {
     let plain = dir.path().join("n.sock");
     let messy = format!("{}//./n.sock", dir.path().display());
     let a = ally
-        .std_unix_listener(plain.to_str().unwrap())
+        .listen::<std::os::unix::net::UnixListener>(plain.to_str().unwrap())
         .await
         .unwrap();
-    let b = ally.std_unix_listener(&messy).await.unwrap();
+    let b = ally
+        .listen::<std::os::unix::net::UnixListener>(&messy)
+        .await
+        .unwrap();
     assert_eq!(inode(&a), inode(&b));
 }
 
 #[tokio::test]
 async fn o_nonblock_is_shared_between_duplicates() {
     let ally = simulate().await;
-    let std_listener = ally.std_tcp_listener("127.0.0.4:0").await.unwrap();
+    let std_listener = ally
+        .listen::<std::net::TcpListener>("127.0.0.4:0")
+        .await
+        .unwrap();
     assert!(!nonblocking(&std_listener));
-    let tokio_listener = ally.tcp_listener("127.0.0.4:0").await.unwrap();
+    let tokio_listener = ally
+        .listen::<tokio::net::TcpListener>("127.0.0.4:0")
+        .await
+        .unwrap();
     assert!(nonblocking(&tokio_listener));
     // The tokio helper turned the flag on for the std duplicate too...
     assert!(nonblocking(&std_listener));
@@ -180,22 +219,31 @@ async fn o_nonblock_is_shared_between_duplicates() {
 async fn errors_have_kinds_and_say_what_is_wrong() {
     let ally = simulate().await;
 
-    let err = ally.listen("sctp", "127.0.0.5:1").await.unwrap_err();
+    let err = ally
+        .listen_with::<OwnedFd>("127.0.0.5:1", &ListenOptions::network("sctp"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("unknown network"), "{err}");
 
-    let err = ally.listen("tcp", "127.0.0.5").await.unwrap_err();
+    let err = ally
+        .listen::<std::net::TcpListener>("127.0.0.5")
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("missing port"), "{err}");
 
     let holder = std::net::TcpListener::bind("127.0.0.5:0").unwrap();
     let taken = holder.local_addr().unwrap().to_string();
-    let err = ally.tcp_listener(&taken).await.unwrap_err();
+    let err = ally
+        .listen::<tokio::net::TcpListener>(&taken)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::AddressInUse);
     assert!(err.to_string().contains(&taken), "{err}");
 
     let err = ally
-        .tcp_listener_net("udp", "127.0.0.5:0")
+        .listen_with::<tokio::net::TcpListener>("127.0.0.5:0", &ListenOptions::network("udp"))
         .await
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
@@ -205,8 +253,7 @@ async fn errors_have_kinds_and_say_what_is_wrong() {
     assert_eq!(err.kind(), ErrorKind::NotManaged);
 
     let err = ally
-        .listen_with(
-            "tcp",
+        .listen_with::<std::net::TcpListener>(
             "127.0.0.5:0",
             &ListenOptions {
                 mode: Some(0o600),
@@ -224,13 +271,13 @@ async fn listen_with_applies_options() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mode.sock");
     let _fd = ally
-        .listen_with(
-            "unix",
+        .listen_with::<std::os::unix::net::UnixListener>(
             path.to_str().unwrap(),
             &ListenOptions {
                 mode: Some(0o600),
                 backlog: Some(16),
                 reuse_port: false,
+                ..Default::default()
             },
         )
         .await
@@ -240,8 +287,7 @@ async fn listen_with_applies_options() {
     assert_eq!(mode, 0o600);
 
     let a = ally
-        .listen_with(
-            "udp",
+        .listen_with::<std::net::UdpSocket>(
             "127.0.0.6:0",
             &ListenOptions {
                 reuse_port: true,
@@ -256,7 +302,10 @@ async fn listen_with_applies_options() {
 #[tokio::test]
 async fn status_follows_the_instance() {
     let ally = simulate().await;
-    let _l = ally.std_tcp_listener("127.0.0.7:0").await.unwrap();
+    let _l = ally
+        .listen::<std::net::TcpListener>("127.0.0.7:0")
+        .await
+        .unwrap();
     let status = ally.status().await.unwrap();
     assert_eq!(status.state, "starting");
     assert_eq!(status.generation, 0);
@@ -284,8 +333,10 @@ async fn status_follows_the_instance() {
 fn blocking_client_hands_out_std_types() {
     let ally = ally_client::blocking::Ally::simulate().unwrap();
     assert!(!ally.is_managed());
-    let listener = ally.tcp_listener("127.0.0.8:0").unwrap();
-    let again = ally.listen("tcp", "127.0.0.8:0").unwrap();
+    let listener = ally.listen::<std::net::TcpListener>("127.0.0.8:0").unwrap();
+    let again = ally
+        .listen_with::<OwnedFd>("127.0.0.8:0", &ListenOptions::network("tcp"))
+        .unwrap();
     assert_eq!(inode(&listener), inode(&again));
     let addr: SocketAddr = listener.local_addr().unwrap();
     let mut client = TcpStream::connect(addr).unwrap();
@@ -295,7 +346,7 @@ fn blocking_client_hands_out_std_types() {
     client.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ok");
 
-    let udp = ally.udp_socket("127.0.0.8:0").unwrap();
+    let udp = ally.listen::<std::net::UdpSocket>("127.0.0.8:0").unwrap();
     let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
     peer.send_to(b"u", udp.local_addr().unwrap()).unwrap();
     let mut buf = [0u8; 4];

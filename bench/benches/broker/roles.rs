@@ -1,5 +1,6 @@
 //! The parts this benchmark plays inside the instances of its brokers.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Instant;
@@ -21,9 +22,14 @@ pub fn listen() {
     let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
     assert!(ally.is_managed(), "ALLY_ADDRESS is not set");
     // Bind once and report ready, as an app does; then time the steady state.
-    drop(ally.listen("tcp", &address).expect("first Listen"));
+    // A raw socket: the broker's round trip, without the client's checks of the type.
+    let tcp = ally_client::ListenOptions::network("tcp");
+    drop(
+        ally.listen_with::<OwnedFd>(&address, &tcp)
+            .expect("first Listen"),
+    );
     ally.ready().expect("Ready");
-    let listen = || drop(ally.listen("tcp", &address).expect("Listen"));
+    let listen = || drop(ally.listen_with::<OwnedFd>(&address, &tcp).expect("Listen"));
     for _ in 0..WARMUP {
         listen();
     }
@@ -40,12 +46,20 @@ pub fn listen() {
             .await
             .expect("connecting to the broker (async)");
         for _ in 0..WARMUP {
-            drop(ally.listen("tcp", &address).await.expect("Listen"));
+            drop(
+                ally.listen_with::<OwnedFd>(&address, &tcp)
+                    .await
+                    .expect("Listen"),
+            );
         }
         let mut durations = Vec::with_capacity(CALLS);
         for _ in 0..CALLS {
             let start = Instant::now();
-            drop(ally.listen("tcp", &address).await.expect("Listen"));
+            drop(
+                ally.listen_with::<OwnedFd>(&address, &tcp)
+                    .await
+                    .expect("Listen"),
+            );
             durations.push(start.elapsed().as_nanos() as u64);
         }
         durations
@@ -83,7 +97,8 @@ pub fn app() {
 
     let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
     let connected_ns = mono_ns();
-    let _socket = ally.listen("tcp", &address).expect("Listen");
+    let tcp = ally_client::ListenOptions::network("tcp");
+    let _socket = ally.listen_with::<OwnedFd>(&address, &tcp).expect("Listen");
     let listened_ns = mono_ns();
     ally.ready().expect("Ready");
     let ready_ns = mono_ns();

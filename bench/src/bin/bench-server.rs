@@ -155,8 +155,12 @@ async fn run(args: Args) -> Result<(), Error> {
     let (http, grpc, stop, ally) = match args.mode.as_str() {
         "ally" => {
             let ally = Ally::from_env().await?;
-            let http = ally.tcp_listener(&args.http.to_string()).await?;
-            let grpc = ally.tcp_listener(&args.grpc.to_string()).await?;
+            let http = ally
+                .listen::<tokio::net::TcpListener>(&args.http.to_string())
+                .await?;
+            let grpc = ally
+                .listen::<tokio::net::TcpListener>(&args.grpc.to_string())
+                .await?;
             (http, grpc, ally.stop_handle(), Some(ally))
         }
         "bind" => (
