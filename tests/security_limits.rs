@@ -428,6 +428,8 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
         ),
     );
     broker.wait_running(1);
+    use ally_core::proxy::StateProxies;
+    use ally_core::state::calls::locker::{Lock, Queues, Unlock};
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let address = broker.address();
@@ -437,13 +439,10 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
                 .build()
                 .await
                 .unwrap();
-            ally_core::proxy::StateProxies::on(&conn, Some("waiters"))
-                .await
-                .unwrap()
-                .locker
+            StateProxies::on(&conn, Some("waiters")).await.unwrap()
         };
         let holder = locker().await;
-        assert!(holder.lock("x", 0).await.unwrap());
+        assert!(holder.call::<Lock>(("x", 0)).await.unwrap());
         let refusal = |result: zbus::Result<bool>| match result {
             Err(zbus::Error::MethodError(name, Some(message), _)) => {
                 assert_eq!(name.as_str(), "org.ally.Error.LimitExceeded");
@@ -451,16 +450,16 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             }
             other => panic!("expected LimitExceeded, got {other:?}"),
         };
-        let waits = |proxy: ally_core::proxy::LockerProxy<'static>, n: usize| {
+        let waits = |proxy: StateProxies, n: usize| {
             (0..n)
                 .map(|_| {
                     let proxy = proxy.clone();
-                    tokio::spawn(async move { proxy.lock("x", 60_000).await })
+                    tokio::spawn(async move { proxy.call::<Lock>(("x", 60_000)).await })
                 })
                 .collect::<Vec<_>>()
         };
-        let waiting_count = |proxy: ally_core::proxy::LockerProxy<'static>| async move {
-            proxy.queues("x").await.unwrap().1.len()
+        let waiting_count = |proxy: StateProxies| async move {
+            proxy.call::<Queues>(("x",)).await.unwrap().1.len()
         };
 
         let first = locker().await;
@@ -470,7 +469,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             assert!(Instant::now() < until, "three waits never queued");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let m = refusal(first.lock("x", 60_000).await);
+        let m = refusal(first.call::<Lock>(("x", 60_000)).await);
         assert_eq!(
             m,
             "3 lock requests made through this connection already wait (max_lock_waiters_per_connection)"
@@ -481,7 +480,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             assert!(Instant::now() < until, "five waits never queued");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let m = refusal(second.lock("x", 60_000).await);
+        let m = refusal(second.call::<Lock>(("x", 60_000)).await);
         assert_eq!(
             m,
             "5 requests already wait for lock \"x\" (max_lock_waiters_per_lock)"
@@ -489,9 +488,9 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
         // The refused ones left no trace: the five waiters get the lock in turn, in
         // the order they came (a grant happens as the lock is released).
         assert_eq!(waiting_count(holder.clone()).await, 5);
-        holder.unlock("x").await.unwrap();
+        holder.call::<Unlock>(("x",)).await.unwrap();
         for proxy in [&first, &first, &first, &second, &second] {
-            proxy.unlock("x").await.unwrap();
+            proxy.call::<Unlock>(("x",)).await.unwrap();
         }
         for wait in pending {
             assert!(wait.await.unwrap().unwrap());

@@ -29,20 +29,17 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zbus::Message;
 use zbus::message::Type as MessageType;
-use zbus::wire::{DynamicType, Type};
+use zbus::wire::Type;
 
 use crate::error::{Error, Result};
 use ally_core::busy_poll::{BusyPoll, CLIENT_BUDGET};
 use ally_core::proxy::PATH;
+use ally_core::state::calls::Call;
 use ally_core::wire::{self, FIXED_HEADER};
-
-pub(crate) const CACHE: &str = "org.ally.Cache1";
-pub(crate) const ATOMIC: &str = "org.ally.Atomic1";
 
 /// Connections kept open between calls; more are opened when more calls overlap.
 const IDLE_CONNECTIONS: usize = 16;
@@ -136,24 +133,16 @@ impl Direct {
         }
     }
 
-    /// Calls `interface.member(body)`; `None` when the state socket is unreachable
-    /// and the caller should use its D-Bus connection.
-    pub(crate) async fn call<B, R>(
-        &self,
-        interface: &'static str,
-        member: &'static str,
-        body: &B,
-    ) -> Option<Result<R>>
-    where
-        B: Serialize + DynamicType,
-        R: DeserializeOwned + Type,
-    {
+    /// Makes the call `C`; `None` when the state socket is unreachable and the caller
+    /// should use its D-Bus connection.
+    pub(crate) async fn call<C: Call>(&self, args: &C::Args<'_>) -> Option<Result<C::Reply>> {
         if self.unreachable.load(Ordering::Relaxed) {
             return None;
         }
+        let member = C::MEMBER;
         let request = match Message::method_call(PATH, member)
-            .interface(interface)
-            .build(body)
+            .interface(C::INTERFACE)
+            .build(args)
         {
             Ok(request) => request,
             Err(e) => return Some(Err(Error::call(member, e))),
@@ -430,7 +419,7 @@ mod tests {
     #[test]
     fn a_reply_is_whole_only_at_its_exact_length() {
         let msg = Message::method_call("/org/ally", "Add")
-            .interface(ATOMIC)
+            .interface(ally_core::state::calls::ATOMIC)
             .build(&("n", 1i64))
             .unwrap();
         let bytes = msg.data().to_vec();
