@@ -45,7 +45,8 @@ async fn held<'a, C: ApplyHeld>(
 ) -> Result<C::Reply> {
     let holder = access.lock_owner(Some(header), conn, C::MEMBER).await?;
     let store = &access.broker().state().store;
-    let result = C::apply_held(store, holder, args.clone()).await;
+    let name = C::lock_name(&args);
+    let result = C::apply_held(store, holder, args).await;
     if let Err(StateError::LimitExceeded(why)) = &result
         && let Some(suppressed) = REFUSED_LOCKS.allow(Instant::now())
     {
@@ -54,7 +55,7 @@ async fn held<'a, C: ApplyHeld>(
             None => format!("instance {}", holder.owner),
         };
         tracing::warn!(
-            "refused {}{args:?} for {who}: {why}{}",
+            "refused {} of {name:?} for {who}: {why}{}",
             C::MEMBER,
             throttle::more(suppressed)
         );

@@ -85,6 +85,9 @@ pub trait ApplyHeld: Call {
         holder: Holder,
         args: Self::Args<'a>,
     ) -> Held<'a, Self::Reply>;
+
+    /// The lock the call is about: its first argument.
+    fn lock_name<'a>(args: &Self::Args<'a>) -> &'a str;
 }
 
 /// The outcome of an [`ApplyHeld`] call, once it has waited.
@@ -245,6 +248,10 @@ macro_rules! calls {
                 ($($arg,)*): Self::Args<$lt>,
             ) -> Held<$lt, Self::Reply> {
                 Box::pin($body)
+            }
+
+            fn lock_name<$lt>(args: &Self::Args<$lt>) -> &$lt str {
+                args.0
             }
         }
     };
