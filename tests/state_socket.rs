@@ -167,13 +167,21 @@ fn a_blocking_client_uses_it_too() {
     });
 }
 
-/// The broker's thread that serves the state socket: its `/proc` directory.
+/// The broker's thread that serves the state socket: its `/proc` directory. It may
+/// start just after the private socket is there.
 fn state_thread(broker: &TestBroker) -> PathBuf {
-    std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
-        .unwrap()
-        .map(|task| task.unwrap().path())
-        .find(|task| std::fs::read_to_string(task.join("comm")).unwrap().trim() == "state-socket")
-        .expect("a state-socket thread")
+    let find = || {
+        std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+            .unwrap()
+            .filter_map(|task| Some(task.ok()?.path()))
+            .find(|task| {
+                std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == "state-socket")
+            })
+    };
+    wait_until("a state-socket thread", Duration::from_secs(5), || {
+        find().is_some()
+    });
+    find().expect("a state-socket thread")
 }
 
 /// Nanoseconds a thread has run, from its `schedstat`.

@@ -1,6 +1,8 @@
-//! The broker's D-Bus interface `org.ally.Broker1` (see `docs/dbus-api.md`), as a zbus proxy.
+//! The broker's D-Bus interface `org.ally.Broker1` (see `docs/dbus-api.md`), as a zbus
+//! proxy, and [`StateProxies`], which makes any call of the state table
+//! ([`state::calls`](crate::state::calls)) over D-Bus.
 //!
-//! [`Ally`](crate::Ally) is the convenient way for an app instance; this module is for
+//! `ally_client::Ally` is the convenient way for an app instance; this module is for
 //! tools that talk to a broker directly (the `ally` command itself uses it).
 //!
 //! Over the broker's private socket (a peer-to-peer connection, see [`connect`]) a proxy
