@@ -331,3 +331,46 @@ impl Locker1 {
         now::<locker::ForceUnlock>(&self.0, &h, c, (name,)).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::Broker;
+    use crate::config::Config;
+    use crate::dbus::broker1::Peer;
+    use crate::dbus::peer::Identity;
+    use ally_core::state::calls::{ATOMIC, CACHE, LOCKER, disagreements};
+    use zbus::object_server::Interface;
+
+    fn served(interface: &dyn Interface) -> String {
+        let mut xml = String::new();
+        interface.introspect_to_writer(&mut xml, 0);
+        xml
+    }
+
+    /// A shim missing here, or one that differs from its entry, fails this (and
+    /// `tests/dbus.rs` checks the same against a live broker and `dbus/*.xml`).
+    #[test]
+    fn every_entry_of_the_table_is_served_as_it_says() {
+        let config = Config::defaults(vec!["/bin/true".into()]);
+        let broker = Broker::new(
+            "shims",
+            config,
+            "unix:path=/nonexistent".into(),
+            String::new(),
+        )
+        .expect("a broker without listeners");
+        let access = Access::new(broker, Peer::private(Identity::uid_only(0), 1));
+        let interfaces: [(&str, Box<dyn Interface>); 3] = [
+            (CACHE, Box::new(Cache1::new(access.clone()))),
+            (ATOMIC, Box::new(Atomic1::new(access.clone()))),
+            (LOCKER, Box::new(Locker1::new(access))),
+        ];
+        for (name, interface) in interfaces {
+            assert_eq!(
+                disagreements(name, &served(&*interface)),
+                Vec::<String>::new()
+            );
+        }
+    }
+}
