@@ -8,8 +8,10 @@
 //! client's simulate mode, which applies the very same entry to a store in the process.
 //! Adding a method is one entry below plus its `<method>` in `dbus/org.ally.*.xml`
 //! (and, because zbus's `#[interface]` needs a method per D-Bus method, a one-line
-//! shim in the broker's `src/dbus/state1.rs`; the tests below and `tests/dbus.rs` fail
-//! until the three agree).
+//! shim in the broker's `src/dbus/state1.rs`). [`disagreements`] compares an
+//! interface's XML with the table: the tests below run it on `dbus/*.xml`, the
+//! broker's `state1` tests on what its shims serve, so a test fails until the three
+//! agree.
 
 use std::fmt;
 use std::future::Future;
@@ -68,7 +70,7 @@ pub trait Call: 'static {
     /// The names of the arguments, as the XML gives them.
     const ARG_NAMES: &'static [&'static str];
     /// The body of the call: a tuple of the arguments.
-    type Args<'a>: Serialize + Deserialize<'a> + Type + fmt::Debug + Clone + Send + Sync;
+    type Args<'a>: Serialize + Deserialize<'a> + Type + fmt::Debug + Send + Sync;
     type Reply: Serialize + DeserializeOwned + Type + Send;
 }
 
