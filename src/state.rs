@@ -6,7 +6,7 @@
 //! Lock owners: an instance owns what it locks, through any connection. A caller that
 //! is not an instance (an admin) owns what it locks through one connection — on the
 //! private socket the connection, on a bus its unique name — and its owner id is
-//! [`CONNECTION_OWNER`] plus that connection's number. Whatever is taken through a
+//! [`CONNECTION_OWNER`](ally_core::state::calls::CONNECTION_OWNER) plus that connection's number. Whatever is taken through a
 //! connection is released when it closes; whatever an instance owns, when it exits.
 
 use std::collections::HashMap;
@@ -18,8 +18,6 @@ use ally_core::state::SharedStore;
 
 use crate::config;
 
-/// Owner ids at and above this are connections, not instances.
-pub const CONNECTION_OWNER: u64 = 1 << 63;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub struct State {

@@ -3,7 +3,8 @@
 
 use std::io::Write;
 
-use ally_core::proxy::{CONNECTION_OWNER, QueueEntry, StateProxies};
+use ally_core::proxy::StateProxies;
+use ally_core::state::calls::{CONNECTION_OWNER, QueueEntry, atomic, cache, locker};
 use serde_json::json;
 
 use crate::cli::{AtomicCommand, CacheCommand, ConnectArgs, LockCommand};
@@ -40,8 +41,7 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
         } => {
             let p = proxies(&app, &connect).await?;
             let (found, value) = p
-                .cache
-                .get(&namespace, &key)
+                .call::<cache::Get>((&namespace, &key))
                 .await
                 .map_err(describe_error)?;
             if json {
@@ -71,8 +71,7 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
             connect,
         } => {
             let p = proxies(&app, &connect).await?;
-            p.cache
-                .set(&namespace, &key, value.as_bytes(), ms(ttl))
+            p.call::<cache::Set>((&namespace, &key, value.as_bytes(), ms(ttl)))
                 .await
                 .map_err(describe_error)?;
             Ok(0)
@@ -84,8 +83,7 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
             connect,
         } => {
             let p = proxies(&app, &connect).await?;
-            if p.cache
-                .delete(&namespace, &key)
+            if p.call::<cache::Delete>((&namespace, &key))
                 .await
                 .map_err(describe_error)?
             {
@@ -101,7 +99,10 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
             connect,
         } => {
             let p = proxies(&app, &connect).await?;
-            let keys = p.cache.keys(&namespace).await.map_err(describe_error)?;
+            let keys = p
+                .call::<cache::Keys>((&namespace,))
+                .await
+                .map_err(describe_error)?;
             if json {
                 println!("{}", json!(keys));
             } else {
@@ -119,7 +120,9 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
             let p = proxies(&app, &connect).await?;
             println!(
                 "{}",
-                p.cache.count(&namespace).await.map_err(describe_error)?
+                p.call::<cache::Count>((&namespace,))
+                    .await
+                    .map_err(describe_error)?
             );
             Ok(0)
         }
@@ -131,7 +134,9 @@ pub async fn cache(cmd: CacheCommand) -> Result<i32, String> {
             let p = proxies(&app, &connect).await?;
             println!(
                 "{}",
-                p.cache.flush(&namespace).await.map_err(describe_error)?
+                p.call::<cache::Flush>((&namespace,))
+                    .await
+                    .map_err(describe_error)?
             );
             Ok(0)
         }
@@ -142,7 +147,12 @@ pub async fn atomic(cmd: AtomicCommand) -> Result<i32, String> {
     match cmd {
         AtomicCommand::Get { app, name, connect } => {
             let p = proxies(&app, &connect).await?;
-            println!("{}", p.atomic.load(&name).await.map_err(describe_error)?);
+            println!(
+                "{}",
+                p.call::<atomic::Load>((&name,))
+                    .await
+                    .map_err(describe_error)?
+            );
         }
         AtomicCommand::Set {
             app,
@@ -151,7 +161,9 @@ pub async fn atomic(cmd: AtomicCommand) -> Result<i32, String> {
             connect,
         } => {
             let p = proxies(&app, &connect).await?;
-            p.atomic.store(&name, value).await.map_err(describe_error)?;
+            p.call::<atomic::Store>((&name, value))
+                .await
+                .map_err(describe_error)?;
         }
         AtomicCommand::Add {
             app,
@@ -162,12 +174,14 @@ pub async fn atomic(cmd: AtomicCommand) -> Result<i32, String> {
             let p = proxies(&app, &connect).await?;
             println!(
                 "{}",
-                p.atomic.add(&name, delta).await.map_err(describe_error)?
+                p.call::<atomic::Add>((&name, delta))
+                    .await
+                    .map_err(describe_error)?
             );
         }
         AtomicCommand::List { app, json, connect } => {
             let p = proxies(&app, &connect).await?;
-            let all = p.atomic.list().await.map_err(describe_error)?;
+            let all = p.call::<atomic::List>(()).await.map_err(describe_error)?;
             if json {
                 let map: serde_json::Map<String, serde_json::Value> =
                     all.into_iter().map(|(k, v)| (k, json!(v))).collect();
@@ -219,11 +233,14 @@ pub async fn lock(cmd: LockCommand) -> Result<i32, String> {
             let p = proxies(&app, &connect).await?;
             let names = match name {
                 Some(n) => vec![n],
-                None => p.locker.names().await.map_err(describe_error)?,
+                None => p.call::<locker::Names>(()).await.map_err(describe_error)?,
             };
             let mut all = Vec::new();
             for n in names {
-                let (holders, waiters) = p.locker.queues(&n).await.map_err(describe_error)?;
+                let (holders, waiters) = p
+                    .call::<locker::Queues>((&n,))
+                    .await
+                    .map_err(describe_error)?;
                 all.push((n, holders, waiters));
             }
             if json {
@@ -240,7 +257,10 @@ pub async fn lock(cmd: LockCommand) -> Result<i32, String> {
         }
         LockCommand::Release { app, name, connect } => {
             let p = proxies(&app, &connect).await?;
-            let n = p.locker.force_unlock(&name).await.map_err(describe_error)?;
+            let n = p
+                .call::<locker::ForceUnlock>((&name,))
+                .await
+                .map_err(describe_error)?;
             println!("{name}: released {n} holder(s)");
         }
     }

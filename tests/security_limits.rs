@@ -182,6 +182,29 @@ fn send_oversized(socket: &Path, body: u64) -> (u64, bool) {
 
 /// Reads what the broker says until it closes, within `within`; the text, or `None`
 /// if the connection was still open then.
+/// Sends the start of an `EXTERNAL` handshake and reads the answer: `OK` if the
+/// broker admitted the connection, an `ERROR` line if it turned it away.
+fn authenticated(s: &mut UnixStream) -> bool {
+    let uid: String = nix::unistd::getuid()
+        .to_string()
+        .bytes()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes()).is_err() {
+        return false;
+    }
+    let mut line = vec![];
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => line.push(byte[0]),
+            _ => return false,
+        }
+    }
+    line.starts_with(b"OK ")
+}
+
 fn read_until_closed(s: &mut UnixStream, within: Duration) -> Option<String> {
     let deadline = Instant::now() + within;
     let mut got = Vec::new();
@@ -386,15 +409,19 @@ fn a_refused_admin_is_told_why() {
         &hello_config(free_port(), "1", "[limits]\nmax_connections_per_uid = 1"),
     );
     broker.wait_running(1);
-    // Root's own share (1) and its reserve (4) taken: the fifth idle connection is the last.
-    let held: Vec<UnixStream> = (0..5)
-        .map(|_| UnixStream::connect(broker.socket()).unwrap())
-        .collect();
-    wait_until(
-        "the idle connections admitted",
-        Duration::from_secs(5),
-        || open_fds(broker.pid()) >= 5,
-    );
+    // Root's own share (1) and its reserve (4) make five places: the instance (hello,
+    // run as root) holds one, these four the rest. Each proves it was admitted by
+    // getting its handshake answered; one refused because an earlier connection
+    // (the launcher's probe, `ally status`) still held its place is replaced.
+    let mut held: Vec<UnixStream> = vec![];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held.len() < 4 {
+        assert!(Instant::now() < deadline, "four connections never admitted");
+        let mut s = UnixStream::connect(broker.socket()).unwrap();
+        if authenticated(&mut s) {
+            held.push(s);
+        }
+    }
     let mut refused = UnixStream::connect(broker.socket()).unwrap();
     let said = read_until_closed(&mut refused, Duration::from_secs(5)).unwrap();
     let uid = nix::unistd::getuid();
@@ -428,6 +455,8 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
         ),
     );
     broker.wait_running(1);
+    use ally_core::proxy::StateProxies;
+    use ally_core::state::calls::locker::{Lock, Queues, Unlock};
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let address = broker.address();
@@ -437,13 +466,10 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
                 .build()
                 .await
                 .unwrap();
-            ally_core::proxy::StateProxies::on(&conn, Some("waiters"))
-                .await
-                .unwrap()
-                .locker
+            StateProxies::on(&conn, Some("waiters")).await.unwrap()
         };
         let holder = locker().await;
-        assert!(holder.lock("x", 0).await.unwrap());
+        assert!(holder.call::<Lock>(("x", 0)).await.unwrap());
         let refusal = |result: zbus::Result<bool>| match result {
             Err(zbus::Error::MethodError(name, Some(message), _)) => {
                 assert_eq!(name.as_str(), "org.ally.Error.LimitExceeded");
@@ -451,16 +477,16 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             }
             other => panic!("expected LimitExceeded, got {other:?}"),
         };
-        let waits = |proxy: ally_core::proxy::LockerProxy<'static>, n: usize| {
+        let waits = |proxy: StateProxies, n: usize| {
             (0..n)
                 .map(|_| {
                     let proxy = proxy.clone();
-                    tokio::spawn(async move { proxy.lock("x", 60_000).await })
+                    tokio::spawn(async move { proxy.call::<Lock>(("x", 60_000)).await })
                 })
                 .collect::<Vec<_>>()
         };
-        let waiting_count = |proxy: ally_core::proxy::LockerProxy<'static>| async move {
-            proxy.queues("x").await.unwrap().1.len()
+        let waiting_count = |proxy: StateProxies| async move {
+            proxy.call::<Queues>(("x",)).await.unwrap().1.len()
         };
 
         let first = locker().await;
@@ -470,7 +496,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             assert!(Instant::now() < until, "three waits never queued");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let m = refusal(first.lock("x", 60_000).await);
+        let m = refusal(first.call::<Lock>(("x", 60_000)).await);
         assert_eq!(
             m,
             "3 lock requests made through this connection already wait (max_lock_waiters_per_connection)"
@@ -481,7 +507,7 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
             assert!(Instant::now() < until, "five waits never queued");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let m = refusal(second.lock("x", 60_000).await);
+        let m = refusal(second.call::<Lock>(("x", 60_000)).await);
         assert_eq!(
             m,
             "5 requests already wait for lock \"x\" (max_lock_waiters_per_lock)"
@@ -489,9 +515,9 @@ fn lock_waiters_are_capped_per_connection_and_per_lock() {
         // The refused ones left no trace: the five waiters get the lock in turn, in
         // the order they came (a grant happens as the lock is released).
         assert_eq!(waiting_count(holder.clone()).await, 5);
-        holder.unlock("x").await.unwrap();
+        holder.call::<Unlock>(("x",)).await.unwrap();
         for proxy in [&first, &first, &first, &second, &second] {
-            proxy.unlock("x").await.unwrap();
+            proxy.call::<Unlock>(("x",)).await.unwrap();
         }
         for wait in pending {
             assert!(wait.await.unwrap().unwrap());

@@ -167,13 +167,21 @@ fn a_blocking_client_uses_it_too() {
     });
 }
 
-/// The broker's thread that serves the state socket: its `/proc` directory.
+/// The broker's thread that serves the state socket: its `/proc` directory. It may
+/// start just after the private socket is there.
 fn state_thread(broker: &TestBroker) -> PathBuf {
-    std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
-        .unwrap()
-        .map(|task| task.unwrap().path())
-        .find(|task| std::fs::read_to_string(task.join("comm")).unwrap().trim() == "state-socket")
-        .expect("a state-socket thread")
+    let find = || {
+        std::fs::read_dir(format!("/proc/{}/task", broker.pid()))
+            .unwrap()
+            .filter_map(|task| Some(task.ok()?.path()))
+            .find(|task| {
+                std::fs::read_to_string(task.join("comm")).is_ok_and(|c| c.trim() == "state-socket")
+            })
+    };
+    wait_until("a state-socket thread", Duration::from_secs(5), || {
+        find().is_some()
+    });
+    find().expect("a state-socket thread")
 }
 
 /// Nanoseconds a thread has run, from its `schedstat`.
@@ -185,8 +193,8 @@ fn cpu_nanos(task: &Path) -> u64 {
 #[test]
 fn busy_polling_stops_when_calls_stop() {
     for (config, what) in [
-        ("", "polling (default)"),
-        ("state_busy_poll = \"0s\"\n", "off"),
+        ("state_busy_poll = \"50us\"\n", "polling"),
+        ("", "off (default)"),
     ] {
         let broker = TestBroker::start(
             "statepoll",
@@ -234,15 +242,19 @@ fn garbage_and_strangers_are_dropped_and_the_broker_keeps_serving() {
         let _ = s.read_to_end(&mut reply);
         String::from_utf8_lossy(&reply).into_owned()
     };
+    // This process's uid, as the client sends it, and another.
+    let uid = nix::unistd::geteuid().as_raw();
+    let mine = ally_core::wire::client_handshake(uid);
     // No credentials byte.
-    assert_eq!(exchange(b"AUTH EXTERNAL 30\r\nBEGIN\r\n"), "");
-    // Another uid than the socket's.
-    assert!(exchange(b"\0AUTH EXTERNAL 3939\r\nBEGIN\r\n").starts_with("REJECTED"));
+    assert_eq!(exchange(&mine[1..]), "");
+    // Another uid than the caller's.
+    let other = ally_core::wire::client_handshake(uid.wrapping_add(1));
+    assert!(exchange(&other).starts_with("REJECTED"));
     // Authenticated, then not a D-Bus message.
-    let reply = exchange(b"\0AUTH EXTERNAL 30\r\nBEGIN\r\nGET / HTTP/1.1\r\n\r\n");
+    let reply = exchange(&[mine.as_slice(), b"GET / HTTP/1.1\r\n\r\n"].concat());
     assert!(reply.starts_with("OK "), "{reply:?}");
     // A message claiming to be huge.
-    let mut huge = b"\0AUTH EXTERNAL 30\r\nBEGIN\r\nl\x01\0\x01".to_vec();
+    let mut huge = [mine.as_slice(), b"l\x01\0\x01"].concat();
     huge.extend_from_slice(&u32::MAX.to_le_bytes());
     huge.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
     assert!(exchange(&huge).starts_with("OK "));

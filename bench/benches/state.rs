@@ -11,13 +11,14 @@
 //! alternately (env ALLY_BENCH_RUNS, default 9; ALLY_BENCH_SECS per slice, default
 //! 0.5). Ratios are per pair; every figure printed is a median.
 //!
-//! Last, what busy polling costs: CPU time per call of the broker and of a blocking
-//! client, calling back to back and paced at 1000 calls/s, against a second broker
-//! with `state_busy_poll = "0s"`, in the same run.
+//! Everything above runs with the defaults: busy polling off at both ends. Last, busy
+//! polling on (`state_busy_poll = "50us"` and `ALLY_STATE_BUSY_POLL=50us`) against off,
+//! slice after slice in the same run: ops/s of one blocking and one async client, and
+//! CPU time per call of the broker and of a blocking client, calling back to back and
+//! paced at 1000 calls/s.
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -35,10 +36,13 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// A broker of one app that sleeps; `extra_config` is added to its config.
-fn start_broker(ally: &Path, extra_config: &str) -> Broker {
+/// A broker of one app that sleeps; `extra_config` is added to its config. The
+/// `ally` binary is built first (a no-op when up to date), so no stale broker is
+/// measured.
+fn start_broker(extra_config: &str) -> Broker {
+    static ALLY: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
     Launch::new("bench")
-        .ally(ally)
+        .ally(ALLY.get_or_init(ally_testkit::build_ally))
         .config(&format!(
             "command = [\"sleep\", \"1000000\"]\nready_timeout = \"1h\"\n{extra_config}"
         ))
@@ -68,10 +72,65 @@ fn cpu_per_call(
     )
 }
 
-/// CPU per call side by side, polling broker first, slice after slice; medians.
-fn busy_poll_cost(runs: usize, quick: bool, polling: &Broker, sleeping: &Broker) {
-    let clients =
-        [polling, sleeping].map(|b| ally_client::blocking::Ally::connect(&b.address()).unwrap());
+/// The two ends with busy polling on (the broker's `state_busy_poll` and the blocking
+/// client's `ALLY_STATE_BUSY_POLL` at 50 µs) and off (the defaults).
+struct PollingPair {
+    on: Broker,
+    off: Broker,
+    /// Blocking clients of `on` and of `off`, polling as their end does.
+    blocking: [ally_client::blocking::Ally; 2],
+}
+
+impl PollingPair {
+    /// Before any other thread runs: the blocking client reads `ALLY_STATE_BUSY_POLL`
+    /// when it connects, and the environment may only change while nothing else can
+    /// read it.
+    fn start() -> PollingPair {
+        let on = start_broker("state_busy_poll = \"50us\"\n");
+        let off = start_broker("");
+        // SAFETY: no other thread of this process exists yet but the new blocking
+        // client's runtime worker, which is idle between the calls below.
+        unsafe { std::env::set_var(ally_core::busy_poll::CLIENT_BUDGET_ENV, "50us") };
+        let polling = ally_client::blocking::Ally::connect(&on.address()).unwrap();
+        unsafe { std::env::remove_var(ally_core::busy_poll::CLIENT_BUDGET_ENV) };
+        let sleeping = ally_client::blocking::Ally::connect(&off.address()).unwrap();
+        PollingPair {
+            on,
+            off,
+            blocking: [polling, sleeping],
+        }
+    }
+}
+
+/// Busy polling on and off side by side, slice after slice (on first); medians.
+fn busy_poll_cost(
+    runs: usize,
+    quick: bool,
+    secs: f64,
+    pair: &PollingPair,
+    rt: &tokio::runtime::Runtime,
+) {
+    let brokers = [&pair.on, &pair.off];
+    let asyncs = brokers.map(|b| rt.block_on(Ally::connect(&b.address())).unwrap());
+    let mut rates = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
+    for _ in 0..runs {
+        for i in 0..2 {
+            rates[i][0].push(sequential_blocking(&pair.blocking[i], Op::Add, secs));
+            let ally = asyncs[i].clone();
+            let rate = rt.block_on(rt.spawn(async move { sequential(&ally, Op::Add, secs).await }));
+            rates[i][1].push(rate.unwrap());
+        }
+    }
+    let [on, off] = rates.map(|[b, a]| (median(&b), median(&a)));
+    println!("busy polling  on (50 µs, both ends) | off (the defaults), Atomic.Add:");
+    println!(
+        "1 blocking client    : {:>8.0} ops/s | {:>8.0} ops/s",
+        on.0, off.0
+    );
+    println!(
+        "1 async client       : {:>8.0} ops/s | {:>8.0} ops/s",
+        on.1, off.1
+    );
     let (back_to_back, paced) = if quick { (1_000, 20) } else { (50_000, 1_000) };
     for (what, calls, pause) in [
         ("back to back   ", back_to_back, Duration::ZERO),
@@ -79,15 +138,15 @@ fn busy_poll_cost(runs: usize, quick: bool, polling: &Broker, sleeping: &Broker)
     ] {
         let mut figures = [[Vec::new(), Vec::new()], [Vec::new(), Vec::new()]];
         for _ in 0..runs.min(5) {
-            for (i, broker) in [polling, sleeping].into_iter().enumerate() {
-                let (b, c) = cpu_per_call(broker, &clients[i], calls, pause);
+            for (i, broker) in brokers.into_iter().enumerate() {
+                let (b, c) = cpu_per_call(broker, &pair.blocking[i], calls, pause);
                 figures[i][0].push(b);
                 figures[i][1].push(c);
             }
         }
         let [on, off] = figures.map(|[b, c]| (median(&b), median(&c)));
         println!(
-            "CPU per call, {what}: broker {:>5.1} µs polling, {:>5.1} µs not; client {:>5.1} µs, {:>5.1} µs",
+            "CPU per call, {what}: broker {:>5.1} µs on, {:>5.1} µs off; blocking client {:>5.1} µs on, {:>5.1} µs off",
             on.0, off.0, on.1, off.1
         );
     }
@@ -330,8 +389,8 @@ fn main() {
             .unwrap_or(0.5)
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let ally = ally_testkit::build_ally();
-    let broker = start_broker(&ally, "");
+    let pair = PollingPair::start();
+    let broker = start_broker("");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -413,7 +472,6 @@ fn main() {
         );
     }
     drop((one, over_dbus, clients, blocking));
-    let sleeping = start_broker(&ally, "state_busy_poll = \"0s\"\n");
-    busy_poll_cost(runs, quick, &broker, &sleeping);
     drop(broker);
+    busy_poll_cost(runs, quick, secs, &pair, &rt);
 }

@@ -8,9 +8,10 @@
 //! own (taken from a small pool) and reads the reply in the calling task, or, for the
 //! blocking client, on the calling thread with blocking I/O.
 //!
-//! The blocking client, while it calls in sequence, waits for each reply by polling
-//! the socket for up to [`CLIENT_BUDGET`] before sleeping on it (see
-//! [`ally_core::busy_poll`]); not when other state calls are in flight in the process:
+//! The blocking client can wait for each reply, while it calls in sequence, by polling
+//! the socket before sleeping on it: off by default, on for as long as
+//! `ALLY_STATE_BUSY_POLL` says (e.g. `50us`; see [`ally_core::busy_poll`]). Never when
+//! other state calls are in flight in the process:
 //! their callers would poll against each other for the same CPUs. The async client
 //! waits in its runtime: a worker that polled would hold up the app's other tasks,
 //! and measured side by side it was not reliably faster (on busy vCPUs, at times
@@ -29,20 +30,17 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{MsgFlags, recv};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zbus::Message;
 use zbus::message::Type as MessageType;
-use zbus::wire::{DynamicType, Type};
+use zbus::wire::Type;
 
 use crate::error::{Error, Result};
-use ally_core::busy_poll::{BusyPoll, CLIENT_BUDGET};
+use ally_core::busy_poll::{BusyPoll, CLIENT_BUDGET_ENV, parse_budget};
 use ally_core::proxy::PATH;
+use ally_core::state::calls::Call;
 use ally_core::wire::{self, FIXED_HEADER};
-
-pub(crate) const CACHE: &str = "org.ally.Cache1";
-pub(crate) const ATOMIC: &str = "org.ally.Atomic1";
 
 /// Connections kept open between calls; more are opened when more calls overlap.
 const IDLE_CONNECTIONS: usize = 16;
@@ -132,28 +130,20 @@ impl Direct {
             unreachable: AtomicBool::new(false),
             idle: Mutex::new(Vec::new()),
             idle_blocking: Mutex::new(Vec::new()),
-            busy_poll: BusyPoll::new(CLIENT_BUDGET),
+            busy_poll: BusyPoll::new(client_budget()),
         }
     }
 
-    /// Calls `interface.member(body)`; `None` when the state socket is unreachable
-    /// and the caller should use its D-Bus connection.
-    pub(crate) async fn call<B, R>(
-        &self,
-        interface: &'static str,
-        member: &'static str,
-        body: &B,
-    ) -> Option<Result<R>>
-    where
-        B: Serialize + DynamicType,
-        R: DeserializeOwned + Type,
-    {
+    /// Makes the call `C`; `None` when the state socket is unreachable and the caller
+    /// should use its D-Bus connection.
+    pub(crate) async fn call<C: Call>(&self, args: &C::Args<'_>) -> Option<Result<C::Reply>> {
         if self.unreachable.load(Ordering::Relaxed) {
             return None;
         }
+        let member = C::MEMBER;
         let request = match Message::method_call(PATH, member)
-            .interface(interface)
-            .build(body)
+            .interface(C::INTERFACE)
+            .build(args)
         {
             Ok(request) => request,
             Err(e) => return Some(Err(Error::call(member, e))),
@@ -259,6 +249,15 @@ impl Direct {
         check_line(&line)?;
         Ok(stream)
     }
+}
+
+/// How long the blocking client polls for a reply: off unless [`CLIENT_BUDGET_ENV`]
+/// says how long.
+fn client_budget() -> Duration {
+    std::env::var(CLIENT_BUDGET_ENV)
+        .ok()
+        .and_then(|v| parse_budget(&v))
+        .unwrap_or(Duration::ZERO)
 }
 
 /// Blocking state calls in flight in this process, on any connection.
@@ -430,7 +429,7 @@ mod tests {
     #[test]
     fn a_reply_is_whole_only_at_its_exact_length() {
         let msg = Message::method_call("/org/ally", "Add")
-            .interface(ATOMIC)
+            .interface(ally_core::state::calls::ATOMIC)
             .build(&("n", 1i64))
             .unwrap();
         let bytes = msg.data().to_vec();

@@ -15,9 +15,30 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
-/// The blocking client's budget: a broker that is not answering within it is busy or
-/// asleep, and the client sleeps too.
-pub const CLIENT_BUDGET: Duration = Duration::from_micros(50);
+/// The environment variable that turns the blocking client's polling on, with its
+/// budget as the config writes durations (`50us`, at most `1ms`). Unset, `0s` or not a
+/// duration: off, as the broker's `state_busy_poll` is by default.
+pub const CLIENT_BUDGET_ENV: &str = "ALLY_STATE_BUSY_POLL";
+
+/// Polling longer than this burns a CPU for no gain: a sleeping thread wakes within
+/// tens of microseconds.
+pub const MAX_BUDGET: Duration = Duration::from_millis(1);
+
+/// A budget as [`CLIENT_BUDGET_ENV`] gives it: `<integer><ns|us|ms|s>`, capped at
+/// [`MAX_BUDGET`]; `None` if it is not one.
+pub fn parse_budget(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let n: u64 = text[..split].parse().ok()?;
+    let budget = match &text[split..] {
+        "ns" => Duration::from_nanos(n),
+        "us" | "µs" => Duration::from_micros(n),
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        _ => return None,
+    };
+    Some(budget.min(MAX_BUDGET))
+}
 
 /// A wait shorter than this many budgets is short.
 pub const SHORT_WAITS: u32 = 4;
@@ -113,6 +134,16 @@ mod tests {
             assert_eq!(budgets[PROBE_EVERY as usize - 1], 50 * US);
             poll.waited(US);
             assert_eq!(poll.budget(), 50 * US, "a probe that finds a short wait");
+        }
+    }
+
+    #[test]
+    fn a_budget_is_read_as_the_config_writes_it() {
+        assert_eq!(parse_budget("50us"), Some(50 * US));
+        assert_eq!(parse_budget("0s"), Some(Duration::ZERO));
+        assert_eq!(parse_budget("5ms"), Some(MAX_BUDGET), "capped");
+        for bad in ["", "50", "us", "fast", "-1us", "1.5us"] {
+            assert_eq!(parse_budget(bad), None, "{bad:?}");
         }
     }
 

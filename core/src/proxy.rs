@@ -1,6 +1,8 @@
-//! The broker's D-Bus interface `org.ally.Broker1` (see `docs/dbus-api.md`), as a zbus proxy.
+//! The broker's D-Bus interface `org.ally.Broker1` (see `docs/dbus-api.md`), as a zbus
+//! proxy, and [`StateProxies`], which makes any call of the state table
+//! ([`state::calls`](crate::state::calls)) over D-Bus.
 //!
-//! [`Ally`](crate::Ally) is the convenient way for an app instance; this module is for
+//! `ally_client::Ally` is the convenient way for an app instance; this module is for
 //! tools that talk to a broker directly (the `ally` command itself uses it).
 //!
 //! Over the broker's private socket (a peer-to-peer connection, see [`connect`]) a proxy
@@ -14,6 +16,8 @@ use zbus::proxy::CacheProperties;
 use zbus::{OwnedVariant, Type, Variant};
 
 use zbus::Result;
+
+use crate::state::calls::Call;
 
 /// Object path the broker serves.
 pub const PATH: &str = "/org/ally";
@@ -79,99 +83,6 @@ pub trait Broker {
     #[zbus(signal)]
     fn instance_state_changed(&self, id: u64, state: String) -> zbus::Result<()>;
 }
-
-/// `org.ally.Cache1`: a namespaced byte-string cache shared by the app's instances.
-#[zbus::proxy(
-    interface = "org.ally.Cache1",
-    default_path = "/org/ally",
-    async_name = "CacheProxy"
-)]
-pub trait Cache {
-    /// Stores `value`; `ttl_ms` 0 never expires.
-    fn set(&self, namespace: &str, key: &str, value: &[u8], ttl_ms: u64) -> zbus::Result<()>;
-    /// `(found, value)`.
-    fn get(&self, namespace: &str, key: &str) -> zbus::Result<(bool, Vec<u8>)>;
-    fn delete(&self, namespace: &str, key: &str) -> zbus::Result<bool>;
-    fn exists(&self, namespace: &str, key: &str) -> zbus::Result<bool>;
-    fn keys(&self, namespace: &str) -> zbus::Result<Vec<String>>;
-    fn count(&self, namespace: &str) -> zbus::Result<u64>;
-    /// Removes every key of the namespace; how many.
-    fn flush(&self, namespace: &str) -> zbus::Result<u64>;
-    fn set_if_absent(
-        &self,
-        namespace: &str,
-        key: &str,
-        value: &[u8],
-        ttl_ms: u64,
-    ) -> zbus::Result<bool>;
-    fn compare_and_swap(
-        &self,
-        namespace: &str,
-        key: &str,
-        old: &[u8],
-        new: &[u8],
-        ttl_ms: u64,
-    ) -> zbus::Result<bool>;
-}
-
-/// `org.ally.Atomic1`: named i64 counters (wrapping), starting at 0.
-#[zbus::proxy(
-    interface = "org.ally.Atomic1",
-    default_path = "/org/ally",
-    async_name = "AtomicProxy"
-)]
-pub trait Atomic {
-    /// Adds `delta`; the new value.
-    fn add(&self, name: &str, delta: i64) -> zbus::Result<i64>;
-    fn load(&self, name: &str) -> zbus::Result<i64>;
-    fn store(&self, name: &str, value: i64) -> zbus::Result<()>;
-    /// Stores `value`; the old value.
-    fn swap(&self, name: &str, value: i64) -> zbus::Result<i64>;
-    fn compare_and_swap(&self, name: &str, old: i64, new: i64) -> zbus::Result<bool>;
-    /// Every counter with its value.
-    fn list(&self) -> zbus::Result<Vec<(String, i64)>>;
-}
-
-/// `Lock`/`RLock` timeout that waits for ever.
-pub const WAIT_FOREVER: u64 = u64::MAX;
-
-/// `org.ally.Locker1`: named fair read/write locks.
-#[zbus::proxy(
-    interface = "org.ally.Locker1",
-    default_path = "/org/ally",
-    async_name = "LockerProxy"
-)]
-pub trait Locker {
-    /// Write lock; `timeout_ms` 0 tries once, [`WAIT_FOREVER`] waits for ever.
-    fn lock(&self, name: &str, timeout_ms: u64) -> zbus::Result<bool>;
-    /// Read lock.
-    #[zbus(name = "RLock")]
-    fn rlock(&self, name: &str, timeout_ms: u64) -> zbus::Result<bool>;
-    fn unlock(&self, name: &str) -> zbus::Result<()>;
-    #[zbus(name = "RUnlock")]
-    fn runlock(&self, name: &str) -> zbus::Result<()>;
-    /// `(holders, waiters)`, each `(owner, mode, for_ms)`.
-    fn queues(&self, name: &str) -> zbus::Result<(Vec<QueueEntry>, Vec<QueueEntry>)>;
-    /// Locks held or waited for.
-    fn names(&self) -> zbus::Result<Vec<String>>;
-    /// Admins only: drops every holder; how many.
-    fn force_unlock(&self, name: &str) -> zbus::Result<u32>;
-}
-
-/// One holder or waiter of a lock, D-Bus type `(tst)`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type)]
-pub struct QueueEntry {
-    /// The instance id, or 2^63 + a connection number for a caller that is not an
-    /// instance (see [`CONNECTION_OWNER`]).
-    pub owner: u64,
-    /// `read` or `write`.
-    pub mode: String,
-    /// Milliseconds since it was granted (holder) or asked for (waiter).
-    pub for_ms: u64,
-}
-
-/// Owner ids from here up are connections, not instances.
-pub const CONNECTION_OWNER: u64 = 1 << 63;
 
 /// One entry of the `Instances` property, D-Bus type `(ttustt)`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, zbus::Variant)]
@@ -296,34 +207,36 @@ fn destination(app: Option<&str>) -> String {
     app.map_or_else(|| "org.ally.Broker".to_string(), bus_name)
 }
 
-/// The proxies of the three state interfaces on one connection.
+/// The shared-state interfaces on one connection: any call of
+/// [`state::calls`](crate::state::calls) made over D-Bus.
 #[derive(Debug, Clone)]
 pub struct StateProxies {
-    pub cache: CacheProxy<'static>,
-    pub atomic: AtomicProxy<'static>,
-    pub locker: LockerProxy<'static>,
+    conn: zbus::Connection,
+    destination: String,
 }
 
 impl StateProxies {
     pub async fn on(conn: &zbus::Connection, app: Option<&str>) -> Result<StateProxies> {
-        let dest = destination(app);
         Ok(StateProxies {
-            cache: CacheProxy::builder(conn)
-                .destination(dest.clone())
-                .cache_properties(CacheProperties::No)
-                .build()
-                .await?,
-            atomic: AtomicProxy::builder(conn)
-                .destination(dest.clone())
-                .cache_properties(CacheProperties::No)
-                .build()
-                .await?,
-            locker: LockerProxy::builder(conn)
-                .destination(dest)
-                .cache_properties(CacheProperties::No)
-                .build()
-                .await?,
+            conn: conn.clone(),
+            destination: destination(app),
         })
+    }
+
+    /// Makes the call `C` and waits for its reply; an error reply is
+    /// [`zbus::Error::MethodError`].
+    pub async fn call<C: Call>(&self, args: C::Args<'_>) -> Result<C::Reply> {
+        let reply = self
+            .conn
+            .call_method(
+                Some(self.destination.as_str()),
+                PATH,
+                Some(C::INTERFACE),
+                C::MEMBER,
+                &args,
+            )
+            .await?;
+        reply.body().deserialize()
     }
 }
 

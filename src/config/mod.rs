@@ -35,7 +35,9 @@ pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_DRAINING: usize = 4;
 pub const DEFAULT_LISTENER_LINGER: Duration = Duration::from_secs(10);
-pub const DEFAULT_STATE_BUSY_POLL: Duration = Duration::from_micros(50);
+/// Off: a supervisor must not spin on the host it protects unless asked to
+/// (docs/state.md has what polling buys and costs).
+pub const DEFAULT_STATE_BUSY_POLL: Duration = Duration::ZERO;
 /// Polling longer than this between calls burns a CPU for no gain: a sleeping thread
 /// wakes within tens of microseconds.
 pub const MAX_STATE_BUSY_POLL: Duration = Duration::from_millis(1);
@@ -83,7 +85,7 @@ pub struct Config {
     pub limits: Limits,
     /// What one connection to the broker's sockets may cost it (also `[limits]`).
     pub connections: ConnectionLimits,
-    /// How long the state socket polls a busy connection for its next call.
+    /// How long the state socket polls a busy connection for its next call; off by default.
     pub state_busy_poll: Duration,
     /// The CPU priority of a generation that starts while another one serves.
     pub start_priority: StartPriority,

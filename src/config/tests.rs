@@ -54,7 +54,7 @@ fn defaults() {
             max_message_bytes: 2 * (1048576 + 1024) + 65536,
         }
     );
-    assert_eq!(config.state_busy_poll, Duration::from_micros(50));
+    assert_eq!(config.state_busy_poll, Duration::ZERO);
     // A minimal file means the defaults.
     let file = Some(PathBuf::from(ORIGIN));
     assert_eq!(
@@ -326,7 +326,7 @@ fn the_documented_examples_parse() {
         .map(|l| format!("{l}\n"))
         .collect();
     let config = parse(&without_user).unwrap();
-    assert_eq!(config.state_busy_poll, Duration::from_micros(50));
+    assert_eq!(config.state_busy_poll, Duration::ZERO);
     assert_eq!(config.start_priority, StartPriority::Normal);
     assert_eq!(config.limits.max_total_bytes, 64 << 20);
     let packaged: String = include_str!("../../packaging/example.toml")

@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ally_core::net::{ListenAddr, ListenOptions};
+use ally_core::state::calls::{CONNECTION_OWNER, Holder, Requires};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedVariant, Variant, interface};
@@ -161,30 +162,34 @@ impl Access {
         conn: &Connection,
         method: &str,
     ) -> Result<Role> {
-        self.admit_admin(self.role(header, conn).await?, method)
+        let role = self.role(header, conn).await?;
+        self.admit(role, Requires::Writer, method)?;
+        Ok(role)
     }
 
-    pub fn admit_admin(&self, role: Role, method: &str) -> Result<Role> {
-        match role {
-            Role::Instance(_) | Role::Admin => Ok(role),
-            _ => Err(self.denied(method)),
-        }
-    }
-
-    /// Admins that are not instances: repair.
-    pub async fn require_operator(
-        &self,
-        header: Option<&Header<'_>>,
-        conn: &Connection,
-        method: &str,
-    ) -> Result<()> {
-        match self.role(header, conn).await? {
-            Role::Admin => Ok(()),
-            Role::Instance(_) => Err(Error::access_denied(format!(
+    /// Whether a caller of `role` may make a call that `requires` this.
+    pub fn admit(&self, role: Role, requires: Requires, method: &str) -> Result<()> {
+        match (requires, role) {
+            (_, Role::Denied) => Err(self.denied(method)),
+            (Requires::Reader, _) => Ok(()),
+            (Requires::Writer, Role::Instance(_) | Role::Admin) => Ok(()),
+            (Requires::Operator, Role::Admin) => Ok(()),
+            (Requires::Operator, Role::Instance(_)) => Err(Error::access_denied(format!(
                 "{method} is for admins (root or the broker's user), not instances"
             ))),
             _ => Err(self.denied(method)),
         }
+    }
+
+    /// Checks that the caller may make a call that `requires` this.
+    pub async fn require(
+        &self,
+        header: Option<&Header<'_>>,
+        conn: &Connection,
+        requires: Requires,
+        method: &str,
+    ) -> Result<()> {
+        self.admit(self.role(header, conn).await?, requires, method)
     }
 
     pub async fn require_reader(
@@ -193,14 +198,7 @@ impl Access {
         conn: &Connection,
         what: &str,
     ) -> Result<()> {
-        self.admit_reader(self.role(header, conn).await?, what)
-    }
-
-    pub fn admit_reader(&self, role: Role, what: &str) -> Result<()> {
-        match role {
-            Role::Denied => Err(self.denied(what)),
-            _ => Ok(()),
-        }
+        self.require(header, conn, Requires::Reader, what).await
     }
 
     /// The lock owner and connection number of a caller that may lock: an instance
@@ -210,7 +208,7 @@ impl Access {
         header: Option<&Header<'_>>,
         conn: &Connection,
         method: &str,
-    ) -> Result<(u64, u64)> {
+    ) -> Result<Holder> {
         let role = self.require_admin(header, conn, method).await?;
         let conn_id = match &self.peer {
             Peer::Private { conn, .. } => *conn,
@@ -221,9 +219,13 @@ impl Access {
                 self.broker.state().sender_conn(sender.as_str())
             }
         };
-        Ok(match role {
-            Role::Instance(id) => (id, conn_id),
-            _ => (crate::state::CONNECTION_OWNER + conn_id, conn_id),
+        let owner = match role {
+            Role::Instance(id) => id,
+            _ => CONNECTION_OWNER + conn_id,
+        };
+        Ok(Holder {
+            owner,
+            conn: conn_id,
         })
     }
 

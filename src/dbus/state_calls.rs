@@ -9,9 +9,9 @@
 
 use std::sync::Arc;
 
+use ally_core::state::calls::{self, ATOMIC, CACHE, Refused, on_state_socket};
 use serde::Serialize;
-use serde::de::Deserialize;
-use zbus::message::{Body, Flags, Header, Type as MessageType};
+use zbus::message::{Flags, Header, Type as MessageType};
 use zbus::wire::DynamicType;
 use zbus::{DBusError, Message};
 
@@ -20,8 +20,6 @@ use super::broker1::Access;
 use super::caller::Role;
 use super::errors::Error;
 
-const CACHE: &str = "org.ally.Cache1";
-const ATOMIC: &str = "org.ally.Atomic1";
 const DBUS: &str = "org.freedesktop.DBus";
 const PEER: &str = "org.freedesktop.DBus.Peer";
 const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
@@ -43,9 +41,16 @@ impl From<Error> for Refusal {
     }
 }
 
-impl From<ally_core::state::StateError> for Refusal {
-    fn from(e: ally_core::state::StateError) -> Self {
-        Refusal::Ally(e.into())
+impl From<Refused> for Refusal {
+    fn from(e: Refused) -> Self {
+        match e {
+            Refused::Args(e) => Refusal::Fdo(zbus::fdo::Error::InvalidArgs(e.to_string())),
+            Refused::State(e) => Refusal::Ally(e.into()),
+            Refused::Reply(e) => {
+                tracing::warn!("cannot encode a reply on the state socket: {e}");
+                Refusal::Fdo(zbus::fdo::Error::Failed(e.to_string()))
+            }
+        }
     }
 }
 
@@ -107,123 +112,25 @@ impl StateCalls {
             ))));
         }
         match interface {
-            Some(CACHE) => self.cache(&message.body(), header, member),
-            Some(ATOMIC) => self.atomic(&message.body(), header, member),
+            Some(i) if on_state_socket(i) => self.call(message, i, member),
             Some(INTROSPECTABLE) if member == "Introspect" => reply(header, &introspection()),
             _ => Err(unknown(interface, member)),
         }
     }
 
-    fn cache(&self, body: &Body, header: &Header<'_>, member: &str) -> Answer {
-        let store = &self.access.broker().state().store;
-        match member {
-            "Set" => {
-                self.write(member)?;
-                let (ns, key, value, ttl): (&str, &str, Vec<u8>, u64) = args(body)?;
-                reply(
-                    header,
-                    &store.with(|s, now| s.cache.set(ns, key, value, ttl, now))?,
-                )
-            }
-            "Get" => {
-                self.read(member)?;
-                let (ns, key): (&str, &str) = args(body)?;
-                let value = store.with(|s, now| s.cache.get(ns, key, now))?;
-                reply(header, &(value.is_some(), value.unwrap_or_default()))
-            }
-            "Delete" => {
-                self.write(member)?;
-                let (ns, key): (&str, &str) = args(body)?;
-                reply(header, &store.with(|s, now| s.cache.delete(ns, key, now))?)
-            }
-            "Exists" => {
-                self.read(member)?;
-                let (ns, key): (&str, &str) = args(body)?;
-                reply(header, &store.with(|s, now| s.cache.exists(ns, key, now))?)
-            }
-            "Keys" => {
-                self.read(member)?;
-                let ns: &str = args(body)?;
-                reply(header, &store.with(|s, now| s.cache.keys(ns, now))?)
-            }
-            "Count" => {
-                self.read(member)?;
-                let ns: &str = args(body)?;
-                reply(header, &store.with(|s, now| s.cache.count(ns, now))?)
-            }
-            "Flush" => {
-                self.write(member)?;
-                let ns: &str = args(body)?;
-                reply(header, &store.with(|s, now| s.cache.flush(ns, now))?)
-            }
-            "SetIfAbsent" => {
-                self.write(member)?;
-                let (ns, key, value, ttl): (&str, &str, Vec<u8>, u64) = args(body)?;
-                reply(
-                    header,
-                    &store.with(|s, now| s.cache.set_if_absent(ns, key, value, ttl, now))?,
-                )
-            }
-            "CompareAndSwap" => {
-                self.write(member)?;
-                let (ns, key, old, new, ttl): (&str, &str, Vec<u8>, Vec<u8>, u64) = args(body)?;
-                reply(
-                    header,
-                    &store.with(|s, now| s.cache.compare_and_swap(ns, key, &old, new, ttl, now))?,
-                )
-            }
-            _ => Err(unknown(Some(CACHE), member)),
-        }
-    }
-
-    fn atomic(&self, body: &Body, header: &Header<'_>, member: &str) -> Answer {
-        let store = &self.access.broker().state().store;
-        match member {
-            "Add" => {
-                self.write(member)?;
-                let (name, delta): (&str, i64) = args(body)?;
-                reply(header, &store.with(|s, _| s.atomics.add(name, delta))?)
-            }
-            "Load" => {
-                self.read(member)?;
-                let name: &str = args(body)?;
-                reply(header, &store.with(|s, _| s.atomics.load(name))?)
-            }
-            "Store" => {
-                self.write(member)?;
-                let (name, value): (&str, i64) = args(body)?;
-                reply(header, &store.with(|s, _| s.atomics.store(name, value))?)
-            }
-            "Swap" => {
-                self.write(member)?;
-                let (name, value): (&str, i64) = args(body)?;
-                reply(header, &store.with(|s, _| s.atomics.swap(name, value))?)
-            }
-            "CompareAndSwap" => {
-                self.write(member)?;
-                let (name, old, new): (&str, i64, i64) = args(body)?;
-                reply(
-                    header,
-                    &store.with(|s, _| s.atomics.compare_and_swap(name, old, new))?,
-                )
-            }
-            "List" => {
-                self.read(member)?;
-                reply(header, &store.with(|s, _| s.atomics.list()))
-            }
-            _ => Err(unknown(Some(ATOMIC), member)),
-        }
-    }
-
-    fn write(&self, method: &str) -> Result<(), Refusal> {
-        let role = self.role()?;
-        self.access.admit_admin(role, method)?;
-        Ok(())
-    }
-
-    fn read(&self, method: &str) -> Result<(), Refusal> {
-        let role = self.role()?;
-        Ok(self.access.admit_reader(role, method)?)
+    /// A call of the table, if the state socket serves it and the caller may make it.
+    fn call(&self, message: &Message, interface: &str, member: &str) -> Answer {
+        let entry = calls::find(interface, member).filter(|e| on_state_socket(e.interface));
+        let Some(calls::Entry {
+            answer: calls::Answer::Now(answer),
+            requires,
+            ..
+        }) = entry
+        else {
+            return Err(unknown(Some(interface), member));
+        };
+        self.access.admit(self.role()?, *requires, member)?;
+        Ok(answer(&self.access.broker().state().store, message)?)
     }
 
     fn role(&self) -> Result<super::caller::Role, Refusal> {
@@ -233,13 +140,6 @@ impl StateCalls {
             ))
         })
     }
-}
-
-fn args<'b, T>(body: &'b Body) -> Result<T, Refusal>
-where
-    T: Deserialize<'b> + zbus::wire::Type,
-{
-    body.deserialize::<T>().map_err(Refusal::from)
 }
 
 fn reply<B: Serialize + DynamicType>(header: &Header<'_>, body: &B) -> Answer {

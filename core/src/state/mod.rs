@@ -6,6 +6,7 @@
 
 pub mod atomic;
 pub mod cache;
+pub mod calls;
 mod error;
 pub mod limits;
 pub mod locker;

@@ -191,6 +191,18 @@ impl Drop for Wait<'_> {
 mod tests {
     use super::*;
 
+    /// Returns once `n` requests wait for `name`; fails past a deadline.
+    async fn queued(s: &SharedStore, name: &str, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while s.with(|st, _| st.locker.queues(name)).unwrap().1.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "{n} request(s) never queued for {name:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_wait_is_granted_when_the_holder_leaves() {
         let s = std::sync::Arc::new(SharedStore::new(Limits::default()));
@@ -211,7 +223,7 @@ mod tests {
             let s = s.clone();
             tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        queued(&s, "x", 1).await;
         assert!(!waiter.is_finished());
         s.unlock("x", 1, Mode::Write).unwrap();
         assert!(waiter.await.unwrap().unwrap());
@@ -227,7 +239,7 @@ mod tests {
             let s = s.clone();
             tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        queued(&s, "x", 1).await;
         waiter.abort();
         let _ = waiter.await;
         s.unlock("x", 1, Mode::Write).unwrap();
@@ -242,7 +254,7 @@ mod tests {
             let s = s.clone();
             tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
         };
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        queued(&s, "x", 1).await;
         s.release_conn(2);
         assert!(!waiter.await.unwrap().unwrap());
     }
