@@ -349,6 +349,7 @@ impl Ally {
             listeners,
             reloads: 0,
             last_reload: String::new(),
+            ..Status::default()
         }
     }
 
