@@ -285,8 +285,8 @@ impl Broker {
                     let reload = self.reload();
                     tokio::spawn(async move { let _ = reload.await; });
                 }
-                Ok(()) = exit.changed() => {
-                    match exit.borrow().clone() {
+                Ok(done) = exit.wait_for(Option::is_some) => {
+                    match done.clone() {
                         Some((code, None)) => break Ok(code),
                         Some((_, Some(reason))) => break Err(reason),
                         None => {}
