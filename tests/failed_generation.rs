@@ -52,14 +52,18 @@ esac"#,
         let message = stderr(&out);
         assert_eq!(out.status.code(), Some(1), "reload {n}: {message}");
         assert!(
-            message.contains("was not ready within 1s (ready_timeout); it was killed with SIGTERM"),
+            message.contains(
+                "was not ready within 1s (ready_timeout); it was killed, by its stop signal SIGTERM"
+            ),
             "reload {n}: {message}"
         );
     }
     let before = load.ok();
-    wait_until("requests after the reloads", Duration::from_secs(10), || {
-        load.ok() > before + 50
-    });
+    wait_until(
+        "requests after the reloads",
+        Duration::from_secs(10),
+        || load.ok() > before + 50,
+    );
     let stats = load.finish();
     eprintln!(
         "{} ok, {} failed, versions {:?}",

@@ -50,14 +50,22 @@ fn assert_one_line(stderr: &str, command: &str, reason: &str) {
     let line = naming[0];
     assert!(line.starts_with("ally: web: "), "{line}");
     assert!(line.contains(reason), "expected {reason:?} in {line:?}");
-    assert_eq!(stderr.lines().last(), Some(line), "it is the last word:\n{stderr}");
+    assert_eq!(
+        stderr.lines().last(),
+        Some(line),
+        "it is the last word:\n{stderr}"
+    );
 }
 
 #[test]
 fn a_missing_command_fails_the_start_at_once() {
     let (code, stderr) = run_until_exit("/nonexistent/ally-app", Duration::from_secs(10));
     assert_eq!(code, Some(1), "{stderr}");
-    assert_one_line(&stderr, "/nonexistent/ally-app", "No such file or directory");
+    assert_one_line(
+        &stderr,
+        "/nonexistent/ally-app",
+        "No such file or directory",
+    );
 }
 
 #[test]

@@ -349,22 +349,22 @@ impl Broker {
         idle: bool,
     ) -> String {
         format!(
-            "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed with {}{}{}",
+            "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed{}, by its stop signal {}{}",
             humantime::format_duration(self.config.ready_timeout),
+            if idle {
+                " (it was still at idle CPU priority: start_priority = \"idle\")"
+            } else {
+                ""
+            },
             self.config.stop_signal,
             if killed {
                 format!(
-                    ", then SIGKILL after {} (stop_timeout)",
+                    " and then SIGKILL after {} (stop_timeout)",
                     humantime::format_duration(self.config.stop_timeout)
                 )
             } else {
                 String::new()
             },
-            if idle {
-                " (it was still at idle CPU priority: start_priority = \"idle\")"
-            } else {
-                ""
-            }
         )
     }
 

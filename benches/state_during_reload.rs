@@ -1,0 +1,298 @@
+//! State calls of the serving generation during a reload, on a saturated host:
+//! `cargo bench --bench state_during_reload`.
+//!
+//! A real broker (`ally run`, `start_priority = "idle"`) runs this very program
+//! as its app. Each generation, once ready, calls `Atomic1.Add` over the state
+//! socket back to back and timestamps every call until it is asked to stop. The
+//! driver spins one busy loop per CPU, then RUNS times: lets the serving
+//! generation call for a steady window, and reloads. The figures compare the
+//! serving generation's p99 while the next one is spawned, starts at idle
+//! priority and becomes ready with its p99 in the steady window just before.
+//! Every figure printed is the median over the runs.
+//!
+//! Env: ALLY_BENCH_RUNS (default 7), ALLY_BENCH_STEADY_MS (default 1000).
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// The target: p99 during a reload within this factor of the steady p99.
+const TARGET: f64 = 1.5;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// CLOCK_MONOTONIC in ns: the same clock in every process.
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a plain syscall with a valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == "--app") {
+        Some(i) => app(Path::new(&args[i + 1])),
+        None => driver(),
+    }
+}
+
+/// One generation: ready at once, then timed calls until the stop signal; the
+/// samples (start ns, latency ns) go to `samples-<generation>` on the way out.
+fn app(dir: &Path) {
+    let ally = ally_client::blocking::Ally::from_env().expect("connecting to the broker");
+    ally.ready().expect("Ready");
+    let counter = ally.atomic("bench");
+    let mut samples: Vec<(u64, u64)> = Vec::with_capacity(1 << 20);
+    while !ally.is_stopping() {
+        let start = now_ns();
+        counter.add(1).expect("Atomic1.Add");
+        samples.push((start, now_ns() - start));
+    }
+    let mut bytes = Vec::with_capacity(samples.len() * 16);
+    for (start, latency) in samples {
+        bytes.extend_from_slice(&start.to_le_bytes());
+        bytes.extend_from_slice(&latency.to_le_bytes());
+    }
+    let path = dir.join(format!("samples-{}", ally.generation()));
+    std::fs::write(&path, bytes).expect("writing the samples");
+}
+
+fn read_samples(path: &Path) -> Vec<(u64, u64)> {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    bytes
+        .chunks_exact(16)
+        .map(|c| {
+            (
+                u64::from_le_bytes(c[..8].try_into().unwrap()),
+                u64::from_le_bytes(c[8..].try_into().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn percentile(mut v: Vec<u64>, p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 * p / 100.0).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i] as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+struct Broker {
+    child: Child,
+    dir: tempfile::TempDir,
+    address: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let config = dir.path().join("bench.toml");
+        let me = std::env::current_exe().unwrap();
+        let command = [
+            me.display().to_string(),
+            "--app".into(),
+            dir.path().display().to_string(),
+        ];
+        std::fs::write(
+            &config,
+            format!(
+                "command = {command:?}\nstart_priority = \"idle\"\nready_timeout = \"10m\"\nstop_timeout = \"30s\"\nstate_busy_poll = \"0s\"\n"
+            ),
+        )
+        .unwrap();
+        let run = dir.path().join("run");
+        let child = Command::new(env!("CARGO_BIN_EXE_ally"))
+            .args(["run", "bench", "--bus", "none", "--config"])
+            .arg(&config)
+            .arg("--runtime-dir")
+            .arg(&run)
+            .env("ALLY_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let socket = run.join("bus");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "the broker did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Broker {
+            child,
+            address: format!("unix:path={}", socket.display()),
+            dir,
+        }
+    }
+
+    fn samples(&self, generation: u64) -> Vec<(u64, u64)> {
+        read_samples(&self.dir.path().join(format!("samples-{generation}")))
+    }
+
+    fn stop(&mut self) {
+        // SAFETY: a plain syscall on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// One busy loop per CPU, at normal priority, until dropped.
+struct Spinners {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Spinners {
+    fn start() -> Spinners {
+        let stop = Arc::new(AtomicBool::new(false));
+        let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let threads = (0..cpus)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        Spinners { stop, threads }
+    }
+}
+
+impl Drop for Spinners {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Run {
+    generation: u64,
+    steady: (u64, u64),
+    reload: (u64, u64),
+}
+
+fn driver() {
+    let runs = env_or("ALLY_BENCH_RUNS", 7) as usize;
+    let steady = Duration::from_millis(env_or("ALLY_BENCH_STEADY_MS", 1000));
+    let mut broker = Broker::start();
+    let admin = ally_client::blocking::Ally::connect(&broker.address).expect("admin connection");
+    let ready = Instant::now() + Duration::from_secs(30);
+    while admin.status().map(|s| s.generation).unwrap_or(0) < 1 {
+        assert!(Instant::now() < ready, "generation 1 never became ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let spinners = Spinners::start();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut done = Vec::new();
+    for n in 1..=runs {
+        let serving = admin.status().expect("Status").generation;
+        let t0 = now_ns();
+        std::thread::sleep(steady);
+        let t1 = now_ns();
+        let started = Instant::now();
+        let generation = admin.reload().expect("Reload");
+        let t2 = now_ns();
+        eprintln!(
+            "run {n}/{runs}: generation {generation} ready after {:.0} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+        done.push(Run {
+            generation: serving,
+            steady: (t0, t1),
+            reload: (t1, t2),
+        });
+    }
+    drop(spinners);
+    std::thread::sleep(Duration::from_millis(300));
+    broker.stop();
+
+    let window = |samples: &[(u64, u64)], (from, to): (u64, u64)| -> Vec<u64> {
+        samples
+            .iter()
+            .filter(|(t, _)| (from..to).contains(t))
+            .map(|(_, latency)| *latency)
+            .collect()
+    };
+    let us = |ns: f64| ns / 1000.0;
+    println!(
+        "state calls (Atomic1.Add, state socket) of the serving generation, µs, on {} busy CPUs",
+        std::thread::available_parallelism().map_or(2, |n| n.get())
+    );
+    println!(
+        "{:>4} {:>9} {:>10} {:>10} {:>9} {:>10} {:>10} {:>11} {:>7}",
+        "run", "n steady", "p50", "p99", "n reload", "p50", "p99", "max reload", "p99 ×"
+    );
+    let (mut p50s, mut p99s, mut p50r, mut p99r, mut maxr, mut ratios) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for (i, run) in done.iter().enumerate() {
+        let samples = broker.samples(run.generation);
+        let s = window(&samples, run.steady);
+        let r = window(&samples, run.reload);
+        let max = r.iter().copied().max().unwrap_or(0) as f64;
+        let (ns, nr) = (s.len(), r.len());
+        let (s50, s99) = (percentile(s.clone(), 50.0), percentile(s, 99.0));
+        let (r50, r99) = (percentile(r.clone(), 50.0), percentile(r, 99.0));
+        let ratio = r99 / s99;
+        println!(
+            "{:>4} {ns:>9} {:>10.1} {:>10.1} {nr:>9} {:>10.1} {:>10.1} {:>11.1} {ratio:>7.2}",
+            i + 1,
+            us(s50),
+            us(s99),
+            us(r50),
+            us(r99),
+            us(max)
+        );
+        p50s.push(s50);
+        p99s.push(s99);
+        p50r.push(r50);
+        p99r.push(r99);
+        maxr.push(max);
+        ratios.push(ratio);
+    }
+    let ratio = median(ratios);
+    println!(
+        "median {:>7} {:>10.1} {:>10.1} {:>9} {:>10.1} {:>10.1} {:>11.1} {ratio:>7.2}",
+        "",
+        us(median(p50s)),
+        us(median(p99s)),
+        "",
+        us(median(p50r)),
+        us(median(p99r)),
+        us(median(maxr))
+    );
+    println!(
+        "p99 during a reload / steady p99: {ratio:.2}× (target ≤ {TARGET}×): {}",
+        if ratio <= TARGET { "PASS" } else { "FAIL" }
+    );
+    let _ = std::io::stdout().flush();
+}
