@@ -10,7 +10,8 @@
 //! priority and becomes ready with its p99 in the steady window just before.
 //! Every figure printed is the median over the runs.
 //!
-//! Env: ALLY_BENCH_RUNS (default 7), ALLY_BENCH_STEADY_MS (default 1000).
+//! Env: ALLY_BENCH_RUNS (default 7), ALLY_BENCH_STEADY_MS (default 1000),
+//! ALLY_BENCH_ALLY (another `ally` binary to run, e.g. an older build, to compare).
 
 use std::io::Write;
 use std::path::Path;
@@ -125,7 +126,9 @@ impl Broker {
         )
         .unwrap();
         let run = dir.path().join("run");
-        let child = Command::new(env!("CARGO_BIN_EXE_ally"))
+        let ally = std::env::var("ALLY_BENCH_ALLY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_ally").to_string());
+        let child = Command::new(ally)
             .args(["run", "bench", "--bus", "none", "--config"])
             .arg(&config)
             .arg("--runtime-dir")
