@@ -93,7 +93,7 @@ fn percentile(mut v: Vec<u64>, p: f64) -> f64 {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
 
@@ -239,10 +239,19 @@ fn driver() {
     std::thread::sleep(Duration::from_millis(300));
     broker.stop();
 
-    let window = |samples: &[(u64, u64)], (from, to): (u64, u64)| -> Vec<u64> {
+    // A call belongs to the steady window if it ran entirely inside it, and to
+    // the reload if it overlapped it: a call stalled across the whole reload counts.
+    let steady_calls = |samples: &[(u64, u64)], (from, to): (u64, u64)| -> Vec<u64> {
         samples
             .iter()
-            .filter(|(t, _)| (from..to).contains(t))
+            .filter(|(t, latency)| *t >= from && t + latency <= to)
+            .map(|(_, latency)| *latency)
+            .collect()
+    };
+    let reload_calls = |samples: &[(u64, u64)], (from, to): (u64, u64)| -> Vec<u64> {
+        samples
+            .iter()
+            .filter(|(t, latency)| t + latency > from && *t < to)
             .map(|(_, latency)| *latency)
             .collect()
     };
@@ -257,10 +266,13 @@ fn driver() {
     );
     let (mut p50s, mut p99s, mut p50r, mut p99r, mut maxr, mut ratios) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let (mut all_steady, mut all_reload) = (Vec::new(), Vec::new());
     for (i, run) in done.iter().enumerate() {
         let samples = broker.samples(run.generation);
-        let s = window(&samples, run.steady);
-        let r = window(&samples, run.reload);
+        let s = steady_calls(&samples, run.steady);
+        let r = reload_calls(&samples, run.reload);
+        all_steady.extend_from_slice(&s);
+        all_reload.extend_from_slice(&r);
         let max = r.iter().copied().max().unwrap_or(0) as f64;
         let (ns, nr) = (s.len(), r.len());
         let (s50, s99) = (percentile(s.clone(), 50.0), percentile(s, 99.0));
@@ -293,9 +305,26 @@ fn driver() {
         us(median(p99r)),
         us(median(maxr))
     );
+    // One run's p99 swings with where the scheduler put the caller and the
+    // broker among the busy loops; every run's calls pooled are steadier.
+    let (pooled_steady, pooled_reload) = (
+        percentile(all_steady.clone(), 99.0),
+        percentile(all_reload.clone(), 99.0),
+    );
+    let pooled = pooled_reload / pooled_steady;
     println!(
-        "p99 during a reload / steady p99: {ratio:.2}× (target ≤ {TARGET}×): {}",
-        if ratio <= TARGET { "PASS" } else { "FAIL" }
+        "all runs pooled: steady p99 {:.1} µs (n {}), during reloads p99 {:.1} µs (n {}), p99.9 {:.1} vs {:.1} µs",
+        us(pooled_steady),
+        all_steady.len(),
+        us(pooled_reload),
+        all_reload.len(),
+        us(percentile(all_steady, 99.9)),
+        us(percentile(all_reload, 99.9)),
+    );
+    println!("median of the runs' p99 ratios: {ratio:.2}×");
+    println!(
+        "p99 during reloads / steady p99, pooled: {pooled:.2}× (target ≤ {TARGET}×): {}",
+        if pooled <= TARGET { "PASS" } else { "FAIL" }
     );
     let _ = std::io::stdout().flush();
 }
