@@ -154,8 +154,15 @@ pub fn render(status: &Status) -> String {
     if !status.last_reload.is_empty() {
         line(format!("   last reload: {}", status.last_reload));
     }
-    line(String::new());
     let now = SystemTime::now();
+    if status.restart_attempt > 0 {
+        line(format!(
+            "       restart: attempt {}, {}",
+            status.restart_attempt,
+            until(now, status.restart_usec)
+        ));
+    }
+    line(String::new());
     let mut rows = vec![[
         "INSTANCE".to_string(),
         "GEN".into(),
@@ -199,6 +206,18 @@ fn since(now: SystemTime, usec: u64) -> String {
     let then = UNIX_EPOCH + Duration::from_micros(usec);
     let secs = now.duration_since(then).unwrap_or_default().as_secs();
     humantime::format_duration(Duration::from_secs(secs)).to_string()
+}
+
+/// "in 4s" until a pending restart runs.
+fn until(now: SystemTime, usec: u64) -> String {
+    let then = UNIX_EPOCH + Duration::from_micros(usec);
+    match then.duration_since(now) {
+        Ok(left) => format!(
+            "in {}",
+            humantime::format_duration(Duration::from_secs(left.as_secs().max(1)))
+        ),
+        Err(_) => "now".into(),
+    }
 }
 
 fn table<const N: usize>(rows: &[[String; N]]) -> Vec<String> {

@@ -88,20 +88,22 @@ impl Table {
         self.last_generation
     }
 
-    /// The id the next spawned instance will get.
-    pub fn next_id(&self) -> InstanceId {
-        self.next_id + 1
+    /// Reserves the numbers of an instance about to be spawned: its generation
+    /// and its id. It joins the table with [`Table::spawned`] once it runs.
+    pub fn reserve(&mut self) -> (Generation, InstanceId) {
+        self.next_id += 1;
+        (self.next_generation(), self.next_id)
     }
 
+    /// Records a reserved instance that was spawned.
     pub fn spawned(
         &mut self,
+        id: InstanceId,
         generation: Generation,
         pid: u32,
         now: Instant,
         wall: SystemTime,
-    ) -> InstanceId {
-        self.next_id += 1;
-        let id = self.next_id;
+    ) {
         self.instances.insert(
             id,
             Instance {
@@ -115,7 +117,6 @@ impl Table {
                 ready_at: None,
             },
         );
-        id
     }
 
     pub fn get(&self, id: InstanceId) -> Option<&Instance> {
@@ -243,8 +244,9 @@ mod tests {
     use super::*;
 
     fn spawn(table: &mut Table, pid: u32) -> InstanceId {
-        let generation = table.next_generation();
-        table.spawned(generation, pid, Instant::now(), SystemTime::now())
+        let (generation, id) = table.reserve();
+        table.spawned(id, generation, pid, Instant::now(), SystemTime::now());
+        id
     }
 
     #[test]
@@ -311,8 +313,10 @@ mod tests {
         let mut t = Table::default();
         assert_eq!(t.next_generation(), 1);
         assert_eq!(t.next_generation(), 2);
-        let id = t.spawned(2, 1, Instant::now(), SystemTime::now());
+        let (generation, id) = t.reserve();
+        assert_eq!((generation, id), (3, 1));
+        t.spawned(id, generation, 1, Instant::now(), SystemTime::now());
         t.exited(id, Instant::now());
-        assert_eq!(t.next_generation(), 3);
+        assert_eq!(t.next_generation(), 4);
     }
 }

@@ -5,8 +5,7 @@ use std::io;
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use nix::sys::signal::{Signal, kill, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 use crate::generations::{Generation, InstanceId};
 use crate::identity::RunAs;
@@ -120,23 +119,6 @@ fn drop_privileges(uid: u32, gid: u32, groups: Option<&[libc::gid_t]>) -> io::Re
         check(libc::setuid(uid))?;
     }
     Ok(())
-}
-
-/// Sends `signal` to the instance's main process. An instance that already
-/// exited is not an error.
-pub fn signal(pid: u32, signal: Signal) {
-    match kill(Pid::from_raw(pid as i32), signal) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => tracing::warn!(pid, "cannot send {signal}: {e}"),
-    }
-}
-
-/// SIGKILLs the instance's whole process group.
-pub fn kill_group(pid: u32) {
-    match killpg(Pid::from_raw(pid as i32), Signal::SIGKILL) {
-        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
-        Err(e) => tracing::warn!(pid, "cannot SIGKILL process group: {e}"),
-    }
 }
 
 /// Describes how a process ended, the way a person reads it.

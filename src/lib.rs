@@ -14,6 +14,7 @@ pub mod instance;
 pub mod listen_policy;
 pub mod listeners;
 pub mod priority;
+pub mod process;
 pub mod run;
 pub mod runtime_dir;
 pub mod state;

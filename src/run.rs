@@ -41,7 +41,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     .map_err(|e| format!("cannot serve the state socket: {e}"))?;
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
-    Ok(broker.run().await)
+    broker.run().await
 }
 
 fn load_config(args: &RunArgs) -> Result<Config, String> {

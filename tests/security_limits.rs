@@ -191,7 +191,9 @@ fn authenticated(s: &mut UnixStream) -> bool {
         .map(|b| format!("{b:02x}"))
         .collect();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    if s.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes()).is_err() {
+    if s.write_all(format!("\0AUTH EXTERNAL {uid}\r\n").as_bytes())
+        .is_err()
+    {
         return false;
     }
     let mut line = vec![];

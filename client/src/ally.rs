@@ -282,6 +282,7 @@ impl Ally {
             listeners,
             reloads: 0,
             last_reload: String::new(),
+            ..Status::default()
         }
     }
 }

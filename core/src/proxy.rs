@@ -121,6 +121,14 @@ pub struct Status {
     pub reloads: u64,
     /// Empty, or the last reload's result message.
     pub last_reload: String,
+    /// The attempt number of a crash restart waiting for its back-off (1 for the
+    /// first since the app last recovered); 0 when none is pending.
+    #[serde(default)]
+    pub restart_attempt: u32,
+    /// When that restart runs, in microseconds since the Unix epoch; 0 when none
+    /// is pending.
+    #[serde(default)]
+    pub restart_usec: u64,
 }
 
 impl Status {
@@ -138,6 +146,8 @@ impl Status {
                 "last_reload" => status.last_reload = field(&key, value)?,
                 "instances" => status.instances = field(&key, value)?,
                 "listeners" => status.listeners = field(&key, value)?,
+                "restart_attempt" => status.restart_attempt = field(&key, value)?,
+                "restart_usec" => status.restart_usec = field(&key, value)?,
                 _ => {}
             }
         }

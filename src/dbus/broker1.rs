@@ -64,7 +64,7 @@ impl Access {
     }
 
     pub async fn role(&self, header: Option<&Header<'_>>, conn: &Connection) -> Result<Role> {
-        if let Some(role) = self.private_role() {
+        if let Some(role) = self.settled_private_role().await {
             return Ok(role);
         }
         let sender = header
@@ -94,6 +94,22 @@ impl Access {
     /// lasts while the instance lives. The process is the one pinned at connect
     /// time; once it has gone, only its uid counts.
     pub fn private_role(&self) -> Option<Role> {
+        self.private_decision().map(|(role, _)| role)
+    }
+
+    /// The private-socket role once it is final: a process that is no instance
+    /// while a spawn is in flight may be the instance being recorded.
+    pub async fn settled_private_role(&self) -> Option<Role> {
+        loop {
+            match self.private_decision()? {
+                (role, true) => return Some(role),
+                (_, false) => self.broker.spawns_settled().await,
+            }
+        }
+    }
+
+    /// The role, and whether it is final.
+    fn private_decision(&self) -> Option<(Role, bool)> {
         let Peer::Private {
             identity,
             instance,
@@ -105,28 +121,38 @@ impl Access {
         };
         if let Some(id) = instance.get() {
             if self.broker.instance_alive(*id) {
-                return Some(Role::Instance(*id));
+                return Some((Role::Instance(*id), true));
             }
         } else if let Some(role) = other.get() {
-            return Some(*role);
+            return Some((*role, true));
         }
         let ancestry = if instance.get().is_some() {
             Vec::new()
         } else {
             identity.ancestry(std::process::id())
         };
-        let role = self.decide(identity.uid, &ancestry, Transport::PrivateSocket);
-        match role {
+        let instances = self.broker.instance_snapshot();
+        let role = caller::role(
+            identity.uid,
+            &ancestry,
+            &instances.by_pid,
+            nix::unistd::geteuid().as_raw(),
+            Transport::PrivateSocket,
+        );
+        let settled = match role {
             Role::Instance(id) => {
                 let _ = instance.set(id);
+                true
             }
+            _ if instance.get().is_some() => true,
+            _ if instances.spawning => false,
             // An instance that exited leaves a process that is no instance.
-            _ if instance.get().is_none() => {
+            _ => {
                 let _ = other.set(role);
+                true
             }
-            _ => {}
-        }
-        Some(role)
+        };
+        Some((role, settled))
     }
 
     fn decide(&self, uid: u32, ancestry: &[u32], transport: Transport) -> Role {
@@ -521,6 +547,14 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
         (
             "last_reload".to_string(),
             owned(status.last_reload.as_str())?,
+        ),
+        (
+            "restart_attempt".to_string(),
+            owned(status.pending_restart.map_or(0, |r| r.attempt))?,
+        ),
+        (
+            "restart_usec".to_string(),
+            owned(usec(status.pending_restart.map(|r| r.at)))?,
         ),
     ]))
 }

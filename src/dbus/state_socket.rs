@@ -109,10 +109,9 @@ async fn serve_connection(
         }
     };
     let connection = broker.state().new_conn();
-    let calls = StateCalls::new(
-        Access::new(broker, Peer::private(identity, connection)),
-        connection,
-    );
+    let access = Access::new(broker, Peer::private(identity, connection));
+    access.settled_private_role().await;
+    let calls = StateCalls::new(access, connection);
     // Nothing of a caller that may call nothing is read.
     if calls.denied() {
         return gate.denied("state socket", &format!("pid {pid} (uid {uid})"));

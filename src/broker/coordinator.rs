@@ -1,0 +1,479 @@
+//! The coordinator task: takes the requests in order, asks the plan what to do,
+//! and does it — spawn a generation outside the broker's lock, wait until it is
+//! ready, then ask the older instances to stop; or stop the new one if it
+//! failed, as an old one is stopped.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, watch};
+
+use super::instances::REAP_GRACE;
+use super::plan::{After, Launch, Outcome, Plan, Settle, Step, Waited};
+use super::{Broker, Error, Event, Life, PendingRestart, Phase, Request, Shared, Tracked, plan};
+use crate::generations::{Generation, InstanceState};
+use crate::instance;
+use crate::priority::{self, Policy};
+use crate::process::Process;
+use crate::systemd;
+
+/// Why a launch did not end with a ready generation.
+struct Failure {
+    /// The generation it was for, unless it never got one.
+    generation: Option<Generation>,
+    message: String,
+    outcome: Outcome,
+}
+
+impl Broker {
+    pub(super) async fn coordinate(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Request>) {
+        let mut plan = Plan::new(self.config.restart_delay, self.config.restart);
+        let mut pending: Vec<Request> = Vec::new();
+        loop {
+            if pending.is_empty() {
+                match rx.recv().await {
+                    Some(request) => pending.push(request),
+                    None => return,
+                }
+            }
+            while let Ok(request) = rx.try_recv() {
+                pending.push(request);
+            }
+            let asked: Vec<plan::Request> = pending.iter().map(|r| r.kind).collect();
+            let (launch, restart) = match plan.next(&asked, self.facts()) {
+                Step::AnswerStopping => {
+                    answer(pending.drain(..), Err(stopping_error()));
+                    continue;
+                }
+                Step::AnswerServing(generation) => {
+                    answer(pending.drain(..), Ok(generation));
+                    continue;
+                }
+                Step::Exit { code } => {
+                    tracing::info!(
+                        "the application is gone and its restart policy is {}; stopping",
+                        self.config.restart
+                    );
+                    self.exit.send_replace(Some((code, None)));
+                    pending.clear();
+                    continue;
+                }
+                Step::Forget => {
+                    pending.clear();
+                    continue;
+                }
+                Step::Launch { launch, restart } => (launch, restart),
+            };
+            if let Some(restart) = restart {
+                self.back_off(restart).await;
+                while let Ok(request) = rx.try_recv() {
+                    pending.push(request);
+                }
+            }
+            let launched = self.launch_generation(launch).await;
+            let outcome = launched
+                .as_ref()
+                .err()
+                .map_or(Outcome::Ready, |f| f.outcome);
+            let after = plan.finished(launch, outcome, self.facts());
+            let result = match launched {
+                Ok((generation, message)) => {
+                    self.finish(generation, Ok(message));
+                    Ok(generation)
+                }
+                Err(Failure {
+                    generation: None,
+                    message,
+                    ..
+                }) => Err(Error::reload_failed(message)),
+                Err(Failure {
+                    generation: Some(generation),
+                    message,
+                    ..
+                }) => {
+                    if let After::Exit { code, fatal: true } = after {
+                        // The broker's last word, printed once by `ally run`.
+                        let reason = format!("{}: {message}", self.app);
+                        let error = self.record_result(generation, Err(message));
+                        self.exit.send_replace(Some((code, Some(reason))));
+                        Err(error)
+                    } else {
+                        Err(self.finish(generation, Err(message)))
+                    }
+                }
+            };
+            answer(pending.drain(..), result);
+            match after {
+                After::Done | After::Exit { fatal: true, .. } => {}
+                After::Restart => pending.push(Request {
+                    kind: plan::Request::Restart { stable: false },
+                    reply: None,
+                }),
+                After::Exit { code, fatal: false } => {
+                    tracing::error!(
+                        "the application could not be started and its restart policy is never; stopping"
+                    );
+                    self.exit.send_replace(Some((code, None)));
+                }
+            }
+        }
+    }
+
+    fn facts(&self) -> plan::Facts {
+        let shared = self.lock();
+        plan::Facts {
+            stopping: *self.stopping.borrow(),
+            current: shared.table.current().map(|i| i.generation),
+            running: !shared.table.running().is_empty(),
+        }
+    }
+
+    /// Waits out a crash restart's back-off, shown by `Status` meanwhile.
+    async fn back_off(&self, restart: plan::Restart) {
+        tracing::info!(
+            "restarting the application in {} (attempt {})",
+            humantime::format_duration(restart.delay),
+            restart.attempt
+        );
+        self.lock().pending_restart = Some(PendingRestart {
+            attempt: restart.attempt,
+            at: SystemTime::now() + restart.delay,
+        });
+        let mut stopping = self.stopping.subscribe();
+        tokio::select! {
+            _ = tokio::time::sleep(restart.delay) => {}
+            _ = stopping.wait_for(|s| *s) => {}
+        }
+        self.lock().pending_restart = None;
+    }
+
+    /// Returns an idle-started generation to the broker's priority.
+    fn raise(&self, generation: Generation, pid: u32) {
+        let Some(policy) = self.raise_to else { return };
+        let raised = priority::raise(pid, policy);
+        tracing::debug!(
+            generation,
+            pid,
+            "generation {generation} raised to normal CPU priority ({} threads)",
+            raised.threads
+        );
+        for (tid, e) in raised.failed {
+            tracing::warn!(
+                generation,
+                pid,
+                tid,
+                "cannot raise thread {tid} of generation {generation} from idle CPU priority: {e}"
+            );
+        }
+    }
+
+    /// Starts one generation and waits until it is ready; then the older
+    /// instances are asked to stop. The spawn happens with no lock held: its
+    /// numbers are reserved before, the instance recorded after.
+    async fn launch_generation(
+        self: &Arc<Self>,
+        launch: Launch,
+    ) -> Result<(Generation, String), Failure> {
+        let mut stopping = self.stopping.subscribe();
+        let unborn = |e: Error| Failure {
+            generation: None,
+            message: e.to_string(),
+            outcome: Outcome::Failed,
+        };
+        self.wait_for_drain_slot().await.map_err(unborn)?;
+        let phase = match launch {
+            Launch::Start => Phase::Starting,
+            Launch::Reload => Phase::Reloading,
+            Launch::Restart => Phase::Restarting,
+        };
+        let started = Instant::now();
+        // Before anything is reserved, so that a stopping broker waits for this spawn.
+        let spawning = self.roster.spawning();
+        if *self.stopping.borrow() {
+            return Err(unborn(stopping_error()));
+        }
+        if phase != Phase::Starting {
+            systemd::reloading();
+        }
+        let (generation, id, mut idle) = {
+            let mut shared = self.lock();
+            shared.phase = phase;
+            let (generation, id) = shared.table.reserve();
+            // Idle only beside a generation that serves: alone, it has no one to spare.
+            let idle = self.raise_to.is_some() && shared.table.count(InstanceState::Ready) > 0;
+            (generation, id, idle)
+        };
+        let failed = |message: String, outcome| Failure {
+            generation: Some(generation),
+            message,
+            outcome,
+        };
+        let how = self.launch.clone();
+        let spawned =
+            tokio::task::spawn_blocking(move || instance::spawn(&how, id, generation, idle))
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(format!("the spawn failed: {e}"))));
+        let child = spawned.map_err(|e| {
+            let outcome = if plan::cannot_execute(e.kind()) {
+                Outcome::NotExecutable
+            } else {
+                Outcome::Failed
+            };
+            failed(
+                format!("generation {generation} could not start: {e}"),
+                outcome,
+            )
+        })?;
+        let pid = child.id().unwrap_or(0);
+        let process = match Process::pin(pid) {
+            Ok(process) => Arc::new(process),
+            Err(e) => {
+                // Unreaped, so its pid is still its own.
+                let mut child = child;
+                let _ = child.start_kill();
+                tokio::spawn(async move { child.wait().await });
+                let message = format!("generation {generation} (pid {pid}) cannot be pinned: {e}");
+                return Err(failed(message, Outcome::Failed));
+            }
+        };
+        let mut life = self.record(&mut self.lock(), id, generation, pid, process.clone());
+        self.roster.record(pid, id);
+        drop(spawning);
+        tracing::info!(
+            generation,
+            pid,
+            instance = id,
+            "started generation {generation}{}",
+            if idle { " at idle CPU priority" } else { "" }
+        );
+        self.emit(Event::InstanceStateChanged {
+            id,
+            state: InstanceState::Starting,
+        });
+        tokio::spawn(self.clone().watch_instance(id, child, process));
+
+        let timeout = self.config.ready_timeout;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        let mut exits = self.exits.subscribe();
+        let (waited, why) = loop {
+            tokio::select! {
+                life = life.wait_for(|l| !matches!(l, Life::State(InstanceState::Starting))) => {
+                    break match life.map(|l| l.clone()) {
+                        Ok(Life::State(InstanceState::Ready)) => (Waited::Ready, String::new()),
+                        Ok(Life::Exited(how)) => (Waited::Exited, format!("generation {generation} (pid {pid}) {how} before it was ready")),
+                        _ => (Waited::Stopping, format!("generation {generation} (pid {pid}) was stopped before it was ready")),
+                    };
+                }
+                _ = &mut deadline => break (Waited::TimedOut, String::new()),
+                _ = stopping.wait_for(|s| *s) => break (Waited::Stopping, "the broker is stopping".to_string()),
+                Ok(()) = exits.changed(), if idle => {
+                    if self.lock().table.count(InstanceState::Ready) == 0 {
+                        tracing::info!(generation, pid, "no generation serves any more: generation {generation} continues at normal CPU priority");
+                        self.raise(generation, pid);
+                        idle = false;
+                    }
+                }
+            }
+        };
+        match plan::settle(waited) {
+            Settle::Promote => {}
+            Settle::Nothing => return Err(failed(why, Outcome::Failed)),
+            Settle::Stop => {
+                let drain = self.lock().table.begin_drain(id);
+                let task = if drain { self.drain(id, pid) } else { None };
+                let killed = match task {
+                    Some(task) => task.await.unwrap_or(false),
+                    None => false,
+                };
+                if drain {
+                    let exited = life.wait_for(|l| matches!(l, Life::Exited(_)));
+                    let _ = tokio::time::timeout(REAP_GRACE, exited).await;
+                }
+                let why = if waited == Waited::TimedOut {
+                    self.not_ready_in_time(generation, pid, killed, idle)
+                } else {
+                    why
+                };
+                return Err(failed(why, Outcome::Failed));
+            }
+        }
+
+        if idle {
+            self.raise(generation, pid);
+        }
+        let older: Vec<(u64, u32)> = {
+            let mut shared = self.lock();
+            let older = shared.table.others_running(id);
+            shared.table.begin_drain_all(older)
+        };
+        for (old, old_pid) in older {
+            self.drain(old, old_pid);
+        }
+        let elapsed = started.elapsed();
+        let message = match launch {
+            Launch::Start => format!("generation {generation} is ready ({})", ms(elapsed)),
+            Launch::Reload => format!("reloaded to generation {generation} ({})", ms(elapsed)),
+            Launch::Restart => format!("restarted as generation {generation} ({})", ms(elapsed)),
+        };
+        tracing::info!("{message}");
+        if launch == Launch::Reload {
+            self.lock().reloads += 1;
+        }
+        Ok((generation, message))
+    }
+
+    /// Puts a spawned instance in the table; its life is watched from here.
+    fn record(
+        &self,
+        shared: &mut Shared,
+        id: u64,
+        generation: Generation,
+        pid: u32,
+        process: Arc<Process>,
+    ) -> watch::Receiver<Life> {
+        shared
+            .table
+            .spawned(id, generation, pid, Instant::now(), SystemTime::now());
+        let (life, life_rx) = watch::channel(Life::State(InstanceState::Starting));
+        shared.tracked.insert(id, Tracked { life, process });
+        life_rx
+    }
+
+    fn not_ready_in_time(
+        &self,
+        generation: Generation,
+        pid: u32,
+        killed: bool,
+        idle: bool,
+    ) -> String {
+        format!(
+            "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed{}, by its stop signal {}{}",
+            humantime::format_duration(self.config.ready_timeout),
+            if idle {
+                " (it was still at idle CPU priority: start_priority = \"idle\")"
+            } else {
+                ""
+            },
+            self.config.stop_signal,
+            if killed {
+                format!(
+                    " and then SIGKILL after {} (stop_timeout)",
+                    humantime::format_duration(self.config.stop_timeout)
+                )
+            } else {
+                String::new()
+            },
+        )
+    }
+
+    /// Records a launch's result, tells D-Bus and systemd, and returns the error
+    /// for the caller.
+    fn finish(&self, generation: Generation, result: Result<String, String>) -> Error {
+        if let Err(message) = &result {
+            tracing::warn!("{message}");
+        }
+        self.record_result(generation, result)
+    }
+
+    fn record_result(&self, generation: Generation, result: Result<String, String>) -> Error {
+        let (success, message) = match result {
+            Ok(m) => (true, m),
+            Err(m) => (false, m),
+        };
+        let (status, serving) = {
+            let mut shared = self.lock();
+            if shared.phase != Phase::Stopping {
+                shared.phase = if shared.table.current().is_some() {
+                    Phase::Running
+                } else if shared.notified_ready {
+                    Phase::Restarting
+                } else {
+                    Phase::Starting
+                };
+            }
+            shared.last_reload = message.clone();
+            shared.notified_ready |= success;
+            (status_line(&shared), shared.table.current().is_some())
+        };
+        // READY=1 also ends the RELOADING=1 of a failed reload: the old generation serves on.
+        if serving {
+            systemd::ready(&status);
+        } else {
+            systemd::status(&status);
+        }
+        self.emit(Event::ReloadFinished {
+            generation: if success { generation } else { 0 },
+            success,
+            message: message.clone(),
+        });
+        Error::reload_failed(message)
+    }
+
+    async fn wait_for_drain_slot(&self) -> Result<(), Error> {
+        let mut exits = self.exits.subscribe();
+        loop {
+            let draining = self.lock().table.count(InstanceState::Draining);
+            if draining < self.config.max_draining {
+                return Ok(());
+            }
+            tracing::info!(
+                "{draining} instances are draining (max_draining); waiting for one to exit"
+            );
+            if exits.changed().await.is_err() || *self.stopping.borrow() {
+                return Err(stopping_error());
+            }
+        }
+    }
+}
+
+fn answer(requests: impl Iterator<Item = Request>, result: Result<Generation, Error>) {
+    for request in requests {
+        if let Some(reply) = request.reply {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+pub(super) fn stopping_error() -> Error {
+    Error::reload_failed("the broker is stopping".into())
+}
+
+/// The broker's own policy, once it is known that the broker may return an
+/// idle instance to it.
+pub(super) fn idle_start_policy() -> Result<Policy, Error> {
+    let policy = Policy::of_this_thread().map_err(|e| {
+        Error::caused_by(
+            ally_core::ErrorKind::Failed,
+            format_args!("start_priority = \"idle\": cannot read the broker's scheduling policy"),
+            e,
+        )
+    })?;
+    priority::check_can_raise(policy).map_err(|e| {
+        Error::failed(format!(
+            "start_priority = \"idle\": the broker could not return a thread from SCHED_IDLE to its own priority ({e}); it needs CAP_SYS_NICE, or an RLIMIT_NICE that allows its nice value (systemd: LimitNICE=)"
+        ))
+    })?;
+    Ok(policy)
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn status_line(shared: &Shared) -> String {
+    let current = shared.table.current();
+    let draining = shared.table.count(InstanceState::Draining);
+    match current {
+        Some(i) => format!(
+            "generation {} ready (pid {}), {} draining",
+            i.generation, i.pid, draining
+        ),
+        None => format!(
+            "{}; no ready instance, {} draining",
+            shared.phase.as_str(),
+            draining
+        ),
+    }
+}

@@ -1,0 +1,159 @@
+//! An instance's life after its spawn, as the broker sees it: asking it to stop
+//! (and SIGKILLing it after `stop_timeout`), reaping it, and what its exit means
+//! for the application; and stopping them all when the broker stops.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::{Broker, Event, Life, Phase, Request, plan};
+use crate::config::RestartPolicy;
+use crate::generations::{InstanceId, InstanceState};
+use crate::instance;
+use crate::process::Process;
+use crate::systemd;
+
+/// How long the broker waits for a SIGKILLed process to be reaped.
+pub(super) const REAP_GRACE: Duration = Duration::from_secs(5);
+
+impl Broker {
+    /// Asks an instance to stop with its stop signal, and SIGKILLs it and its
+    /// process group if it is still there after `stop_timeout`. The task ends
+    /// once it exited (false) or was SIGKILLed (true); `None` if it was already
+    /// reaped.
+    pub(super) fn drain(self: &Arc<Self>, id: InstanceId, pid: u32) -> Option<JoinHandle<bool>> {
+        tracing::info!(
+            instance = id,
+            pid,
+            "asking instance to stop with {}",
+            self.config.stop_signal
+        );
+        self.emit(Event::InstanceStateChanged {
+            id,
+            state: InstanceState::Draining,
+        });
+        let (mut life, process) = self.lock().tracked.get(&id).map(|t| {
+            t.life.send_replace(Life::State(InstanceState::Draining));
+            (t.life.subscribe(), t.process.clone())
+        })?;
+        process.signal(self.config.stop_signal);
+        let timeout = self.config.stop_timeout;
+        Some(tokio::spawn(async move {
+            let exited = life.wait_for(|l| matches!(l, Life::Exited(_)));
+            if tokio::time::timeout(timeout, exited).await.is_ok() {
+                return false;
+            }
+            tracing::warn!(
+                instance = id,
+                pid,
+                "did not stop within {} (stop_timeout); sending SIGKILL",
+                humantime::format_duration(timeout)
+            );
+            process.kill_group();
+            true
+        }))
+    }
+
+    /// Waits for the instance's exit, reaps it, and decides what its exit means.
+    pub(super) async fn watch_instance(
+        self: Arc<Self>,
+        id: InstanceId,
+        mut child: tokio::process::Child,
+        process: Arc<Process>,
+    ) {
+        process.exited().await;
+        process.mark_reaped();
+        let (description, success, code) = match child.wait().await {
+            Ok(status) => (
+                instance::describe_exit(&status),
+                status.success(),
+                status.code(),
+            ),
+            Err(e) => (format!("could not be waited for: {e}"), false, None),
+        };
+        self.roster.remove(id);
+        let now = Instant::now();
+        let departure = {
+            let mut shared = self.lock();
+            shared.listeners.release_instance(id, now);
+            if let Some(tracked) = shared.tracked.remove(&id) {
+                tracked.life.send_replace(Life::Exited(description.clone()));
+            }
+            shared.table.exited(id, now)
+        };
+        self.state.instance_exited(id);
+        self.exits.send_modify(|n| *n += 1);
+        let Some(departure) = departure else { return };
+        let instance = &departure.instance;
+        tracing::info!(
+            instance = id,
+            pid = instance.pid,
+            generation = instance.generation,
+            "instance {description}"
+        );
+        self.emit(Event::InstanceStateChanged {
+            id,
+            state: InstanceState::Exited,
+        });
+        if !departure.was_current || *self.stopping.borrow() {
+            return;
+        }
+        let restart = match self.config.restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        };
+        tracing::warn!(
+            generation = instance.generation,
+            "the current instance {description}"
+        );
+        let kind = if restart {
+            self.lock().phase = Phase::Restarting;
+            plan::Request::Restart {
+                stable: departure.ready_for.is_some_and(|d| d >= plan::STABLE_AFTER),
+            }
+        } else {
+            plan::Request::GiveUp {
+                code: if success {
+                    0
+                } else {
+                    code.filter(|c| *c != 0).unwrap_or(1)
+                },
+            }
+        };
+        let _ = self.requests.send(Request { kind, reply: None });
+    }
+
+    /// Stops every instance with its stop signal, waits up to `stop_timeout`
+    /// (then SIGKILL), and returns once all are reaped.
+    pub async fn shutdown(self: &Arc<Self>) {
+        tracing::info!("stopping");
+        systemd::stopping();
+        self.stopping.send_replace(true);
+        let running: Vec<(InstanceId, u32)> = {
+            let mut shared = self.lock();
+            shared.phase = Phase::Stopping;
+            shared.pending_restart = None;
+            let running = shared.table.running();
+            shared.table.begin_drain_all(running)
+        };
+        for (id, pid) in running {
+            self.drain(id, pid);
+        }
+        // A spawn in flight records its instance, sees the broker stopping and
+        // stops it: wait for it to be in the table.
+        self.roster.settled().await;
+        let mut exits = self.exits.subscribe();
+        let deadline = tokio::time::Instant::now() + self.config.stop_timeout + REAP_GRACE;
+        while !self.lock().table.is_empty() {
+            if tokio::time::timeout_at(deadline, exits.changed())
+                .await
+                .is_err()
+            {
+                tracing::error!("instances still running after stop_timeout and SIGKILL");
+                break;
+            }
+        }
+    }
+}

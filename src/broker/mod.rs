@@ -1,0 +1,394 @@
+//! The broker: owns the listeners and the generation table, starts and stops
+//! instances, and runs reloads one at a time.
+//!
+//! Every change of which generation runs — the first start, a reload, a crash
+//! restart — goes through one coordinator task, in order (`coordinator`, which
+//! follows the pure `plan`). Requests that arrive while it is busy are answered
+//! together by one follow-up reload, so a reload asked for after a binary was
+//! replaced always runs the new binary.
+//!
+//! Locks: `Shared` (the broker's bookkeeping) is never held across a spawn or an
+//! await. The calls instances make often never take it: the shared state has its
+//! own lock (`crate::state`), and who is an instance is the `roster`'s.
+
+mod coordinator;
+mod instances;
+pub mod plan;
+mod roster;
+mod sockets;
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Instant, SystemTime};
+
+use ally_core::net::{ListenAddr, ListenOptions};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+
+use crate::config::{Config, StartPriority};
+use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
+use crate::identity::RunAs;
+use crate::instance::Launch;
+use crate::listeners::{ListenerInfo, Registry};
+use crate::priority::Policy;
+use crate::process::Process;
+use crate::state::State;
+use crate::systemd;
+
+pub use roster::Snapshot;
+
+/// What went wrong: the kind a D-Bus caller sees, the message and the cause.
+pub use ally_core::Error;
+
+/// The broker's own state, as `State` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Starting,
+    Running,
+    Reloading,
+    Restarting,
+    Stopping,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Running => "running",
+            Phase::Reloading => "reloading",
+            Phase::Restarting => "restarting",
+            Phase::Stopping => "stopping",
+        }
+    }
+}
+
+/// Broadcast to every D-Bus connection as signals.
+#[derive(Debug, Clone)]
+pub enum Event {
+    ReloadFinished {
+        generation: Generation,
+        success: bool,
+        message: String,
+    },
+    InstanceStateChanged {
+        id: InstanceId,
+        state: InstanceState,
+    },
+}
+
+/// A crash restart waiting for its back-off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingRestart {
+    /// 1 for the first restart since the app last recovered.
+    pub attempt: u32,
+    pub at: SystemTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub app: String,
+    pub phase: Phase,
+    pub generation: Generation,
+    pub pid: u32,
+    pub instances: Vec<Instance>,
+    pub listeners: Vec<ListenerInfo>,
+    pub reloads: u64,
+    pub last_reload: String,
+    pub pending_restart: Option<PendingRestart>,
+}
+
+/// How an instance's life ended, for whoever waits on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Life {
+    State(InstanceState),
+    Exited(String),
+}
+
+/// A spawned instance the broker has not reaped yet.
+struct Tracked {
+    life: watch::Sender<Life>,
+    process: Arc<Process>,
+}
+
+type Reply = oneshot::Sender<Result<Generation, Error>>;
+
+struct Request {
+    kind: plan::Request,
+    reply: Option<Reply>,
+}
+
+struct Shared {
+    table: Table,
+    listeners: Registry<sockets::Held>,
+    phase: Phase,
+    reloads: u64,
+    last_reload: String,
+    tracked: HashMap<InstanceId, Tracked>,
+    notified_ready: bool,
+    /// (dev, ino) of the unix socket files the broker made or got back from the
+    /// fd store: the only dead ones it replaces on an instance's behalf.
+    socket_files: HashSet<(u64, u64)>,
+    pending_restart: Option<PendingRestart>,
+}
+
+pub struct Broker {
+    app: String,
+    config: Config,
+    launch: Launch,
+    shared: Mutex<Shared>,
+    roster: roster::Roster,
+    requests: mpsc::UnboundedSender<Request>,
+    events: broadcast::Sender<Event>,
+    /// Bumped whenever an instance exits.
+    exits: watch::Sender<u64>,
+    stopping: watch::Sender<bool>,
+    /// The exit code once the broker is done, with the reason when it failed.
+    exit: watch::Sender<Option<(i32, Option<String>)>>,
+    coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
+    /// Cache, counters and locks shared by the instances; outlives every one of them.
+    state: State,
+    /// With `start_priority = "idle"`: the policy a ready generation is raised to.
+    raise_to: Option<Policy>,
+}
+
+impl Broker {
+    /// Creates the broker and binds the configured `[[listen]]` sockets, so a
+    /// bad address fails the start instead of the first instance.
+    pub fn new(
+        app: &str,
+        config: Config,
+        run_as: RunAs,
+        address: String,
+        state_address: String,
+    ) -> Result<Arc<Self>, Error> {
+        let raise_to = match config.start_priority {
+            StartPriority::Normal => None,
+            StartPriority::Idle => Some(coordinator::idle_start_policy()?),
+        };
+        let (requests, requests_rx) = mpsc::unbounded_channel();
+        let launch = Launch {
+            command: config.command.clone(),
+            working_directory: config.working_directory.clone(),
+            run_as,
+            environment: config.environment.clone(),
+            app: app.to_string(),
+            address,
+            state_address,
+            stop_signal: config.stop_signal,
+        };
+        let broker = Arc::new(Broker {
+            app: app.to_string(),
+            launch,
+            shared: Mutex::new(Shared {
+                table: Table::default(),
+                listeners: Registry::default(),
+                phase: Phase::Starting,
+                reloads: 0,
+                last_reload: String::new(),
+                tracked: HashMap::new(),
+                notified_ready: false,
+                socket_files: HashSet::new(),
+                pending_restart: None,
+            }),
+            roster: roster::Roster::default(),
+            requests,
+            events: broadcast::channel(1024).0,
+            exits: watch::channel(0).0,
+            stopping: watch::channel(false).0,
+            exit: watch::channel(None).0,
+            coordinator_rx: Mutex::new(None),
+            state: State::new(&config.limits),
+            config,
+            raise_to,
+        });
+        broker.adopt(systemd::inherited());
+        for entry in &broker.config.listen {
+            let mut shared = broker.lock();
+            if !shared.listeners.contains(&entry.addr) {
+                broker.bind(&mut shared, &entry.addr, &entry.options, true)?;
+            }
+        }
+        *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
+        Ok(broker)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Runs the application until the broker is told to stop (SIGTERM, SIGINT)
+    /// or the application is gone for good. Returns the process exit code, or
+    /// the one-line reason the application could not be started at all.
+    pub async fn run(self: Arc<Self>) -> Result<i32, String> {
+        let rx = self
+            .coordinator_rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("run once");
+        tokio::spawn(self.clone().coordinate(rx));
+        tokio::spawn(self.clone().sweep_listeners());
+        systemd::spawn_watchdog();
+        let broker = self.clone();
+        tokio::spawn(async move { broker.state.sweep().await });
+        let _ = self.requests.send(Request {
+            kind: plan::Request::Start,
+            reply: None,
+        });
+        let mut sigterm = signal_stream(tokio::signal::unix::SignalKind::terminate());
+        let mut sigint = signal_stream(tokio::signal::unix::SignalKind::interrupt());
+        let mut sighup = signal_stream(tokio::signal::unix::SignalKind::hangup());
+        let mut exit = self.exit.subscribe();
+        let result = loop {
+            tokio::select! {
+                _ = sigterm.recv() => break Ok(0),
+                _ = sigint.recv() => break Ok(0),
+                _ = sighup.recv() => {
+                    tracing::info!("SIGHUP: reloading");
+                    let reload = self.reload();
+                    tokio::spawn(async move { let _ = reload.await; });
+                }
+                Ok(done) = exit.wait_for(Option::is_some) => {
+                    match done.clone() {
+                        Some((code, None)) => break Ok(code),
+                        Some((_, Some(reason))) => break Err(reason),
+                        None => {}
+                    }
+                }
+            }
+        };
+        self.shutdown().await;
+        result
+    }
+
+    /// Asks for a reload; the future resolves with the new generation once it is
+    /// ready, or with the reason it failed.
+    pub fn reload(&self) -> impl Future<Output = Result<Generation, Error>> + use<> {
+        let (tx, rx) = oneshot::channel();
+        let sent = self.requests.send(Request {
+            kind: plan::Request::Reload,
+            reply: Some(tx),
+        });
+        async move {
+            sent.map_err(|_| coordinator::stopping_error())?;
+            rx.await
+                .unwrap_or_else(|_| Err(coordinator::stopping_error()))
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let shared = self.lock();
+        Status {
+            app: self.app.clone(),
+            phase: shared.phase,
+            generation: shared.table.current().map_or(0, |i| i.generation),
+            pid: std::process::id(),
+            instances: shared.table.iter().cloned().collect(),
+            listeners: shared.listeners.list(),
+            reloads: shared.reloads,
+            last_reload: shared.last_reload.clone(),
+            pending_restart: shared.pending_restart,
+        }
+    }
+
+    /// Instance ids by main pid, for telling callers apart.
+    pub fn instance_pids(&self) -> HashMap<u32, InstanceId> {
+        self.roster.snapshot().by_pid
+    }
+
+    /// Instance ids by main pid, and whether a spawn was in flight: then a
+    /// process found in none may be the instance being recorded.
+    pub fn instance_snapshot(&self) -> Snapshot {
+        self.roster.snapshot()
+    }
+
+    /// Resolves once no spawn is in flight.
+    pub async fn spawns_settled(&self) {
+        self.roster.settled().await
+    }
+
+    pub fn instance_alive(&self, id: InstanceId) -> bool {
+        self.roster.alive(id)
+    }
+
+    /// Returns a duplicate of the socket for `addr`, binding it on first request,
+    /// and counts a reference for `instance`.
+    pub fn listen(
+        &self,
+        instance: InstanceId,
+        addr: &ListenAddr,
+        options: &ListenOptions,
+    ) -> Result<OwnedFd, Error> {
+        let mut shared = self.lock();
+        if shared.table.get(instance).is_none() {
+            return Err(Error::invalid_argument(format!(
+                "instance {instance} has exited"
+            )));
+        }
+        let fd = match shared.listeners.get(addr) {
+            Some(held) => sockets::dup(&held.fd)?,
+            None => {
+                let fd = self.bind(&mut shared, addr, options, false)?;
+                tracing::info!(instance, "listening on {addr}");
+                fd
+            }
+        };
+        shared.listeners.add_ref(addr, instance);
+        Ok(fd)
+    }
+
+    /// Drops the instance's references to a listener.
+    pub fn close(&self, instance: InstanceId, addr: &ListenAddr) -> Result<(), Error> {
+        if self
+            .lock()
+            .listeners
+            .release(addr, instance, Instant::now())
+        {
+            Ok(())
+        } else {
+            Err(Error::invalid_argument(format!(
+                "instance {instance} holds no reference to {addr}"
+            )))
+        }
+    }
+
+    /// Records that an instance serves.
+    pub fn ready(&self, instance: InstanceId) -> Result<(), Error> {
+        let mut shared = self.lock();
+        let changed = shared
+            .table
+            .mark_ready(instance, Instant::now(), SystemTime::now())
+            .map_err(|e| Error::invalid_argument(e.to_string()))?;
+        if changed {
+            if let Some(tracked) = shared.tracked.get(&instance) {
+                tracked.life.send_replace(Life::State(InstanceState::Ready));
+            }
+            drop(shared);
+            self.emit(Event::InstanceStateChanged {
+                id: instance,
+                state: InstanceState::Ready,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn signal_stream(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {
+    tokio::signal::unix::signal(kind).expect("installing a signal handler")
+}

@@ -1,0 +1,140 @@
+//! An instance's process as the broker holds it: a pidfd taken right after the
+//! spawn, while the child cannot have been reaped, so every signal reaches that
+//! very process and never one that got its pid later.
+//!
+//! The instance's process group (its id is the leader's pid) is signalled only
+//! while the leader is known unreaped: a group id is not reused while its
+//! leader's pid is taken, and the leader's pid is taken until the broker reaps
+//! it. [`Process::exited`] waits for the exit without reaping, then the reaper
+//! marks the process reaped under the same lock [`Process::kill_group`] takes.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Mutex;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+#[derive(Debug)]
+pub struct Process {
+    pid: u32,
+    pidfd: AsyncFd<OwnedFd>,
+    /// Set once the broker is about to reap the process: from then on its pid
+    /// and group id may be anyone's.
+    reaped: Mutex<bool>,
+}
+
+impl Process {
+    /// Pins the broker's unreaped child `pid`.
+    pub fn pin(pid: u32) -> io::Result<Process> {
+        // SAFETY: a plain system call; on success it returns a new fd we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just returned to us by the kernel.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        // SAFETY: an `OwnedFd` stays open, and is the same fd, for as long as it is owned.
+        let pidfd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Process {
+            pid,
+            pidfd,
+            reaped: Mutex::new(false),
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `signal` to the process. One that already exited is not an error.
+    pub fn signal(&self, signal: Signal) {
+        match send(&self.pidfd, signal) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => tracing::warn!(pid = self.pid, "cannot send {signal}: {e}"),
+        }
+    }
+
+    /// SIGKILLs the process and, while its leader is unreaped, its process group
+    /// (the helpers it started). After the reap only the pidfd is used, which can
+    /// no longer reach anything.
+    pub fn kill_group(&self) {
+        let reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
+        if !*reaped {
+            match killpg(Pid::from_raw(self.pid as i32), Signal::SIGKILL) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(pid = self.pid, "cannot SIGKILL process group: {e}"),
+            }
+        }
+        drop(reaped);
+        self.signal(Signal::SIGKILL);
+    }
+
+    /// Resolves once the process has exited (it is then a zombie until reaped).
+    pub async fn exited(&self) {
+        // A pidfd polls readable once its process has exited; it stays so.
+        let _ = self
+            .pidfd
+            .readable()
+            .await
+            .map(|mut guard| guard.retain_ready());
+    }
+
+    /// Called right before the reap: no group signal is sent after this.
+    pub fn mark_reaped(&self) {
+        *self.reaped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+}
+
+fn send(pidfd: &AsyncFd<OwnedFd>, signal: Signal) -> io::Result<()> {
+    // SAFETY: a plain system call on a pidfd we own, with no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.get_ref().as_raw_fd(),
+            signal as libc::c_int,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn signals_reach_the_pinned_process_and_the_group_only_before_the_reap() {
+        let mut child = tokio::process::Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let process = Process::pin(child.id().unwrap()).unwrap();
+        process.signal(Signal::SIGSTOP);
+        process.signal(Signal::SIGCONT);
+        process.kill_group();
+        tokio::time::timeout(Duration::from_secs(5), process.exited())
+            .await
+            .expect("the SIGKILL ended it");
+        process.mark_reaped();
+        let status = child.wait().await.unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        // Reaped: its pid may be anyone's now, and nothing is sent by it.
+        process.kill_group();
+        process.signal(Signal::SIGTERM);
+    }
+}
