@@ -106,3 +106,7 @@ pub use listener::{FromShared, FromSharedStd, ListenOptions, SeqpacketListener};
 pub use shared::{Atomic, Cache, LockGuard, Locker, Queues, Simulation};
 pub use status::{InstanceStatus, ListenerStatus, Status};
 pub use stop::{StopHandle, parse_signal};
+
+/// Types of the shared state that appear in this crate's API: the limits of a
+/// [`Simulation`]'s store and the entries of [`Queues`].
+pub use ally_core::state::{Limits, calls::QueueEntry};
