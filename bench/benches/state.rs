@@ -25,16 +25,9 @@ use std::time::{Duration, Instant};
 
 use ally_client::Ally;
 use ally_testkit::procfs::thread_cpu_time;
-use ally_testkit::{Broker, Launch, median};
+use ally_testkit::{Broker, Launch, env_or, median};
 
 const CLIENTS: usize = 64;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A broker of one app that sleeps; `extra_config` is added to its config. The
 /// `ally` binary is built first (a no-op when up to date), so no stale broker is
@@ -378,15 +371,12 @@ fn main() {
     let runs = if quick {
         1
     } else {
-        env_or("ALLY_BENCH_RUNS", 9)
+        env_or("ALLY_BENCH_RUNS", 9u64)
     } as usize;
     let secs = if quick {
         0.05
     } else {
-        std::env::var("ALLY_BENCH_SECS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.5)
+        env_or("ALLY_BENCH_SECS", 0.5)
     };
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let pair = PollingPair::start();

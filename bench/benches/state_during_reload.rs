@@ -19,27 +19,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ally_testkit::{Launch, median as median_of, stats};
+use ally_testkit::{Launch, env_or, median as median_of, procfs, stats, wait_until};
 
 /// The target: p99 during a reload within this factor of the steady p99.
 const TARGET: f64 = 1.5;
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// CLOCK_MONOTONIC in ns: the same clock in every process.
+/// CLOCK_MONOTONIC in ns, the same clock in every process, as the samples keep it.
 fn now_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a plain syscall with a valid out-pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    procfs::mono_ns() as u64
 }
 
 fn main() {
@@ -181,15 +168,15 @@ struct Run {
 }
 
 fn driver() {
-    let runs = env_or("ALLY_BENCH_RUNS", 7) as usize;
-    let steady = Duration::from_millis(env_or("ALLY_BENCH_STEADY_MS", 1000));
+    let runs = env_or("ALLY_BENCH_RUNS", 7u64) as usize;
+    let steady = Duration::from_millis(env_or("ALLY_BENCH_STEADY_MS", 1000u64));
     let mut broker = Broker::start();
     let admin = ally_client::blocking::Ally::connect(&broker.address()).expect("admin connection");
-    let ready = Instant::now() + Duration::from_secs(30);
-    while admin.status().map(|s| s.generation).unwrap_or(0) < 1 {
-        assert!(Instant::now() < ready, "generation 1 never became ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "generation 1 to become ready",
+        Duration::from_secs(30),
+        || admin.status().map(|s| s.generation).unwrap_or(0) >= 1,
+    );
     let spinners = Spinners::start();
     std::thread::sleep(Duration::from_millis(500));
     let mut done = Vec::new();

@@ -8,7 +8,8 @@
 //! * [`procfs`]: what a process holds and has used (RSS, fds, CPU time);
 //! * [`http`] and [`Load`]: a blocking HTTP/1.1 client and a load of worker
 //!   threads that counts every failed request;
-//! * [`stats`]: nearest-rank percentiles and medians.
+//! * [`stats`]: nearest-rank percentiles and medians; [`env_or`]: a
+//!   benchmark's knobs from the environment.
 //!
 //! Blocking and dependency-light on purpose: the client's tests and the bench
 //! crate use it without pulling the broker in.
@@ -31,6 +32,15 @@ pub use process::{
     Spawned, ally_bin, build_ally, cargo_build, example, pid_alive, stderr, stdout, target_dir,
 };
 pub use stats::{median, percentile};
+
+/// Environment variable `name` parsed as a `T`; `default` when it is unset or
+/// does not parse. How a benchmark takes its knobs (`ALLY_BENCH_RUNS`, ...).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.
 pub fn free_port() -> u16 {
