@@ -548,6 +548,36 @@ mod tests {
         assert_eq!(wait_for(5), Some(Duration::from_millis(5)));
     }
 
+    #[tokio::test]
+    async fn a_held_entry_answers_a_message_and_names_the_lock_it_refuses() {
+        let store = SharedStore::new(Limits::default());
+        let Answer::Held(answer) = find(LOCKER, "Lock").unwrap().answer else {
+            panic!("Lock is held");
+        };
+        let lock = |args: (&str, u64)| {
+            Message::method_call("/org/ally", "Lock")
+                .interface(LOCKER)
+                .build(&args)
+                .unwrap()
+        };
+        let one = Holder { owner: 1, conn: 1 };
+        let reply = answer(&store, one, &lock(("x", 0))).await.unwrap();
+        assert!(reply.body().deserialize::<bool>().unwrap());
+        let refused = answer(&store, one, &lock(("", 0))).await;
+        assert!(matches!(
+            refused,
+            Err(Refused::Held { lock, error: StateError::InvalidArgument(_) }) if lock.is_empty()
+        ));
+        let wrong = Message::method_call("/org/ally", "Lock")
+            .interface(LOCKER)
+            .build(&("x",))
+            .unwrap();
+        assert!(matches!(
+            answer(&store, one, &wrong).await,
+            Err(Refused::Args(_))
+        ));
+    }
+
     #[test]
     fn only_cache_and_counters_are_on_the_state_socket() {
         for entry in TABLE {
