@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use ally_core::state::calls::{self, ATOMIC, CACHE, Refused, on_state_socket};
+use ally_core::state::calls::{self, ATOMIC, CACHE, on_state_socket};
 use serde::Serialize;
 use zbus::message::{Flags, Header, Type as MessageType};
 use zbus::wire::DynamicType;
@@ -19,6 +19,7 @@ use super::OBJECT_PATH;
 use super::broker1::Access;
 use super::caller::Role;
 use super::errors::Error;
+use super::state1::Refusal;
 
 const DBUS: &str = "org.freedesktop.DBus";
 const PEER: &str = "org.freedesktop.DBus.Peer";
@@ -28,36 +29,6 @@ pub struct StateCalls {
     access: Arc<Access>,
     /// What `Hello` answers: the connection's number, as a bus would.
     unique_name: String,
-}
-
-enum Refusal {
-    Ally(Error),
-    Fdo(zbus::fdo::Error),
-}
-
-impl From<Error> for Refusal {
-    fn from(e: Error) -> Self {
-        Refusal::Ally(e)
-    }
-}
-
-impl From<Refused> for Refusal {
-    fn from(e: Refused) -> Self {
-        match e {
-            Refused::Args(e) => Refusal::Fdo(zbus::fdo::Error::InvalidArgs(e.to_string())),
-            Refused::State(e) => Refusal::Ally(e.into()),
-            Refused::Reply(e) => {
-                tracing::warn!("cannot encode a reply on the state socket: {e}");
-                Refusal::Fdo(zbus::fdo::Error::Failed(e.to_string()))
-            }
-        }
-    }
-}
-
-impl From<zbus::Error> for Refusal {
-    fn from(e: zbus::Error) -> Self {
-        Refusal::Fdo(zbus::fdo::Error::InvalidArgs(e.to_string()))
-    }
 }
 
 type Answer = Result<Message, Refusal>;

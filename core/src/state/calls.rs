@@ -6,12 +6,11 @@
 //! Everything that carries a state call goes through here: the broker's zbus
 //! interfaces and its state socket, the client over D-Bus or the state socket, and the
 //! client's simulate mode, which applies the very same entry to a store in the process.
-//! Adding a method is one entry below plus its `<method>` in `dbus/org.ally.*.xml`
-//! (and, because zbus's `#[interface]` needs a method per D-Bus method, a one-line
-//! shim in the broker's `src/dbus/state1.rs`). [`disagreements`] compares an
-//! interface's XML with the table: the tests below run it on `dbus/*.xml`, the
-//! broker's `state1` tests on what its shims serve, so a test fails until the three
-//! agree.
+//! Adding a method is one entry below plus its `<method>` in `dbus/org.ally.*.xml`:
+//! the broker's interfaces (`src/dbus/state1.rs`) dispatch by name through
+//! [`find`] and serve those files as their introspection. [`disagreements`]
+//! compares an interface's XML with the table; the tests below run it on
+//! `dbus/*.xml`, so a test fails until the two agree.
 
 use std::fmt;
 use std::future::Future;
@@ -103,6 +102,11 @@ pub enum Refused {
     State(StateError),
     /// The reply could not be encoded.
     Reply(zbus::Error),
+    /// A held call failed: the lock it was about, and why.
+    Held {
+        lock: String,
+        error: StateError,
+    },
 }
 
 impl From<StateError> for Refused {
@@ -117,9 +121,13 @@ pub enum Answer {
     /// At once: decodes the arguments, applies the call, encodes the reply. The
     /// caller checks [`Entry::requires`] first.
     Now(fn(&SharedStore, &Message) -> Result<Message, Refused>),
-    /// Only where the caller's [`Holder`] is known (the zbus interfaces).
-    Held,
+    /// Only where the caller's [`Holder`] is known (the private socket), and may
+    /// wait: decodes, applies for the holder, encodes.
+    Held(for<'a> fn(&'a SharedStore, Holder, &'a Message) -> HeldAnswer<'a>),
 }
+
+/// The reply to a held call, once it has waited.
+pub type HeldAnswer<'a> = Pin<Box<dyn Future<Output = Result<Message, Refused>> + Send + 'a>>;
 
 /// One entry of [`TABLE`], for dispatch by name.
 pub struct Entry {
@@ -153,6 +161,27 @@ fn answer_now<C: Apply>(store: &SharedStore, call: &Message) -> Result<Message, 
     Message::method_return(&call.header())
         .build(&reply)
         .map_err(Refused::Reply)
+}
+
+fn answer_held<'a, C: ApplyHeld>(
+    store: &'a SharedStore,
+    holder: Holder,
+    call: &'a Message,
+) -> HeldAnswer<'a> {
+    Box::pin(async move {
+        let body = call.body();
+        let args = body.deserialize::<C::Args<'_>>().map_err(Refused::Args)?;
+        let lock = C::lock_name(&args);
+        let reply = C::apply_held(store, holder, args)
+            .await
+            .map_err(|error| Refused::Held {
+                lock: lock.to_string(),
+                error,
+            })?;
+        Message::method_return(&call.header())
+            .build(&reply)
+            .map_err(Refused::Reply)
+    })
 }
 
 /// A `timeout_ms` argument as a wait: [`WAIT_FOREVER`] is none.
@@ -258,7 +287,7 @@ macro_rules! calls {
         }
     };
     (@answer now $($path:ident)::+) => { Answer::Now(answer_now::<$($path)::+>) };
-    (@answer held $($path:ident)::+) => { Answer::Held };
+    (@answer held $($path:ident)::+) => { Answer::Held(answer_held::<$($path)::+>) };
 }
 
 calls! {
@@ -519,10 +548,40 @@ mod tests {
         assert_eq!(wait_for(5), Some(Duration::from_millis(5)));
     }
 
+    #[tokio::test]
+    async fn a_held_entry_answers_a_message_and_names_the_lock_it_refuses() {
+        let store = SharedStore::new(Limits::default());
+        let Answer::Held(answer) = find(LOCKER, "Lock").unwrap().answer else {
+            panic!("Lock is held");
+        };
+        let lock = |args: (&str, u64)| {
+            Message::method_call("/org/ally", "Lock")
+                .interface(LOCKER)
+                .build(&args)
+                .unwrap()
+        };
+        let one = Holder { owner: 1, conn: 1 };
+        let reply = answer(&store, one, &lock(("x", 0))).await.unwrap();
+        assert!(reply.body().deserialize::<bool>().unwrap());
+        let refused = answer(&store, one, &lock(("", 0))).await;
+        assert!(matches!(
+            refused,
+            Err(Refused::Held { lock, error: StateError::InvalidArgument(_) }) if lock.is_empty()
+        ));
+        let wrong = Message::method_call("/org/ally", "Lock")
+            .interface(LOCKER)
+            .build(&("x",))
+            .unwrap();
+        assert!(matches!(
+            answer(&store, one, &wrong).await,
+            Err(Refused::Args(_))
+        ));
+    }
+
     #[test]
     fn only_cache_and_counters_are_on_the_state_socket() {
         for entry in TABLE {
-            let held = matches!(entry.answer, Answer::Held);
+            let held = matches!(entry.answer, Answer::Held(_));
             assert!(
                 !(held && on_state_socket(entry.interface)),
                 "{entry:?} needs a lock owner"
