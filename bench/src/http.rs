@@ -1,6 +1,6 @@
 //! A minimal HTTP/1.1 client for the load generator, with the retry rule of real
 //! HTTP clients, and the request parser of the bench server (the same minimal
-//! HTTP/1.1 as `client/examples/hello.rs`).
+//! HTTP/1.1 the bench server speaks).
 
 use std::net::SocketAddr;
 use std::time::Duration;

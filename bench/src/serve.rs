@@ -1,5 +1,6 @@
-//! The one server logic of every scenario: HTTP/1.1 (keep-alive, graceful drain
-//! like `client/examples/hello.rs`) and the gRPC `Echo` service (tonic).
+//! The one server logic of every scenario: a minimal hand-written HTTP/1.1
+//! (keep-alive, graceful drain; see `bin/bench-server.rs` for why not a
+//! framework) and the gRPC `Echo` service (tonic).
 
 use std::sync::Arc;
 use std::time::Duration;

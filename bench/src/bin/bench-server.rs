@@ -17,6 +17,12 @@
 //!
 //! Every mode writes `ready pid=N` on stdout once it serves, stops accepting on
 //! SIGTERM (or the restart), drains, and exits.
+//!
+//! Its HTTP is a hand-written minimal loop, not a framework, on purpose: every
+//! mode must serve through the very same code so that only the way the sockets
+//! were obtained differs, and the data-path figures measure the raw path rather
+//! than a framework's overhead. How real frameworks fare is what the examples
+//! (`client/examples`) and their tests show.
 
 use std::io::Write;
 use std::net::SocketAddr;
