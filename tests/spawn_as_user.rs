@@ -65,18 +65,9 @@ fn an_unnamed_uid_is_the_uid_the_instance_runs_as() {
         "unnamed",
         "command = [\"/bin/sleep\", \"60\"]\nuser = 3999999\ngroup = 3999998\n",
     );
-    let mut pids = Vec::new();
-    wait_until("the instance to start", Duration::from_secs(10), || {
-        pids = broker.pids("starting");
-        !pids.is_empty()
-    });
-    // The instance may still be between fork and exec: wait for `sleep` itself.
-    wait_until("the instance to exec", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{}/comm", pids[0]))
-            .is_ok_and(|c| c.trim() == "sleep")
-    });
+    let pid = sleeping_instance(&broker);
     assert_eq!(
-        ids_of(pids[0]),
+        ids_of(pid),
         ("3999999".into(), "3999998".into(), "3999998".into())
     );
 }
@@ -91,15 +82,7 @@ fn a_named_user_runs_with_its_groups() {
         "named",
         "command = [\"/bin/sleep\", \"60\"]\nuser = \"nobody\"\n",
     );
-    let mut pids = Vec::new();
-    wait_until("the instance to start", Duration::from_secs(10), || {
-        pids = broker.pids("starting");
-        !pids.is_empty()
-    });
-    wait_until("the instance to exec", Duration::from_secs(10), || {
-        std::fs::read_to_string(format!("/proc/{}/comm", pids[0]))
-            .is_ok_and(|c| c.trim() == "sleep")
-    });
+    let pid = sleeping_instance(&broker);
     let nobody = User::from_name("nobody").unwrap().unwrap();
     let groups: Vec<String> = getgrouplist(c"nobody", nobody.gid)
         .unwrap()
@@ -107,7 +90,7 @@ fn a_named_user_runs_with_its_groups() {
         .map(|g| g.as_raw().to_string())
         .collect();
     assert_eq!(
-        ids_of(pids[0]),
+        ids_of(pid),
         (
             nobody.uid.to_string(),
             nobody.gid.to_string(),
@@ -226,4 +209,19 @@ async fn spawning_as_a_user_does_not_hang_while_other_threads_read_the_user_data
         started.elapsed(),
         lookups.load(Ordering::Relaxed)
     );
+}
+
+/// The pid of the broker's first instance once it runs `sleep` itself (it may
+/// still be between fork and exec when the broker lists it).
+fn sleeping_instance(broker: &TestBroker) -> u32 {
+    let mut pids = Vec::new();
+    wait_until("the instance to start", Duration::from_secs(10), || {
+        pids = broker.pids("starting");
+        !pids.is_empty()
+    });
+    wait_until("the instance to exec", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{}/comm", pids[0]))
+            .is_ok_and(|c| c.trim() == "sleep")
+    });
+    pids[0]
 }

@@ -203,6 +203,19 @@ mod tests {
         }
     }
 
+    /// Owner 2 (connection 2) asks for a write lock on "x" that owner 1 holds,
+    /// and is queued.
+    async fn second_owner_waiting(
+        s: &std::sync::Arc<SharedStore>,
+    ) -> tokio::task::JoinHandle<Result<bool, StateError>> {
+        let waiter = {
+            let s = s.clone();
+            tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
+        };
+        queued(s, "x", 1).await;
+        waiter
+    }
+
     #[tokio::test]
     async fn a_wait_is_granted_when_the_holder_leaves() {
         let s = std::sync::Arc::new(SharedStore::new(Limits::default()));
@@ -219,11 +232,7 @@ mod tests {
                 .unwrap()
         );
         assert!(t0.elapsed() >= Duration::from_millis(50));
-        let waiter = {
-            let s = s.clone();
-            tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
-        };
-        queued(&s, "x", 1).await;
+        let waiter = second_owner_waiting(&s).await;
         assert!(!waiter.is_finished());
         s.unlock("x", 1, Mode::Write).unwrap();
         assert!(waiter.await.unwrap().unwrap());
@@ -235,11 +244,7 @@ mod tests {
     async fn a_dropped_wait_leaves_nothing_behind() {
         let s = std::sync::Arc::new(SharedStore::new(Limits::default()));
         assert!(s.lock("x", 1, 1, Mode::Write, None).await.unwrap());
-        let waiter = {
-            let s = s.clone();
-            tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
-        };
-        queued(&s, "x", 1).await;
+        let waiter = second_owner_waiting(&s).await;
         waiter.abort();
         let _ = waiter.await;
         s.unlock("x", 1, Mode::Write).unwrap();
@@ -250,11 +255,7 @@ mod tests {
     async fn a_wait_of_a_departed_owner_ends_false() {
         let s = std::sync::Arc::new(SharedStore::new(Limits::default()));
         assert!(s.lock("x", 1, 1, Mode::Write, None).await.unwrap());
-        let waiter = {
-            let s = s.clone();
-            tokio::spawn(async move { s.lock("x", 2, 2, Mode::Write, None).await })
-        };
-        queued(&s, "x", 1).await;
+        let waiter = second_owner_waiting(&s).await;
         s.release_conn(2);
         assert!(!waiter.await.unwrap().unwrap());
     }
