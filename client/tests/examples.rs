@@ -97,6 +97,17 @@ fn connect(addr: SocketAddr) -> TcpStream {
     stream
 }
 
+/// A keep-alive connection left idle is closed about a second (the drain's idle
+/// time) after the stop at `stopped_at`, not at once.
+fn assert_closed_once_idle(stream: &mut TcpStream, stopped_at: Instant) {
+    assert_closed(stream);
+    let idle_for = stopped_at.elapsed();
+    assert!(
+        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(5),
+        "idle connection closed after {idle_for:?}"
+    );
+}
+
 fn assert_closed(stream: &mut TcpStream) {
     let mut buf = [0u8; 16];
     match stream.read(&mut buf) {
@@ -151,12 +162,7 @@ fn hello_keeps_alive_then_drains_on_sigterm() {
     assert_closed(&mut busy);
 
     // The idle connection is closed about a second after the stop.
-    assert_closed(&mut idle);
-    let idle_for = stopped_at.elapsed();
-    assert!(
-        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(5),
-        "idle connection closed after {idle_for:?}"
-    );
+    assert_closed_once_idle(&mut idle, stopped_at);
 
     let status = hello.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
@@ -349,12 +355,7 @@ fn axum_server_serves_then_drains_without_cutting_requests() {
     assert_eq!(r.header("Connection"), Some("close"));
     assert_closed(&mut busy);
 
-    assert_closed(&mut idle);
-    let idle_for = stopped_at.elapsed();
-    assert!(
-        idle_for >= Duration::from_millis(900) && idle_for < Duration::from_secs(5),
-        "idle connection closed after {idle_for:?}"
-    );
+    assert_closed_once_idle(&mut idle, stopped_at);
     let status = app.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
