@@ -191,6 +191,14 @@ impl Ally {
         self.inner.stop.stopped()
     }
 
+    /// How this instance's servers drain on the stop: its stop handle, with the idle
+    /// time the operator configured (`drain_idle`, passed as `ALLY_DRAIN_IDLE`). The
+    /// framework integrations ([`crate::axum`], [`crate::hyper`], [`crate::tonic`],
+    /// [`crate::actix`]) take it; [`crate::drain`] explains each step.
+    pub fn drain(&self) -> crate::drain::Drain {
+        crate::drain::Drain::from_env(self.inner.stop.clone())
+    }
+
     /// Whether the broker asked this instance to stop.
     pub fn is_stopping(&self) -> bool {
         self.inner.stop.is_stopping()

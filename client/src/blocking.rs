@@ -87,6 +87,11 @@ impl Ally {
         self.inner.stop_handle()
     }
 
+    /// See [`crate::Ally::drain`].
+    pub fn drain(&self) -> crate::drain::Drain {
+        self.inner.drain()
+    }
+
     pub fn is_stopping(&self) -> bool {
         self.inner.is_stopping()
     }

@@ -75,7 +75,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -94,12 +94,119 @@ pub const DEFAULT_SETTLE: Duration = Duration::from_millis(500);
 /// handshake's round trips, well below any `stop_timeout`.
 pub const DEFAULT_IDLE: Duration = Duration::from_secs(1);
 
+/// The environment variable through which the broker passes the app's `drain_idle`
+/// (whole milliseconds) to every instance.
+pub const DRAIN_IDLE_ENV: &str = "ALLY_DRAIN_IDLE";
+
+/// How a server drains once the stop comes: the stop itself, how long a keep-alive
+/// connection must stay idle before it is closed ([`idle`](Self::idle)), and how long
+/// connections accepted just before the stop may take to send their first bytes
+/// ([`settle`](Self::settle)). [`Ally::drain`](crate::Ally::drain) gives one with the
+/// app's configured `drain_idle`; the framework integrations take one.
+#[derive(Debug, Clone)]
+pub struct Drain {
+    stop: StopHandle,
+    idle: Duration,
+    settle: Duration,
+}
+
+impl Drain {
+    /// A drain on `stop` with the default times ([`DEFAULT_IDLE`], [`DEFAULT_SETTLE`]).
+    pub fn new(stop: StopHandle) -> Drain {
+        Drain {
+            stop,
+            idle: DEFAULT_IDLE,
+            settle: DEFAULT_SETTLE,
+        }
+    }
+
+    /// A drain on `stop` whose idle time comes from `ALLY_DRAIN_IDLE` (milliseconds)
+    /// when it is set to a positive number, else [`DEFAULT_IDLE`].
+    pub fn from_env(stop: StopHandle) -> Drain {
+        let idle = std::env::var(DRAIN_IDLE_ENV)
+            .ok()
+            .and_then(|v| parse_millis(&v))
+            .unwrap_or(DEFAULT_IDLE);
+        Drain::new(stop).with_idle(idle)
+    }
+
+    /// The same drain with another idle time.
+    pub fn with_idle(mut self, idle: Duration) -> Drain {
+        self.idle = idle;
+        self
+    }
+
+    /// The same drain with another settle time.
+    pub fn with_settle(mut self, settle: Duration) -> Drain {
+        self.settle = settle;
+        self
+    }
+
+    /// How long a connection must stay idle after the stop before it is closed.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    /// How long connections accepted just before the stop get to send their first bytes
+    /// before a server that shuts down all at once (tonic) starts its shutdown.
+    pub fn settle(&self) -> Duration {
+        self.settle
+    }
+
+    /// The stop this drain follows.
+    pub fn stop_handle(&self) -> &StopHandle {
+        &self.stop
+    }
+
+    /// Whether the stop was requested.
+    pub fn is_stopping(&self) -> bool {
+        self.stop.is_stopping()
+    }
+
+    /// Resolves when the stop is requested.
+    pub fn stopped(&self) -> impl Future<Output = ()> + Send + 'static {
+        self.stop.stopped()
+    }
+
+    /// Resolves [`settle`](Self::settle) after the stop: the shutdown future for a server
+    /// that stops accepting through [`incoming`] and then shuts every connection down at
+    /// once.
+    pub fn settled(&self) -> impl Future<Output = ()> + Send + 'static {
+        shutdown_after(self.stop.clone(), self.settle)
+    }
+
+    /// Resolves [`idle`](Self::idle) after the stop: the shutdown future for a server
+    /// (`axum::serve`) that answers with `Connection: close` while stopping and then
+    /// closes whatever connections are left at once — by then, idle ones.
+    pub fn idled(&self) -> impl Future<Output = ()> + Send + 'static {
+        shutdown_after(self.stop.clone(), self.idle)
+    }
+
+    /// Resolves when the connection `activity` tracks should be shut down gracefully:
+    /// see [`Activity::idle_after_stop`].
+    pub fn connection_done(
+        &self,
+        activity: &Activity,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let (activity, stop, idle) = (activity.clone(), self.stop.clone(), self.idle);
+        async move { activity.idle_after_stop(stop, idle).await }
+    }
+}
+
+fn parse_millis(text: &str) -> Option<Duration> {
+    match text.trim().parse::<u64>() {
+        Ok(ms) if ms > 0 => Some(Duration::from_millis(ms)),
+        _ => None,
+    }
+}
+
 /// `io` with its reads timed, and the handle that reads the time; see the module docs.
 pub fn track<S>(io: S) -> (Tracked<S>, Activity) {
     let activity = Activity {
         inner: Arc::new(ActivityInner {
             born: Instant::now(),
             last_read_us: AtomicU64::new(0),
+            http2: AtomicU8::new(UNKNOWN),
         }),
     };
     let tracked = Tracked {
@@ -134,12 +241,38 @@ struct ActivityInner {
     born: Instant,
     /// Microseconds after `born`; 0: nothing read yet.
     last_read_us: AtomicU64,
+    /// Whether the first bytes read were HTTP/2's connection preface.
+    http2: AtomicU8,
 }
 
+const UNKNOWN: u8 = 0;
+const NOT_HTTP2: u8 = 1;
+const HTTP2: u8 = 2;
+/// The start of HTTP/2's client connection preface (RFC 9113, 3.4), which no HTTP/1
+/// request starts with.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0";
+
 impl Activity {
-    fn touch(&self) {
+    fn touch(&self, first_bytes: &[u8]) {
         let us = self.inner.born.elapsed().as_micros().max(1) as u64;
-        self.inner.last_read_us.store(us, Ordering::Relaxed);
+        let first = self.inner.last_read_us.swap(us, Ordering::Relaxed) == 0;
+        if first {
+            let n = first_bytes.len().min(HTTP2_PREFACE.len());
+            let http2 = first_bytes[..n] == HTTP2_PREFACE[..n];
+            self.inner
+                .http2
+                .store(if http2 { HTTP2 } else { NOT_HTTP2 }, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the connection speaks HTTP/2 (its first bytes were the HTTP/2 preface);
+    /// `None` until it has read something.
+    pub fn is_http2(&self) -> Option<bool> {
+        match self.inner.http2.load(Ordering::Relaxed) {
+            HTTP2 => Some(true),
+            NOT_HTTP2 => Some(false),
+            _ => None,
+        }
     }
 
     /// When the connection last read a byte, if it has.
@@ -154,10 +287,17 @@ impl Activity {
     /// for `idle` (counting from the later of the stop and its last read): the moment to
     /// shut it down gracefully. A connection accepted just before the stop gets `idle`
     /// to send its first request.
+    ///
+    /// An HTTP/2 connection that has sent its preface resolves at the stop (or when the
+    /// preface arrives): its graceful shutdown is a `GOAWAY`, after which the client
+    /// opens no new stream on it while those in flight finish.
     pub async fn idle_after_stop(&self, stop: StopHandle, idle: Duration) {
         stop.stopped().await;
         let stopped_at = stop.stopping_since().unwrap_or_else(Instant::now);
         loop {
+            if self.is_http2() == Some(true) {
+                return;
+            }
             let quiet_since = self.last_read().map_or(stopped_at, |r| r.max(stopped_at));
             let deadline = quiet_since + idle;
             if Instant::now() >= deadline {
@@ -177,7 +317,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut self.io).poll_read(cx, buf);
         if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            self.activity.touch();
+            self.activity.touch(&buf.filled()[before..]);
         }
         poll
     }

@@ -87,17 +87,25 @@
 //! Any language with a D-Bus library can do the same as this crate: see
 //! `docs/dbus-api.md`.
 
+#[cfg(feature = "actix-web")]
+pub mod actix;
 mod ally;
+#[cfg(feature = "axum")]
+pub mod axum;
 pub mod blocking;
 mod direct;
 pub mod drain;
 pub mod error;
+#[cfg(feature = "hyper")]
+pub mod hyper;
 mod listen;
 mod listener;
 mod shared;
 mod status;
 pub mod stdnet;
 mod stop;
+#[cfg(feature = "tonic")]
+pub mod tonic;
 
 pub use ally::Ally;
 pub use direct::StateSocket;

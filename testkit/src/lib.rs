@@ -8,6 +8,7 @@
 //! * [`procfs`]: what a process holds and has used (RSS, fds, CPU time);
 //! * [`http`] and [`Load`]: a blocking HTTP/1.1 client and a load of worker
 //!   threads that counts every failed request;
+//! * [`loadgen`]: `ab` and `wrk`, which never retry, run in the background;
 //! * [`stats`]: nearest-rank percentiles and medians; [`env_or`]: a
 //!   benchmark's knobs from the environment.
 //!
@@ -18,6 +19,7 @@ pub mod broker;
 pub mod files;
 pub mod http;
 pub mod load;
+pub mod loadgen;
 pub mod poll;
 pub mod process;
 pub mod procfs;
