@@ -82,19 +82,10 @@ impl Generator {
         let mut cmd = Command::new(tool.program());
         match tool {
             // -l: the body may change length (it names the pid that answered);
-            // -r: go on after a receive error (it is counted, not fatal).
+            // -r: go on after a receive error (it is counted, not fatal);
+            // -n: ab allocates 32 bytes per request up front.
             Tool::Ab | Tool::AbKeepAlive => {
-                cmd.args([
-                    "-q",
-                    "-l",
-                    "-r",
-                    "-s",
-                    "10",
-                    "-t",
-                    "3600",
-                    "-n",
-                    "2000000000",
-                ]);
+                cmd.args(["-q", "-l", "-r", "-s", "10", "-n", "3000000"]);
                 cmd.args(["-c", &c]);
                 if tool == Tool::AbKeepAlive {
                     cmd.arg("-k");
@@ -109,6 +100,11 @@ impl Generator {
             .spawn()
             .unwrap_or_else(|e| panic!("starting {tool}: {e} (apt install apache2-utils wrk)"));
         Generator { tool, child }
+    }
+
+    /// Whether it is still sending (it has not run out of requests or given up).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
     }
 
     /// Interrupts the generator and returns its report.
@@ -227,7 +223,7 @@ pub fn reloads_under(
     connections: u32,
     reloads: u32,
 ) -> Report {
-    let generator = Generator::start(tool, url, connections);
+    let mut generator = Generator::start(tool, url, connections);
     // Let every connection get going before the first reload.
     std::thread::sleep(Duration::from_millis(300));
     for n in 1..=reloads {
@@ -243,6 +239,11 @@ pub fn reloads_under(
         "the old generations to finish draining",
         Duration::from_secs(60),
         || broker.pids("draining").is_empty(),
+    );
+    assert!(
+        generator.is_running(),
+        "{tool} stopped before the reloads were done: {:?}",
+        generator.finish()
     );
     generator.finish()
 }
