@@ -248,6 +248,48 @@ pub fn reloads_under(
     generator.finish()
 }
 
+/// Runs `command` (an HTTP app that serves `127.0.0.1:port`) under a broker, reloads
+/// it `reloads` times under `tool` over `connections` connections, and asserts that
+/// no request failed and that every reload happened. One such load runs at a time in a
+/// test binary: on a machine of few cores a starved generator measures nothing.
+pub fn assert_reloads_lose_nothing(
+    label: &str,
+    command: &[String],
+    port: u16,
+    tool: Tool,
+    reloads: u32,
+) -> Report {
+    static ONE_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_LOAD.lock().unwrap_or_else(|e| e.into_inner());
+    crate::build_ally();
+    let config =
+        format!("command = {command:?}\nready_timeout = \"20s\"\nstop_timeout = \"20s\"\n");
+    let broker = Broker::start("web", &config);
+    broker.wait_running(1);
+    let url = format!("http://127.0.0.1:{port}/");
+    let report = reloads_under(&broker, tool, &url, 8, reloads);
+    eprintln!(
+        "{label} under {tool}, {reloads} reloads: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(
+        report.failed,
+        0,
+        "{label} under {tool}: {} failed of {}:\n{}\n--- broker log:\n{}",
+        report.failed,
+        report.requests,
+        report.detail,
+        broker.logs()
+    );
+    assert!(
+        report.requests >= 1000,
+        "{label} under {tool}: too little load to prove anything: {} requests",
+        report.requests
+    );
+    assert_eq!(broker.generation(), u64::from(reloads) + 1);
+    report
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
