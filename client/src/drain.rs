@@ -66,10 +66,10 @@
 //! # }
 //! ```
 //!
-//! The `hello` and `axum` examples are complete servers built this way. Ready-made
-//! integrations for axum, hyper-util, tonic and actix-web are the subject of the
-//! issue on real frameworks ("Zero failed requests for apps built on real
-//! frameworks").
+//! The framework integrations are built from these pieces: [`crate::hyper`] and
+//! [`crate::axum`] (both HTTP/1 steps, and `GOAWAY` for HTTP/2), [`crate::tonic`] and
+//! [`crate::actix`]. A [`Drain`] carries the stop and the two times; an app gets one
+//! with the operator's `drain_idle` from [`Ally::drain`](crate::Ally::drain).
 
 use std::future::Future;
 use std::io;
