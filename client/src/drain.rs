@@ -493,6 +493,48 @@ mod tests {
         assert!(waited >= idle, "closed {waited:?} after the last read");
     }
 
+    #[test]
+    fn drain_idle_comes_in_whole_milliseconds() {
+        assert_eq!(parse_millis("2500"), Some(Duration::from_millis(2500)));
+        assert_eq!(parse_millis(" 1 "), Some(Duration::from_millis(1)));
+        for bad in ["0", "", "1s", "-5", "1.5"] {
+            assert_eq!(parse_millis(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_done_at_the_stop_once_it_spoke() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stop = StopHandle::new();
+        let drain = Drain::new(stop.clone()).with_idle(Duration::from_secs(30));
+
+        let (mut h2_client, h2_server) = tokio::io::duplex(64);
+        let (mut h2_server, h2) = track(h2_server);
+        h2_client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 16];
+        let _ = h2_server.read(&mut buf).await.unwrap();
+        assert_eq!(h2.is_http2(), Some(true));
+
+        let (mut h1_client, h1_server) = tokio::io::duplex(64);
+        let (mut h1_server, h1) = track(h1_server);
+        assert_eq!(h1.is_http2(), None);
+        h1_client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let _ = h1_server.read(&mut buf).await.unwrap();
+        assert_eq!(h1.is_http2(), Some(false));
+
+        let h2_done = tokio::spawn(drain.connection_done(&h2));
+        let h1_done = tokio::spawn(drain.connection_done(&h1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!h2_done.is_finished(), "done before the stop");
+        stop.stop();
+        tokio::time::timeout(Duration::from_secs(5), h2_done)
+            .await
+            .expect("HTTP/2 waits for no idle time: its shutdown is a GOAWAY")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!h1_done.is_finished(), "HTTP/1 waits for its idle time");
+    }
+
     #[tokio::test]
     async fn shutdown_waits_for_stop_then_settle() {
         let stop = StopHandle::new();
