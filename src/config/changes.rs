@@ -126,10 +126,11 @@ mod tests {
 
     #[test]
     fn the_process_keys_apply_to_the_new_generation() {
-        let new = BASE
-            .replace("\"-v\"", "\"-q\"")
-            .replace("A = \"1\"", "A = \"2\"")
-            + "stop_signal = \"SIGINT\"\ndrain_idle = \"3s\"\nuser = \"nobody\"\n";
+        let new = format!(
+            "stop_signal = \"SIGINT\"\ndrain_idle = \"3s\"\nuser = \"nobody\"\n{}",
+            BASE.replace("\"-v\"", "\"-q\"")
+                .replace("A = \"1\"", "A = \"2\"")
+        );
         let changes = between(&config(BASE), &config(&new));
         assert_eq!(
             changes.applied,
@@ -177,7 +178,7 @@ mod tests {
     #[test]
     fn the_broker_limits_wait_for_a_restart() {
         let new = format!(
-            "{BASE}state_busy_poll = \"20us\"\nready_timeout = \"5s\"\n[limits]\nmax_keys_per_namespace = 7\n"
+            "state_busy_poll = \"20us\"\nready_timeout = \"5s\"\n{BASE}[limits]\nmax_keys_per_namespace = 7\n"
         );
         let (old, new) = (config(BASE), config(&new));
         let changes = between(&old, &new);
