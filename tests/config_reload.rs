@@ -334,3 +334,56 @@ fn without_a_config_file_a_reload_restarts_the_same_command() {
         "{table}"
     );
 }
+
+/// The uid and gid a process runs with, from /proc.
+fn ids_of(pid: u32) -> (u32, u32) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let first = |name: &str| -> u32 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    (first("Uid:"), first("Gid:"))
+}
+
+/// A reload that sets `user` runs the new generation as that user, which can
+/// reach the broker's sockets to call `Ready`, as if the broker had started
+/// with it.
+#[test]
+fn a_user_set_at_a_reload_runs_the_new_generation_and_may_reach_the_broker() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching the instances' user needs root");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let port = free_port();
+    let broker = TestBroker::start("web", &hello_config(port, "root", ""));
+    broker.wait_running(1);
+    assert_eq!(ids_of(broker.pids("ready")[0]), (0, 0));
+    // The test's temporary directory holds the runtime directory: let others pass.
+    std::fs::set_permissions(broker.dir.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().unwrap();
+
+    edit(
+        &broker,
+        &hello_config(port, "nobody", "user = \"nobody\"\n"),
+    );
+    reload_ok(&broker);
+    assert_eq!(version_on(port), "nobody");
+    assert_eq!(
+        ids_of(broker.pids("ready")[0]),
+        (nobody.uid.as_raw(), nobody.gid.as_raw())
+    );
+
+    // And back: the broker's sockets are the broker's user's alone again.
+    edit(&broker, &hello_config(port, "root again", ""));
+    reload_ok(&broker);
+    assert_eq!(ids_of(broker.pids("ready")[0]), (0, 0));
+    let socket = std::fs::symlink_metadata(broker.socket()).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((socket.uid(), socket.mode() & 0o777), (0, 0o600));
+}
