@@ -140,7 +140,7 @@ fn an_added_listen_entry_is_bound_before_the_generation_starts_and_a_removed_one
         "nothing listens on the removed address"
     );
     assert!(broker.logs().contains(&format!(
-        "is no longer in [[listen]]: it closes once no instance has used it for 1s"
+        "tcp 127.0.0.1:{first} is no longer in [[listen]]: it closes once no instance has used it for 1s"
     )));
 }
 
