@@ -387,3 +387,92 @@ fn a_user_set_at_a_reload_runs_the_new_generation_and_may_reach_the_broker() {
     use std::os::unix::fs::MetadataExt;
     assert_eq!((socket.uid(), socket.mode() & 0o777), (0, 0o600));
 }
+
+/// An old generation is asked to stop with the signal it was started with
+/// (its `ALLY_STOP_SIGNAL`), not the one the reload brought: SIGUSR2 would
+/// kill an app that waits for SIGTERM. (The broker takes the reload's settings
+/// only after the old generation was asked to stop; this keeps that order.)
+#[test]
+fn an_old_generation_stops_with_its_own_stop_signal() {
+    let port = free_port();
+    let broker = TestBroker::start("web", &hello_config(port, "term", ""));
+    broker.wait_running(1);
+    let old = broker.pids("ready")[0];
+    edit(
+        &broker,
+        &format!(
+            "stop_signal = \"SIGUSR2\"\n{}",
+            hello_config(port, "usr2", "")
+        ),
+    );
+    reload_ok(&broker);
+    wait_until("the old instance exited", Duration::from_secs(20), || {
+        !pid_alive(old)
+    });
+    let exited = format!("instance=1 pid={old} generation=1");
+    let exit = wait_for("its exit logged", Duration::from_secs(5), || {
+        let logs = broker.logs();
+        let line = logs.lines().find(|l| l.ends_with(&exited))?;
+        Some(line.to_string())
+    });
+    assert!(exit.contains("instance exited with status 0"), "{exit}");
+    let logs = broker.logs();
+    assert!(
+        logs.contains(&format!(
+            "asking instance to stop with SIGTERM instance=1 pid={old}"
+        )),
+        "{logs}"
+    );
+}
+
+/// A reload's generation that is not ready in time is stopped as it expects:
+/// with the stop signal of the config it was started with.
+#[test]
+fn a_generation_that_fails_its_reload_stops_with_its_own_stop_signal() {
+    let port = free_port();
+    let broker = TestBroker::start("web", &hello_config(port, "term", ""));
+    broker.wait_running(1);
+    let never_ready = format!(
+        "stop_signal = \"SIGUSR2\"\n{}",
+        hello_config(port, "usr2", "")
+            .replace("\"10s\"", "\"1s\"")
+            .replace("\"usr2\"]", "\"usr2\", \"--ready-delay\", \"600000\"]")
+    );
+    edit(&broker, &never_ready);
+    let out = broker.reload();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let message = stderr(&out);
+    assert!(
+        message.contains("was not ready within 1s (ready_timeout); it was killed, by its stop signal SIGUSR2 and then SIGKILL after 1s (stop_timeout)"),
+        "{message}"
+    );
+    assert!(
+        broker
+            .logs()
+            .contains("asking instance to stop with SIGUSR2 instance=2"),
+        "{}",
+        broker.logs()
+    );
+    assert_eq!(version_on(port), "term");
+}
+
+/// A reload whose generation cannot start leaves the broker with the config it
+/// had: a crash restart of the old generation runs the old command.
+#[test]
+fn a_failed_reload_keeps_the_config_the_broker_had() {
+    let port = free_port();
+    let broker = TestBroker::start("web", &hello_config(port, "old", ""));
+    broker.wait_running(1);
+    edit(&broker, "command = [\"/nonexistent/web\"]\n");
+    let out = broker.reload();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(stderr(&out).contains("could not start"), "{}", stderr(&out));
+    assert_eq!(broker.status()["config_revision"], 1);
+
+    signal(broker.pids("ready")[0], nix::sys::signal::Signal::SIGKILL);
+    wait_until("a restarted generation", Duration::from_secs(20), || {
+        let s = broker.status();
+        s["state"] == "running" && s["generation"].as_u64() >= Some(3)
+    });
+    assert_eq!(version_on(port), "old");
+}
