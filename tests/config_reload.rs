@@ -180,6 +180,10 @@ fn assert_refused(broker: &TestBroker, port: u16, text: &str, expected: &str) {
         load.ok() > before + 20
     });
     let stats = load.finish();
+    eprintln!(
+        "refused reload ({expected}): {} requests on new connections, {} failed",
+        stats.ok, stats.failed
+    );
     assert_eq!(stats.failed, 0, "{:?}", stats.errors);
     assert_eq!(broker.pids("ready"), old, "the old instance still serves");
     let status = broker.status();
@@ -475,4 +479,29 @@ fn a_failed_reload_keeps_the_config_the_broker_had() {
         s["state"] == "running" && s["generation"].as_u64() >= Some(3)
     });
     assert_eq!(version_on(port), "old");
+}
+
+/// `ally run APP --config FILE -- COMMAND`: a reload reads the file again, and
+/// the command line's command still replaces the file's.
+#[test]
+fn a_command_given_on_the_command_line_still_replaces_the_files() {
+    let port = free_port();
+    let hello = hello().display().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let file = |version: &str| {
+        format!(
+            "command = [\"/nonexistent/web\"]\nenvironment = {{ HELLO_VERSION = {version:?} }}\n"
+        )
+    };
+    let broker = TestBroker(
+        Launch::new("web")
+            .config(&file("one"))
+            .command(&[&hello, "--listen", &listen])
+            .start(),
+    );
+    broker.wait_running(1);
+    assert_eq!(version_on(port), "one");
+    edit(&broker, &file("two"));
+    reload_ok(&broker);
+    assert_eq!(version_on(port), "two");
 }
