@@ -505,3 +505,38 @@ fn a_command_given_on_the_command_line_still_replaces_the_files() {
     reload_ok(&broker);
     assert_eq!(version_on(port), "two");
 }
+
+/// A `[[listen]]` entry whose options change keeps its socket (closing it would
+/// refuse connections); the broker says so. A `[limits]` change waits for the
+/// broker's restart, and the broker says that too.
+#[test]
+fn changed_listen_options_and_limits_keep_what_serves_and_say_so() {
+    let port = free_port();
+    let config = |backlog: u32, keys: u32| {
+        format!(
+            "[limits]\nmax_keys_per_namespace = {keys}\n[[listen]]\nnetwork = \"tcp\"\naddress = \"127.0.0.1:{port}\"\nbacklog = {backlog}\n"
+        )
+    };
+    let text = |backlog, keys| format!("{}{}", hello_config(port, "v", ""), config(backlog, keys));
+    let broker = TestBroker::start("web", &text(16, 100));
+    broker.wait_running(1);
+    edit(&broker, &text(32, 200));
+    reload_ok(&broker);
+    assert_eq!(version_on(port), "v");
+    let logs = broker.logs();
+    let file = config_path(&broker).display().to_string();
+    assert!(
+        logs.contains(&format!(
+            "{file}: the options of [[listen]] tcp 127.0.0.1:{port} changed; its socket stays open as it was bound"
+        )),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "{file}: `limits` changed; the broker keeps its old value until it restarts"
+        )),
+        "{logs}"
+    );
+    let listeners = broker.status()["listeners"].as_array().unwrap().len();
+    assert_eq!(listeners, 1);
+}
