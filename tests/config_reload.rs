@@ -410,6 +410,7 @@ fn an_old_generation_stops_with_its_own_stop_signal() {
         ),
     );
     reload_ok(&broker);
+    assert_eq!(version_on(port), "usr2");
     wait_until("the old instance exited", Duration::from_secs(20), || {
         !pid_alive(old)
     });
@@ -507,7 +508,7 @@ fn a_command_given_on_the_command_line_still_replaces_the_files() {
 }
 
 /// A `[[listen]]` entry whose options change keeps its socket (closing it would
-/// refuse connections); the broker says so. A `[limits]` change waits for the
+/// refuse connections), and the broker says so. A `[limits]` change waits for the
 /// broker's restart, and the broker says that too.
 #[test]
 fn changed_listen_options_and_limits_keep_what_serves_and_say_so() {
