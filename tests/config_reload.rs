@@ -541,3 +541,38 @@ fn changed_listen_options_and_limits_keep_what_serves_and_say_so() {
     let listeners = broker.status()["listeners"].as_array().unwrap().len();
     assert_eq!(listeners, 1);
 }
+
+/// An added `[[listen]]` entry the broker cannot bind fails the reload before
+/// anything starts, naming the entry; the old generation serves on.
+#[test]
+fn an_added_listen_entry_that_cannot_be_bound_fails_the_reload() {
+    let port = free_port();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_port = taken.local_addr().unwrap().port();
+    let broker = TestBroker::start("web", &hello_config(port, "v", ""));
+    broker.wait_running(1);
+    edit(
+        &broker,
+        &hello_config(
+            port,
+            "v2",
+            &format!("[[listen]]\nnetwork = \"tcp\"\naddress = \"127.0.0.1:{taken_port}\"\n"),
+        ),
+    );
+    let out = broker.reload();
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let file = config_path(&broker).display().to_string();
+    let message = stderr(&out);
+    assert!(
+        message.starts_with(&format!(
+            "ally: reload of web failed: the config was not reloaded: {file}: key `listen[0]` (tcp 127.0.0.1:{taken_port}): "
+        )),
+        "{message}"
+    );
+    assert!(message.contains("in use"), "{message}");
+    assert_eq!(version_on(port), "v");
+    let status = broker.status();
+    assert_eq!(status["generation"], 1);
+    assert_eq!(status["config_revision"], 1);
+    assert_eq!(status["listeners"].as_array().unwrap().len(), 1, "{status}");
+}

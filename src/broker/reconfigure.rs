@@ -124,14 +124,12 @@ impl Broker {
                 for addr in &pinned {
                     shared.listeners.set_pinned(addr, false, now);
                 }
-                let file = settings
-                    .config
-                    .file
-                    .as_deref()
-                    .unwrap_or_else(|| "".as_ref());
+                let config = &settings.config;
+                let index = config.listen.iter().position(|l| l.addr == *addr);
                 return Err(refused(format!(
-                    "{}: [[listen]] {addr}: {e}",
-                    file.display()
+                    "{}: key `listen[{}]` ({addr}): {e}",
+                    file_name(config),
+                    index.unwrap_or_default()
                 )));
             }
         }
@@ -144,11 +142,7 @@ impl Broker {
             settings, changes, ..
         } = prepared;
         let config = &settings.config;
-        let file = config
-            .file
-            .as_deref()
-            .unwrap_or_else(|| "".as_ref())
-            .display();
+        let file = file_name(config);
         {
             let mut shared = self.lock();
             let now = Instant::now();
@@ -228,6 +222,15 @@ fn read_config(
     let config = Config::parse(&text, &path, command_override).map_err(|e| e.to_string())?;
     let run_as = RunAs::resolve(&config)?;
     Ok((text, config, run_as))
+}
+
+/// The config file, for messages about it.
+fn file_name(config: &Config) -> String {
+    config
+        .file
+        .as_ref()
+        .map(|f| f.display().to_string())
+        .unwrap_or_default()
 }
 
 fn refused(why: String) -> String {
