@@ -1,11 +1,19 @@
 //! The `tonic_server` example under a real `ally run`: 20 reloads while gRPC clients
-//! that never retry keep calling it, and not one call fails.
+//! that never retry keep calling it.
 //!
 //! The load is tonic's own client, as an app's would be: `TASKS` tasks calling back
-//! to back, each either on one channel it keeps (its connection lives across the
-//! reloads and gets each old generation's `GOAWAY`) or on a new connection per call
-//! (whose connections land in the old generation's accept queue at the moment it
-//! stops). A call that fails or takes over `CALL_TIMEOUT` counts as failed.
+//! to back, each either on a new connection per call (whose connections land in the
+//! old generation's accept queue at the moment it stops) or on one channel it keeps
+//! (whose connection lives across the reloads and gets each old generation's
+//! `GOAWAY`). A call that fails or takes over `CALL_TIMEOUT` counts as failed.
+//!
+//! With a new connection per call not one call may fail. A kept channel may still
+//! see a call refused: tonic's client (hyper's, underneath) learns that a connection
+//! which got a `GOAWAY` is gone only when the connection ends, and fails a call made
+//! in between instead of sending it on a new connection (tonic issue #2185). Such a
+//! call never reached the server, which could not have served it; the test checks
+//! that every failure is of that kind, so the server lost no call it received, and
+//! prints how many there were.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -117,6 +125,15 @@ async fn client(mode: Mode, url: String, tally: Arc<Tally>, done: Arc<AtomicBool
     }
 }
 
+/// Whether a failed call is one tonic's client refused to send on a connection that
+/// had received a `GOAWAY` (hyper cancels it before sending, or h2 refuses to open
+/// the stream), or that the server's final `GOAWAY` declared unprocessed.
+fn never_sent(failure: &str) -> bool {
+    failure.contains("hyper::Error(Canceled, \"connection closed\")")
+        || failure.contains("hyper::Error(Canceled, \"connection was not ready\")")
+        || failure.contains("kind: GoAway(b\"\", NO_ERROR, Remote)")
+}
+
 fn reloads_under_grpc_load(mode: Mode) {
     build_ally();
     let port = free_port();
@@ -177,12 +194,16 @@ fn reloads_under_grpc_load(mode: Mode) {
         ok(),
         failures.len()
     );
+    let lost: Vec<_> = match mode {
+        Mode::NewConnection => failures.iter().collect(),
+        Mode::OneChannel => failures.iter().filter(|f| !never_sent(f)).collect(),
+    };
     assert!(
-        failures.is_empty(),
+        lost.is_empty(),
         "{} of {} calls failed under {mode:?}, first ones: {:#?}",
-        failures.len(),
+        lost.len(),
         ok() + failures.len() as u64,
-        &failures[..failures.len().min(5)]
+        &lost[..lost.len().min(5)]
     );
     assert!(ok() > 1000, "too little load to prove anything: {}", ok());
     assert!(generations.contains_key(&1), "{generations:?}");
@@ -195,11 +216,11 @@ fn reloads_under_grpc_load(mode: Mode) {
 }
 
 #[test]
-fn one_channel_per_client() {
-    reloads_under_grpc_load(Mode::OneChannel);
+fn new_connection_per_call_fails_no_call() {
+    reloads_under_grpc_load(Mode::NewConnection);
 }
 
 #[test]
-fn new_connection_per_call() {
-    reloads_under_grpc_load(Mode::NewConnection);
+fn one_channel_per_client_loses_no_call_the_server_received() {
+    reloads_under_grpc_load(Mode::OneChannel);
 }
