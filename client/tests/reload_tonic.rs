@@ -168,7 +168,7 @@ fn reloads_under_grpc_load(mode: Mode) {
             stdout(&out).trim(),
             format!("grpc: reloaded to generation {}", n + 1)
         );
-        // Each generation answers before the next reload stops it.
+        // Let the load run on each generation before the next reload stops it.
         wait_until(
             &format!("calls after reload {n}"),
             Duration::from_secs(10),
