@@ -4,20 +4,24 @@
 //!
 //! Handing such a server [`Ally::stopped`](crate::Ally::stopped) as its shutdown
 //! future loses requests on a reload. The moment the future resolves the server
-//! stops accepting *and* starts its graceful shutdown at once; a connection it
-//! accepted a moment earlier has not finished its HTTP/2 handshake yet, and hyper
-//! closes a connection still in its handshake instead of draining it. The client
-//! sees `connection closed before server preface received` (the failure users of
-//! the Go Ally reported with gRPC servers).
+//! stops accepting *and* shuts down every connection at once; a connection it
+//! accepted a moment earlier has not sent its first request yet, the `GOAWAY` reaches
+//! its client first, and the client fails the request (or, with an older hyper,
+//! sees `connection closed before server preface received`: the failure users of the
+//! Go Ally reported with gRPC servers).
 //!
-//! The remedy is to separate the two steps:
+//! The remedy is to separate the steps:
 //!
 //! 1. stop accepting: [`incoming`] yields accepted connections until the stop is
 //!    requested, then drops its listener (the broker's socket stays open, so the
 //!    next generation accepts what is queued) and yields nothing more;
-//! 2. settle: let the connections already accepted finish their handshake;
-//! 3. shut down gracefully: [`shutdown_after`] resolves `settle` after the stop,
-//!    and the server then sends `GOAWAY` and finishes the streams in flight.
+//! 2. settle: let the connections already accepted send their first request;
+//! 3. shut down gracefully: the server sends `GOAWAY` and finishes the streams in
+//!    flight.
+//!
+//! `ally_client::tonic` (feature `tonic`) does this for tonic, its settle ending as soon as every connection
+//! accepted before the stop has sent its first request. With only this module,
+//! [`shutdown_after`] settles for a fixed time:
 //!
 //! ```no_run
 //! # async fn run(server: impl FnOnce(ally_client::drain::Incoming, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)) -> ally_client::Result<()> {
@@ -28,8 +32,6 @@
 //! let stop = ally.stop_handle();
 //! let incoming = drain::incoming(listener, stop.clone());
 //! let shutdown = Box::pin(drain::shutdown_after(stop, drain::DEFAULT_SETTLE));
-//! // tonic::transport::Server::builder().add_service(svc)
-//! //     .serve_with_incoming_shutdown(incoming, shutdown).await?;
 //! server(incoming, shutdown);
 //! # Ok(()) }
 //! ```
@@ -66,9 +68,9 @@
 //! # }
 //! ```
 //!
-//! The framework integrations are built from these pieces: [`crate::hyper`] and
-//! [`crate::axum`] (both HTTP/1 steps, and `GOAWAY` for HTTP/2), [`crate::tonic`] and
-//! [`crate::actix`]. A [`Drain`] carries the stop and the two times; an app gets one
+//! The framework integrations are built from these pieces: the modules `hyper` and
+//! `axum` (both HTTP/1 steps, and `GOAWAY` for HTTP/2), `tonic` and `actix`, each
+//! behind the cargo feature of its framework. A [`Drain`] carries the stop and the two times; an app gets one
 //! with the operator's `drain_idle` from [`Ally::drain`](crate::Ally::drain).
 
 use std::future::Future;

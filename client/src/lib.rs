@@ -38,13 +38,13 @@
 //!
 //! | feature | module | serve |
 //! | --- | --- | --- |
-//! | `axum` | [`axum`] | `ally_client::axum::serve(listener, app, ally.drain())`, or `axum::serve` with its `Listener` |
-//! | `hyper` | [`hyper`] | `ally_client::hyper::serve(listener, service, ally.drain())` (HTTP/1 and HTTP/2) |
-//! | `tonic` | [`tonic`] | tonic's `serve_with_incoming_shutdown` with the module's incoming stream and shutdown future |
-//! | `actix-web` | [`actix`] | actix-web's `HttpServer` on Ally's listener, stopped by the drain |
+//! | `axum` | `axum` | `ally_client::axum::serve(listener, app, ally.drain())`, or `axum::serve` with its `Listener` |
+//! | `hyper` | `hyper` | `ally_client::hyper::serve(listener, service, ally.drain())` (HTTP/1 and HTTP/2) |
+//! | `tonic` | `tonic` | tonic's `serve_with_incoming_shutdown` with the module's incoming stream and shutdown future |
+//! | `actix-web` | `actix` | actix-web's `HttpServer` on Ally's listener, stopped by the drain |
 //!
 //! A hand-written loop uses [`drain`]'s pieces. Each step of the drain answers a failure a
-//! client that does not retry would otherwise see; [`hyper`] lists them.
+//! client that does not retry would otherwise see; the `hyper` module lists them.
 //!
 //! # Managed and simulate mode
 //!
