@@ -217,3 +217,86 @@ fn close(head: &mut ResponseHead) {
         head.set_connection_type(ConnectionType::Close);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use actix_web::body::BoxBody;
+    use actix_web::dev::ServiceResponse;
+    use actix_web::middleware::{Next, from_fn};
+    use actix_web::{App, HttpResponse, test, web};
+
+    use super::*;
+    use crate::StopHandle;
+
+    fn connection(response: &ServiceResponse) -> ConnectionType {
+        response.response().head().connection_type()
+    }
+
+    #[actix_web::test]
+    async fn closes_only_while_stopping() {
+        let stop = StopHandle::new();
+        let drain = Drain::new(stop.clone());
+        let app = test::init_service(
+            App::new()
+                .wrap(CloseWhileStopping::new(&drain))
+                .route("/", web::get().to(|| async { "hello" }))
+                .route(
+                    "/ws",
+                    web::get().to(|| async {
+                        HttpResponse::SwitchingProtocols()
+                            .upgrade("websocket")
+                            .finish()
+                    }),
+                ),
+        )
+        .await;
+        let get = |path| test::TestRequest::get().uri(path).to_request();
+
+        let response = test::call_service(&app, get("/")).await;
+        assert_eq!(connection(&response), ConnectionType::KeepAlive);
+
+        stop.stop();
+        let response = test::call_service(&app, get("/")).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(connection(&response), ConnectionType::Close);
+        // A missing route is a response too.
+        let response = test::call_service(&app, get("/nope")).await;
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(connection(&response), ConnectionType::Close);
+        // An upgrade is left alone.
+        let response = test::call_service(&app, get("/ws")).await;
+        assert_eq!(connection(&response), ConnectionType::Upgrade);
+    }
+
+    #[actix_web::test]
+    async fn an_error_from_an_inner_middleware_closes_too() {
+        async fn refuse(
+            _: ServiceRequest,
+            _: Next<BoxBody>,
+        ) -> Result<ServiceResponse<BoxBody>, Error> {
+            Err(actix_web::error::ErrorForbidden("no"))
+        }
+        let stop = StopHandle::new();
+        let drain = Drain::new(stop.clone());
+        let app = test::init_service(
+            App::new()
+                .wrap(from_fn(refuse))
+                .wrap(CloseWhileStopping::new(&drain))
+                .route("/", web::get().to(|| async { "hello" })),
+        )
+        .await;
+        let get = || test::TestRequest::get().uri("/").to_request();
+
+        let error = test::try_call_service(&app, get()).await.err().unwrap();
+        assert_eq!(
+            error.error_response().head().connection_type(),
+            ConnectionType::KeepAlive
+        );
+
+        stop.stop();
+        let error = test::try_call_service(&app, get()).await.err().unwrap();
+        let response = error.error_response();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        assert_eq!(response.head().connection_type(), ConnectionType::Close);
+    }
+}
