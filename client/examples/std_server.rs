@@ -63,7 +63,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         match listener.accept() {
             Ok((stream, _)) => {
                 let (stop, prefix) = (stop.clone(), prefix.clone());
-                workers.push(std::thread::spawn(move || serve(stream, &stop, idle, &prefix)));
+                workers.push(std::thread::spawn(move || {
+                    serve(stream, &stop, idle, &prefix)
+                }));
             }
             // Another generation took the connection.
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
