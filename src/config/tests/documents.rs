@@ -145,10 +145,10 @@ fn command_override_replaces_file_command() {
 fn the_documented_examples_parse() {
     let readme = include_str!("../../../README.md");
     let block = readme
-        .split("```toml\n")
-        .nth(1)
+        .split_once("## Configuration")
+        .and_then(|(_, section)| section.split("```toml\n").nth(1))
         .and_then(|rest| rest.split("```").next())
-        .expect("a toml block in README.md");
+        .expect("a toml block in README.md's Configuration section");
     let without_user: String = block
         .lines()
         .filter(|l| !l.starts_with("user ="))
