@@ -30,15 +30,19 @@
 //!   have had that long to send their request.
 //!
 //! An app that needs `axum::serve` itself (connection info, its own make-service) writes
-//! the same three pieces out:
+//! the same three pieces out. (axum gives `ConnectInfo<SocketAddr>` for its own
+//! `TcpListener` and for any listener wrapped by `ListenerExt::tap_io`, hence the
+//! `tap_io` below.)
 //!
 //! ```no_run
 //! # use axum::{Router, extract::ConnectInfo, routing::get};
 //! # use std::net::SocketAddr;
 //! # async fn run(app: Router) -> Result<(), Box<dyn std::error::Error>> {
+//! use axum::serve::ListenerExt;
 //! let ally = ally_client::Ally::from_env().await?;
 //! let drain = ally.drain();
-//! let listener = ally_client::axum::Listener::new(ally.listen("0.0.0.0:8080").await?, &drain);
+//! let listener = ally_client::axum::Listener::new(ally.listen("0.0.0.0:8080").await?, &drain)
+//!     .tap_io(|_stream| ());
 //! let app = app.layer(ally_client::axum::CloseWhileStoppingLayer::new(drain.stop_handle().clone()));
 //! ally.ready().await?;
 //! axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
