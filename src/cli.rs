@@ -26,7 +26,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the broker for APP in the foreground (what ally@APP.service runs).
     Run(RunArgs),
-    /// Start a new generation of APP and wait until it is ready; fails if it is not.
+    /// Read APP's config again, start a new generation with it and wait until it is
+    /// ready; fails if the config no longer reads or the generation is not ready.
     Reload(TargetArgs),
     /// Show APP's generations, instances and listeners (every broker without APP).
     Status(StatusArgs),

@@ -155,6 +155,17 @@ pub fn render(status: &Status) -> String {
         line(format!("   last reload: {}", status.last_reload));
     }
     let now = SystemTime::now();
+    if status.config_revision > 0 {
+        let file = if status.config_file.is_empty() {
+            "none (built-in defaults)"
+        } else {
+            &status.config_file
+        };
+        line(format!(
+            "        config: {file}, revision {}",
+            revision(status.config_revision, &status.config_digest)
+        ));
+    }
     if status.restart_attempt > 0 {
         line(format!(
             "       restart: attempt {}, {}",
@@ -170,8 +181,14 @@ pub fn render(status: &Status) -> String {
         "STATE".into(),
         "UPTIME".into(),
         "READY FOR".into(),
+        "CONFIG".into(),
     ]];
     for i in &status.instances {
+        let config = status
+            .instance_configs
+            .iter()
+            .find(|c| c.id == i.id)
+            .map_or_else(|| "-".into(), |c| revision(c.revision, &c.digest));
         rows.push([
             i.id.to_string(),
             i.generation.to_string(),
@@ -179,6 +196,7 @@ pub fn render(status: &Status) -> String {
             i.state.clone(),
             since(now, i.started_usec),
             since(now, i.ready_usec),
+            config,
         ]);
     }
     for row in table(&rows) {
@@ -197,6 +215,16 @@ pub fn render(status: &Status) -> String {
         line(row);
     }
     out
+}
+
+/// "2 (3f1c0a9be2d4)": a config revision and the start of its digest.
+fn revision(number: u64, digest: &str) -> String {
+    if digest.is_empty() {
+        number.to_string()
+    } else {
+        let short: String = digest.chars().take(12).collect();
+        format!("{number} ({short})")
+    }
 }
 
 fn since(now: SystemTime, usec: u64) -> String {

@@ -22,6 +22,8 @@ pub struct Launch {
     pub address: String,
     pub state_address: String,
     pub stop_signal: Signal,
+    /// `ALLY_DRAIN_IDLE`, in whole milliseconds.
+    pub drain_idle: std::time::Duration,
 }
 
 /// Spawns the command. The program is looked up again on every call, so a
@@ -52,6 +54,7 @@ pub fn spawn(
         .env("ALLY_INSTANCE", id.to_string())
         .env("ALLY_GENERATION", generation.to_string())
         .env("ALLY_STOP_SIGNAL", launch.stop_signal.as_str())
+        .env("ALLY_DRAIN_IDLE", launch.drain_idle.as_millis().to_string())
         // systemd's variables describe the broker, not the app.
         .env_remove("NOTIFY_SOCKET")
         .env_remove("LISTEN_FDS")

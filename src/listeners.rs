@@ -152,6 +152,20 @@ impl<S> Registry<S> {
             .collect()
     }
 
+    /// Keeps the listener for the broker's life, or (`pinned` false) lets it
+    /// close like any other once no instance used it for the linger, counted
+    /// from `now` if none holds it. Returns whether it was pinned before, or
+    /// `None` if there is no such listener.
+    pub fn set_pinned(&mut self, key: &ListenAddr, pinned: bool, now: Instant) -> Option<bool> {
+        let key = self.resolve(key).clone();
+        let entry = self.entries.get_mut(&key)?;
+        let was = std::mem::replace(&mut entry.pinned, pinned);
+        if !pinned && was && entry.refs.is_empty() {
+            entry.unreferenced_since = Some(now);
+        }
+        Some(was)
+    }
+
     pub fn list(&self) -> Vec<ListenerInfo> {
         self.entries
             .iter()
@@ -262,6 +276,30 @@ mod tests {
         let mut reg = Registry::default();
         reg.insert(key("127.0.0.1:80"), vec![], "a", "x".into(), true, t0);
         assert!(reg.take_expired(t0 + LINGER * 10, LINGER, false).is_empty());
+    }
+
+    #[test]
+    fn an_unpinned_listener_lingers_from_then() {
+        let t0 = Instant::now();
+        let mut reg = Registry::default();
+        reg.insert(key("127.0.0.1:80"), vec![], "a", "x".into(), true, t0);
+        reg.insert(key("127.0.0.1:81"), vec![], "b", "y".into(), true, t0);
+        reg.add_ref(&key("127.0.0.1:81"), 1);
+        let t1 = t0 + LINGER * 10;
+        assert_eq!(reg.set_pinned(&key("127.0.0.1:80"), false, t1), Some(true));
+        assert_eq!(reg.set_pinned(&key("127.0.0.1:81"), false, t1), Some(true));
+        assert_eq!(reg.set_pinned(&key("127.0.0.1:82"), false, t1), None);
+        assert!(reg.take_expired(t1 + LINGER / 2, LINGER, false).is_empty());
+        let closed = reg.take_expired(t1 + LINGER, LINGER, false);
+        assert_eq!(closed, vec![(key("127.0.0.1:80"), "a")]);
+        // The one an instance holds stays until it lets go, then lingers.
+        reg.release_instance(1, t1 + LINGER * 2);
+        assert!(reg.take_expired(t1 + LINGER * 2, LINGER, false).is_empty());
+        assert_eq!(reg.take_expired(t1 + LINGER * 3, LINGER, false).len(), 1);
+        // Pinning again keeps one for good.
+        reg.insert(key("127.0.0.1:83"), vec![], "c", "z".into(), false, t0);
+        assert_eq!(reg.set_pinned(&key("127.0.0.1:83"), true, t1), Some(false));
+        assert!(reg.take_expired(t1 + LINGER, LINGER, false).is_empty());
     }
 
     #[test]

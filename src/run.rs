@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Source};
 use crate::cli::RunArgs;
 use crate::config::{self, Config};
 use crate::dbus::gate::Gate;
@@ -14,7 +14,7 @@ use crate::runtime_dir;
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
     config::validate_app_name(&args.app)?;
-    let config = load_config(&args)?;
+    let (config, source) = load_config(&args)?;
     let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
@@ -24,13 +24,17 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let gate = Gate::for_this_process(config.connections);
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
-    let broker = Broker::new(&args.app, config, run_as, address, state_address)
+    let broker = Broker::new(&args.app, config, source, run_as, address, state_address)
         .map_err(|e| e.to_string())?;
     runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
     let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
     let _socket_file = server::SocketFile::new(&socket);
     let state_listener = server::bind(&state_socket, owner).map_err(|e| e.to_string())?;
     let _state_socket_file = server::SocketFile::new(&state_socket);
+    broker.serve_socket_files(
+        runtime_dir.clone(),
+        vec![socket.clone(), state_socket.clone()],
+    );
     tokio::spawn(server::serve(listener, broker.clone(), gate.clone()));
     state_socket::spawn(
         state_listener.into_std().map_err(|e| e.to_string())?,
@@ -44,15 +48,25 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     broker.run().await
 }
 
-fn load_config(args: &RunArgs) -> Result<Config, String> {
+/// The config, and where it came from for the reloads that read it again.
+fn load_config(args: &RunArgs) -> Result<(Config, Source), String> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
     let path: Option<PathBuf> = match &args.config {
         Some(path) => Some(path.clone()),
         None => Some(Config::default_path(&args.app)).filter(|p| p.exists()),
     };
     match (path, command) {
-        (Some(path), command) => Config::load(&path, command).map_err(|e| e.to_string()),
-        (None, Some(command)) => Ok(Config::defaults(command)),
+        (Some(path), command_override) => {
+            let text = Config::read(&path).map_err(|e| e.to_string())?;
+            let config =
+                Config::parse(&text, &path, command_override.clone()).map_err(|e| e.to_string())?;
+            let source = Source {
+                text: Some(text),
+                command_override,
+            };
+            Ok((config, source))
+        }
+        (None, Some(command)) => Ok((Config::defaults(command), Source::default())),
         (None, None) => Err(format!(
             "no configuration for {app}: {} does not exist; give --config FILE, or the command after `--` (ally run {app} -- /path/to/app)",
             Config::default_path(&args.app).display(),

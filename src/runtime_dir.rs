@@ -162,6 +162,38 @@ fn unsafe_dir(dir: &Path, why: String) -> io::Error {
     )
 }
 
+/// Lets `owner` (the instances' user and group) open a socket the broker bound
+/// in the directory `prepare` made ready, or (`None`) only the broker's user.
+/// The directory is the broker's alone, so the path names the broker's socket;
+/// a symlink there is refused all the same.
+pub fn set_socket_owner(path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = std::fs::symlink_metadata(path).map_err(|e| cannot("inspect", path, e))?;
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not the broker's socket", path.display()),
+        ));
+    }
+    let mode = if owner.is_some() { 0o660 } else { 0o600 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| cannot("set the mode of", path, e))?;
+    let (uid, gid) = owner.unwrap_or_else(|| {
+        (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        )
+    });
+    nix::unistd::fchownat(
+        nix::fcntl::AT_FDCWD,
+        path,
+        Some(nix::unistd::Uid::from_raw(uid)),
+        Some(nix::unistd::Gid::from_raw(gid)),
+        nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| io::Error::other(format!("cannot chown {}: {e}", path.display())))
+}
+
 pub fn socket_path(runtime_dir: &Path) -> PathBuf {
     runtime_dir.join("bus")
 }

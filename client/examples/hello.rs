@@ -7,27 +7,28 @@
 //!
 //! Every request gets `200 OK` with the body `hello version=V pid=P generation=G`.
 //! Under `ally run` it takes its socket from the broker; alone (`cargo run -p ally-client
-//! --example hello`) it binds the socket itself. On the stop signal it drains without
-//! losing a request (see [`ally_client::drain`]): it stops accepting, answers every
-//! request with `Connection: close`, and closes each connection once it has been idle
-//! for a second. `--ignore-stop` ignores the stop signal, to exercise the broker's
+//! --example hello`) it binds the socket itself. It is served by
+//! [`ally_client::hyper::serve`], which drains on the stop signal without losing a
+//! request: it stops accepting, answers every request with `Connection: close`, and
+//! closes each connection once it has been idle for the app's `drain_idle` (1 s by
+//! default). `--ignore-stop` ignores the stop signal, to exercise the broker's
 //! `stop_timeout`.
 
 use std::convert::Infallible;
-use std::pin::pin;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use ally_client::{Ally, StopHandle, drain};
+use ally_client::drain::Drain;
+use ally_client::{Ally, StopHandle};
 use clap::Parser;
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONNECTION, CONTENT_TYPE, HeaderValue};
-use hyper::server::conn::http1;
-use hyper::{Request, Response, Version};
-use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto::Builder;
+use tokio::net::TcpListener;
 
 #[derive(Parser)]
 #[command(about = "The Ally quick-start app: an HTTP server that says who answered")]
@@ -80,102 +81,32 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
 
     // With --ignore-stop the signal is still caught (so it does not kill us) but nothing
     // listens to it: a handle of our own that never fires stands in.
-    let stop = if args.ignore_stop {
-        StopHandle::new()
+    let drain = if args.ignore_stop {
+        Drain::new(StopHandle::new())
     } else {
-        ally.stop_handle()
+        ally.drain()
     };
     let body = Bytes::from(format!(
         "hello version={version} pid={pid} generation={}\n",
         ally.generation()
     ));
-    let mut connections = JoinSet::new();
-    let mut stopped = pin!(stop.stopped());
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(serve(stream, body.clone(), stop.clone()));
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: do not spin.
-                    eprintln!("hello: accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            () = &mut stopped => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => {}
-        }
-    }
-    // Stop accepting; the broker keeps the socket and the next generation accepts
-    // what is queued.
-    drop(listener);
-    eprintln!(
-        "hello: stopping pid={pid}, {} connection(s) open",
-        connections.len()
-    );
-    while connections.join_next().await.is_some() {}
+    let service = service_fn(move |_: Request<Incoming>| {
+        let mut response = Response::new(Full::new(body.clone()));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        std::future::ready(Ok::<_, Infallible>(response))
+    });
+    let stopped = drain.stopped();
+    tokio::spawn(async move {
+        stopped.await;
+        eprintln!("hello: stopping pid={pid}");
+    });
+    // Title-case header names, as hello always sent: HTTP does not care, scripts may.
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().title_case_headers(true);
+    ally_client::hyper::serve_with(builder, listener, service, drain).await?;
     eprintln!("hello: stopped pid={pid}");
     Ok(())
-}
-
-/// Serves one connection until the client closes it or, once stopping, until it has
-/// been idle for [`drain::DEFAULT_IDLE`]: closing it at once could cut off a request
-/// already on its way.
-async fn serve(stream: TcpStream, body: Bytes, stop: StopHandle) {
-    let (stream, activity) = drain::track(stream);
-    let service = {
-        let stop = stop.clone();
-        hyper::service::service_fn(move |request| {
-            std::future::ready(Ok::<_, Infallible>(respond(&request, &body, &stop)))
-        })
-    };
-    // Title-case header names, as hello always sent: HTTP does not care, scripts may.
-    let conn = http1::Builder::new()
-        .title_case_headers(true)
-        .serve_connection(TokioIo::new(stream), service);
-    let mut conn = pin!(conn);
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        () = activity.idle_after_stop(stop, drain::DEFAULT_IDLE) => conn.as_mut().graceful_shutdown(),
-    }
-    let _ = conn.await;
-}
-
-fn respond(request: &Request<Incoming>, body: &Bytes, stop: &StopHandle) -> Response<Full<Bytes>> {
-    // For HEAD, hyper sends the body's length and no body.
-    let mut response = Response::new(Full::new(body.clone()));
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    // Said explicitly either way: an HTTP/1.0 client keeps a connection alive only when
-    // told so, and while stopping every client must be told to move on.
-    let keep_alive = !stop.is_stopping() && wants_keep_alive(request);
-    response.headers_mut().insert(
-        CONNECTION,
-        HeaderValue::from_static(if keep_alive { "keep-alive" } else { "close" }),
-    );
-    // To an HTTP/1.0 client that asked for keep-alive, hyper would add `keep-alive` to
-    // a 1.1 response's `close`; a 1.0 response it closes as told.
-    if request.version() == Version::HTTP_10 {
-        *response.version_mut() = Version::HTTP_10;
-    }
-    response
-}
-
-fn wants_keep_alive(request: &Request<Incoming>) -> bool {
-    let tokens = request
-        .headers()
-        .get_all(CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim);
-    let (mut close, mut keep_alive) = (false, false);
-    for token in tokens {
-        close |= token.eq_ignore_ascii_case("close");
-        keep_alive |= token.eq_ignore_ascii_case("keep-alive");
-    }
-    !close && (request.version() == Version::HTTP_11 || keep_alive)
 }

@@ -6,8 +6,8 @@
 //!
 //! Each line sent on a connection comes back as `pid=P generation=G LINE`. On the stop
 //! signal it stops accepting (the broker keeps the socket for the next generation),
-//! keeps serving the connections it has, closes each once it has been idle for a
-//! second, and exits.
+//! keeps serving the connections it has, closes each once it has been idle for the
+//! app's `drain_idle` (1 s by default; [`ally_client::drain::Drain`]), and exits.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -19,7 +19,6 @@ use clap::Parser;
 
 /// How often a waiting thread looks at the stop request.
 const TICK: Duration = Duration::from_millis(100);
-const IDLE_AFTER_STOP: Duration = Duration::from_secs(1);
 const MAX_LINE: usize = 64 * 1024;
 
 #[derive(Parser)]
@@ -46,7 +45,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("std_server: listening on {}", listener.local_addr()?);
     ally.ready()?;
 
-    let stop = ally.stop_handle();
+    let drain = ally.drain();
+    let stop = drain.stop_handle().clone();
+    let idle = drain.idle();
     let prefix = format!(
         "pid={} generation={} ",
         std::process::id(),
@@ -62,7 +63,9 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
         match listener.accept() {
             Ok((stream, _)) => {
                 let (stop, prefix) = (stop.clone(), prefix.clone());
-                workers.push(std::thread::spawn(move || serve(stream, &stop, &prefix)));
+                workers.push(std::thread::spawn(move || {
+                    serve(stream, &stop, idle, &prefix)
+                }));
             }
             // Another generation took the connection.
             Err(e) if e.kind() == ErrorKind::WouldBlock => {}
@@ -82,7 +85,7 @@ fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn serve(mut stream: TcpStream, stop: &StopHandle, prefix: &str) {
+fn serve(mut stream: TcpStream, stop: &StopHandle, idle: Duration, prefix: &str) {
     // Accepted connections are blocking whatever the listener's flag; a read timeout
     // lets the thread see the stop.
     if stream.set_read_timeout(Some(TICK)).is_err() {
@@ -111,7 +114,7 @@ fn serve(mut stream: TcpStream, stop: &StopHandle, prefix: &str) {
             }
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 if let Some(since) = stop.stopping_since()
-                    && since.max(last_read).elapsed() >= IDLE_AFTER_STOP
+                    && since.max(last_read).elapsed() >= idle
                 {
                     let _ = stream.shutdown(Shutdown::Both);
                     return;

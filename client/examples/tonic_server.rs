@@ -14,12 +14,10 @@
 //! message HelloReply { string message = 1; uint32 pid = 2; uint64 generation = 3; }
 //! ```
 //!
-//! On the stop signal it drains as [`ally_client::drain`] explains: it stops accepting
-//! ([`drain::incoming`]), lets connections accepted a moment before finish their
-//! HTTP/2 handshake ([`drain::shutdown_after`] waits [`drain::DEFAULT_SETTLE`]), then
-//! tonic sends `GOAWAY` and finishes the calls in flight. Handing tonic
-//! `ally.stopped()` as its shutdown future instead loses calls on a reload
-//! (`connection closed before server preface received`).
+//! On the stop signal it drains as [`ally_client::tonic`] explains: it stops accepting,
+//! lets every connection accepted before the stop send its first call, then tonic
+//! sends `GOAWAY` and finishes the calls in flight. Handing tonic `ally.stopped()` as
+//! its shutdown future instead loses calls on every reload.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,7 +25,7 @@ use std::pin::Pin;
 use std::process::ExitCode;
 use std::task::{Context, Poll};
 
-use ally_client::{Ally, drain};
+use ally_client::Ally;
 use clap::Parser;
 use tonic::body::Body;
 use tonic::codegen::http;
@@ -62,13 +60,11 @@ async fn run(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     };
     ally.ready().await?;
 
-    let stop = ally.stop_handle();
+    let incoming = ally_client::tonic::incoming(listener, &ally.drain());
+    let shutdown = incoming.shutdown();
     tonic::transport::Server::builder()
         .add_service(greeter)
-        .serve_with_incoming_shutdown(
-            drain::incoming(listener, stop.clone()),
-            drain::shutdown_after(stop, drain::DEFAULT_SETTLE),
-        )
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await?;
     eprintln!("tonic_server: stopped");
     Ok(())

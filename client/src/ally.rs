@@ -193,8 +193,8 @@ impl Ally {
 
     /// How this instance's servers drain on the stop: its stop handle, with the idle
     /// time the operator configured (`drain_idle`, passed as `ALLY_DRAIN_IDLE`). The
-    /// framework integrations ([`crate::axum`], [`crate::hyper`], [`crate::tonic`],
-    /// [`crate::actix`]) take it; [`crate::drain`] explains each step.
+    /// framework integrations (the modules `axum`, `hyper`, `tonic` and `actix`, each
+    /// behind its cargo feature) take it; [`crate::drain`] explains each step.
     pub fn drain(&self) -> crate::drain::Drain {
         crate::drain::Drain::from_env(self.inner.stop.clone())
     }

@@ -4,20 +4,24 @@
 //!
 //! Handing such a server [`Ally::stopped`](crate::Ally::stopped) as its shutdown
 //! future loses requests on a reload. The moment the future resolves the server
-//! stops accepting *and* starts its graceful shutdown at once; a connection it
-//! accepted a moment earlier has not finished its HTTP/2 handshake yet, and hyper
-//! closes a connection still in its handshake instead of draining it. The client
-//! sees `connection closed before server preface received` (the failure users of
-//! the Go Ally reported with gRPC servers).
+//! stops accepting *and* shuts down every connection at once; a connection it
+//! accepted a moment earlier has not sent its first request yet, the `GOAWAY` reaches
+//! its client first, and the client fails the request (or, with an older hyper,
+//! sees `connection closed before server preface received`: the failure users of the
+//! Go Ally reported with gRPC servers).
 //!
-//! The remedy is to separate the two steps:
+//! The remedy is to separate the steps:
 //!
 //! 1. stop accepting: [`incoming`] yields accepted connections until the stop is
 //!    requested, then drops its listener (the broker's socket stays open, so the
 //!    next generation accepts what is queued) and yields nothing more;
-//! 2. settle: let the connections already accepted finish their handshake;
-//! 3. shut down gracefully: [`shutdown_after`] resolves `settle` after the stop,
-//!    and the server then sends `GOAWAY` and finishes the streams in flight.
+//! 2. settle: let the connections already accepted send their first request;
+//! 3. shut down gracefully: the server sends `GOAWAY` and finishes the streams in
+//!    flight.
+//!
+//! `ally_client::tonic` (feature `tonic`) does this for tonic, its settle ending as soon as every connection
+//! accepted before the stop has sent its first request. With only this module,
+//! [`shutdown_after`] settles for a fixed time:
 //!
 //! ```no_run
 //! # async fn run(server: impl FnOnce(ally_client::drain::Incoming, std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>)) -> ally_client::Result<()> {
@@ -28,8 +32,6 @@
 //! let stop = ally.stop_handle();
 //! let incoming = drain::incoming(listener, stop.clone());
 //! let shutdown = Box::pin(drain::shutdown_after(stop, drain::DEFAULT_SETTLE));
-//! // tonic::transport::Server::builder().add_service(svc)
-//! //     .serve_with_incoming_shutdown(incoming, shutdown).await?;
 //! server(incoming, shutdown);
 //! # Ok(()) }
 //! ```
@@ -66,10 +68,10 @@
 //! # }
 //! ```
 //!
-//! The `hello` and `axum` examples are complete servers built this way. Ready-made
-//! integrations for axum, hyper-util, tonic and actix-web are the subject of the
-//! issue on real frameworks ("Zero failed requests for apps built on real
-//! frameworks").
+//! The framework integrations are built from these pieces: the modules `hyper` and
+//! `axum` (both HTTP/1 steps, and `GOAWAY` for HTTP/2), `tonic` and `actix`, each
+//! behind the cargo feature of its framework. A [`Drain`] carries the stop and the two times; an app gets one
+//! with the operator's `drain_idle` from [`Ally::drain`](crate::Ally::drain).
 
 use std::future::Future;
 use std::io;
@@ -491,6 +493,48 @@ mod tests {
             .unwrap();
         let waited = read_at.elapsed();
         assert!(waited >= idle, "closed {waited:?} after the last read");
+    }
+
+    #[test]
+    fn drain_idle_comes_in_whole_milliseconds() {
+        assert_eq!(parse_millis("2500"), Some(Duration::from_millis(2500)));
+        assert_eq!(parse_millis(" 1 "), Some(Duration::from_millis(1)));
+        for bad in ["0", "", "1s", "-5", "1.5"] {
+            assert_eq!(parse_millis(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_is_done_at_the_stop_once_it_spoke() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stop = StopHandle::new();
+        let drain = Drain::new(stop.clone()).with_idle(Duration::from_secs(30));
+
+        let (mut h2_client, h2_server) = tokio::io::duplex(64);
+        let (mut h2_server, h2) = track(h2_server);
+        h2_client.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+        let mut buf = [0u8; 16];
+        let _ = h2_server.read(&mut buf).await.unwrap();
+        assert_eq!(h2.is_http2(), Some(true));
+
+        let (mut h1_client, h1_server) = tokio::io::duplex(64);
+        let (mut h1_server, h1) = track(h1_server);
+        assert_eq!(h1.is_http2(), None);
+        h1_client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let _ = h1_server.read(&mut buf).await.unwrap();
+        assert_eq!(h1.is_http2(), Some(false));
+
+        let h2_done = tokio::spawn(drain.connection_done(&h2));
+        let h1_done = tokio::spawn(drain.connection_done(&h1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!h2_done.is_finished(), "done before the stop");
+        stop.stop();
+        tokio::time::timeout(Duration::from_secs(5), h2_done)
+            .await
+            .expect("HTTP/2 waits for no idle time: its shutdown is a GOAWAY")
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!h1_done.is_finished(), "HTTP/1 waits for its idle time");
     }
 
     #[tokio::test]

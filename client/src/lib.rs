@@ -30,6 +30,22 @@
 //!    shutdown the stop future as it is loses requests on every reload; [`drain`] says
 //!    why and what to do instead.
 //!
+//! # Frameworks
+//!
+//! Each integration is behind the cargo feature of its name and takes the instance's
+//! [`drain::Drain`] ([`Ally::drain`]): it serves until the stop, then drains without
+//! losing a request and returns.
+//!
+//! | feature | module | serve |
+//! | --- | --- | --- |
+//! | `axum` | `axum` | `ally_client::axum::serve(listener, app, ally.drain())`, or `axum::serve` with its `Listener` |
+//! | `hyper` | `hyper` | `ally_client::hyper::serve(listener, service, ally.drain())` (HTTP/1 and HTTP/2) |
+//! | `tonic` | `tonic` | tonic's `serve_with_incoming_shutdown` with the module's incoming stream and shutdown future |
+//! | `actix-web` | `actix` | `ally_client::actix::serve(server, listener, ally.drain())`, with its `CloseWhileStopping` middleware on the `App` |
+//!
+//! A hand-written loop uses [`drain`]'s pieces. Each step of the drain answers a failure a
+//! client that does not retry would otherwise see; the `hyper` module lists them.
+//!
 //! # Managed and simulate mode
 //!
 //! When `ALLY_ADDRESS` is set, the instance is **managed**: sockets come from the broker
@@ -80,7 +96,7 @@
 //! ```
 //!
 //! The examples are complete apps: `hello` (hyper; the README's quick start),
-//! `axum_server`, `tonic_server`, `std_server` (std threads, [`blocking`]) and
+//! `axum_server`, `tonic_server`, `actix_server`, `std_server` (std threads, [`blocking`]) and
 //! `datagram` (UDP and unix sockets), each draining without losing a request.
 //!
 //! Without an async runtime, [`blocking::Ally`] offers the same API with std types.

@@ -134,10 +134,10 @@ fn hello_keeps_alive_then_drains_on_sigterm() {
         let r = get(&mut busy, "");
         assert_eq!(r.status, 200);
         assert_eq!(r.body, expected);
-        assert_eq!(r.header("Connection"), Some("keep-alive"));
+        assert_eq!(r.header("Connection"), None, "HTTP/1.1 keeps alive");
     }
     let mut idle = connect(addr);
-    assert_eq!(get(&mut idle, "").header("Connection"), Some("keep-alive"));
+    assert_eq!(get(&mut idle, "").header("Connection"), None);
     let mut old = connect(addr);
     let keep_alive_10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
     old.write_all(keep_alive_10.as_bytes()).unwrap();
@@ -199,7 +199,7 @@ fn hello_speaks_enough_http() {
     let mut stream = connect(addr);
     stream.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
     let r = read_response(&mut stream).unwrap();
-    assert_eq!(r.header("Connection"), Some("close"));
+    assert_ne!(r.header("Connection"), Some("keep-alive"));
     assert_closed(&mut stream);
     let mut stream = connect(addr);
     stream
@@ -257,7 +257,7 @@ fn hello_ignore_stop_keeps_serving() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(hello.child.try_wait().unwrap().is_none(), "hello exited");
     let r = get(&mut stream, "");
-    assert_eq!(r.header("Connection"), Some("keep-alive"));
+    assert_eq!(r.header("Connection"), None, "still keeps alive");
     assert_eq!(get(&mut connect(addr), "").status, 200);
     hello.signal(Signal::SIGKILL);
     let status = hello.wait(Duration::from_secs(10));
@@ -341,6 +341,11 @@ fn axum_server_serves_then_drains_without_cutting_requests() {
     assert_eq!(get(&mut idle, "").status, 200);
     // Accepted, but its request not sent yet when the stop comes.
     let mut late = connect(addr);
+    ally_testkit::wait_until(
+        "the late connection accepted",
+        Duration::from_secs(10),
+        || ally_testkit::procfs::accept_queue(addr.port()) == Some(0),
+    );
 
     app.signal(Signal::SIGTERM);
     let stopped_at = Instant::now();
@@ -358,6 +363,53 @@ fn axum_server_serves_then_drains_without_cutting_requests() {
     assert_closed_once_idle(&mut idle, stopped_at);
     let status = app.wait(Duration::from_secs(10));
     assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[test]
+fn actix_server_serves_then_drains_without_cutting_requests() {
+    let mut app = Program::start("actix_server", &["--listen", "127.0.0.1:0"]);
+    let addr = app.addr_after("listening on ");
+    let expected = format!("hello from actix pid={} generation=1\n", app.pid());
+    let keep_alive_10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
+
+    let mut busy = connect(addr);
+    let r = get(&mut busy, "");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), None, "HTTP/1.1 keeps alive");
+    let mut old = connect(addr);
+    old.write_all(keep_alive_10.as_bytes()).unwrap();
+    let r = read_response(&mut old).unwrap();
+    assert_eq!(r.header("Connection"), Some("keep-alive"));
+    let mut idle = connect(addr);
+    assert_eq!(get(&mut idle, "").status, 200);
+    // Accepted, but its request not sent yet when the stop comes.
+    let mut late = connect(addr);
+
+    app.signal(Signal::SIGTERM);
+    let stopped_at = Instant::now();
+    app.wait_for_line("stopping", Duration::from_secs(10));
+
+    let r = get(&mut late, "");
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut late);
+    let r = get(&mut busy, "");
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), Some("close"));
+    assert_closed(&mut busy);
+    // To HTTP/1.0, actix says `close` by not saying `keep-alive`.
+    old.write_all(keep_alive_10.as_bytes()).unwrap();
+    let r = read_response(&mut old).unwrap();
+    assert_eq!(r.body, expected);
+    assert_eq!(r.header("Connection"), None, "{:?}", r.head);
+    assert_closed(&mut old);
+
+    assert_closed_once_idle(&mut idle, stopped_at);
+    let status = app.wait(Duration::from_secs(10));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let lines = app.stderr_lines();
+    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

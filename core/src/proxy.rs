@@ -107,6 +107,17 @@ pub struct Listener {
     pub references: u32,
 }
 
+/// One entry of `Status()`'s `instance_configs`, D-Bus type `(tts)`: the config
+/// revision an instance was started with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, zbus::Variant)]
+pub struct InstanceConfig {
+    /// The instance's id, as in [`Instance::id`].
+    pub id: u64,
+    pub revision: u64,
+    /// A digest of the config file's text; empty without a config file.
+    pub digest: String,
+}
+
 /// The reply of `Status()`, typed. Keys the broker does not send keep their default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -129,6 +140,20 @@ pub struct Status {
     /// is pending.
     #[serde(default)]
     pub restart_usec: u64,
+    /// The config file the broker reads again at every reload; empty when it runs
+    /// on the built-in defaults.
+    #[serde(default)]
+    pub config_file: String,
+    /// The revision of the config the broker's next generation starts with: 1 for
+    /// the one `ally run` read, bumped by each reload that finds the file changed.
+    #[serde(default)]
+    pub config_revision: u64,
+    /// A digest of that config's text; empty without a config file.
+    #[serde(default)]
+    pub config_digest: String,
+    /// The config revision each instance was started with.
+    #[serde(default)]
+    pub instance_configs: Vec<InstanceConfig>,
 }
 
 impl Status {
@@ -148,6 +173,10 @@ impl Status {
                 "listeners" => status.listeners = field(&key, value)?,
                 "restart_attempt" => status.restart_attempt = field(&key, value)?,
                 "restart_usec" => status.restart_usec = field(&key, value)?,
+                "config_file" => status.config_file = field(&key, value)?,
+                "config_revision" => status.config_revision = field(&key, value)?,
+                "config_digest" => status.config_digest = field(&key, value)?,
+                "instance_configs" => status.instance_configs = field(&key, value)?,
                 _ => {}
             }
         }
@@ -259,6 +288,7 @@ mod tests {
         assert_eq!(Instance::SIGNATURE, "(ttustt)");
         assert_eq!(Listener::SIGNATURE, "(ssu)");
         assert_eq!(<Vec<Instance>>::SIGNATURE, "a(ttustt)");
+        assert_eq!(<Vec<InstanceConfig>>::SIGNATURE, "a(tts)");
     }
 
     #[test]
@@ -292,7 +322,20 @@ mod tests {
             ready_usec: 2,
         }];
         put(&mut dict, "instances", Variant::from(instances.clone()));
+        let configs = vec![InstanceConfig {
+            id: 7,
+            revision: 2,
+            digest: "cbf29ce484222325".into(),
+        }];
+        put(
+            &mut dict,
+            "instance_configs",
+            Variant::from(configs.clone()),
+        );
+        put(&mut dict, "config_revision", Variant::from(2u64));
         let status = Status::from_dict(dict).unwrap();
+        assert_eq!(status.instance_configs, configs);
+        assert_eq!(status.config_revision, 2);
         assert_eq!(status.app, "web");
         assert_eq!(status.generation, 3);
         assert_eq!(status.pid, 42);

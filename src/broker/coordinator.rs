@@ -11,7 +11,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::instances::REAP_GRACE;
 use super::plan::{After, Launch, Outcome, Plan, Settle, Step, Waited};
-use super::{Broker, Error, Event, Life, PendingRestart, Phase, Request, Shared, Tracked, plan};
+use super::reconfigure::Prepared;
+use super::{
+    Broker, Error, Event, Life, PendingRestart, Phase, Request, Settings, Shared, Tracked, plan,
+};
 use crate::generations::{Generation, InstanceState};
 use crate::instance;
 use crate::priority::{self, Policy};
@@ -28,7 +31,9 @@ struct Failure {
 
 impl Broker {
     pub(super) async fn coordinate(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Request>) {
-        let mut plan = Plan::new(self.config.restart_delay, self.config.restart);
+        let settings = self.settings();
+        let mut plan = Plan::new(settings.config.restart_delay, settings.config.restart);
+        drop(settings);
         let mut pending: Vec<Request> = Vec::new();
         loop {
             if pending.is_empty() {
@@ -53,7 +58,7 @@ impl Broker {
                 Step::Exit { code } => {
                     tracing::info!(
                         "the application is gone and its restart policy is {}; stopping",
-                        self.config.restart
+                        self.settings().config.restart
                     );
                     self.exit.send_replace(Some((code, None)));
                     pending.clear();
@@ -71,7 +76,33 @@ impl Broker {
                     pending.push(request);
                 }
             }
-            let launched = self.launch_generation(launch).await;
+            // A reload reads the config again; its generation starts with it.
+            let prepared = match launch {
+                Launch::Reload => self.reconfigure().await,
+                Launch::Start | Launch::Restart => Ok(Prepared::current(self.settings())),
+            };
+            let (launched, prepared) = match prepared {
+                Ok(prepared) => (
+                    self.launch_generation(launch, &prepared.settings).await,
+                    Some(prepared),
+                ),
+                Err(message) => {
+                    self.finish(0, Err(message.clone()));
+                    let failure = Failure {
+                        generation: None,
+                        message,
+                        outcome: Outcome::Failed,
+                    };
+                    (Err(failure), None)
+                }
+            };
+            if let Some(prepared) = prepared {
+                if launched.is_ok() {
+                    self.commit(prepared, &mut plan);
+                } else {
+                    self.abandon(prepared);
+                }
+            }
             let outcome = launched
                 .as_ref()
                 .err()
@@ -149,8 +180,10 @@ impl Broker {
     }
 
     /// Returns an idle-started generation to the broker's priority.
-    fn raise(&self, generation: Generation, pid: u32) {
-        let Some(policy) = self.raise_to else { return };
+    fn raise(&self, settings: &Settings, generation: Generation, pid: u32) {
+        let Some(policy) = settings.raise_to else {
+            return;
+        };
         let raised = priority::raise(pid, policy);
         tracing::debug!(
             generation,
@@ -174,6 +207,7 @@ impl Broker {
     async fn launch_generation(
         self: &Arc<Self>,
         launch: Launch,
+        settings: &Arc<Settings>,
     ) -> Result<(Generation, String), Failure> {
         let mut stopping = self.stopping.subscribe();
         let unborn = |e: Error| Failure {
@@ -181,7 +215,9 @@ impl Broker {
             message: e.to_string(),
             outcome: Outcome::Failed,
         };
-        self.wait_for_drain_slot().await.map_err(unborn)?;
+        self.wait_for_drain_slot(settings.config.max_draining)
+            .await
+            .map_err(unborn)?;
         let phase = match launch {
             Launch::Start => Phase::Starting,
             Launch::Reload => Phase::Reloading,
@@ -201,7 +237,7 @@ impl Broker {
             shared.phase = phase;
             let (generation, id) = shared.table.reserve();
             // Idle only beside a generation that serves: alone, it has no one to spare.
-            let idle = self.raise_to.is_some() && shared.table.count(InstanceState::Ready) > 0;
+            let idle = settings.raise_to.is_some() && shared.table.count(InstanceState::Ready) > 0;
             (generation, id, idle)
         };
         let failed = |message: String, outcome| Failure {
@@ -209,7 +245,7 @@ impl Broker {
             message,
             outcome,
         };
-        let how = self.launch.clone();
+        let how = settings.launch.clone();
         let spawned =
             tokio::task::spawn_blocking(move || instance::spawn(&how, id, generation, idle))
                 .await
@@ -237,7 +273,14 @@ impl Broker {
                 return Err(failed(message, Outcome::Failed));
             }
         };
-        let mut life = self.record(&mut self.lock(), id, generation, pid, process.clone());
+        let mut life = self.record(
+            &mut self.lock(),
+            id,
+            generation,
+            pid,
+            process.clone(),
+            settings.clone(),
+        );
         self.roster.record(pid, id);
         drop(spawning);
         tracing::info!(
@@ -253,7 +296,7 @@ impl Broker {
         });
         tokio::spawn(self.clone().watch_instance(id, child, process));
 
-        let timeout = self.config.ready_timeout;
+        let timeout = settings.config.ready_timeout;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
         let mut exits = self.exits.subscribe();
@@ -271,7 +314,7 @@ impl Broker {
                 Ok(()) = exits.changed(), if idle => {
                     if self.lock().table.count(InstanceState::Ready) == 0 {
                         tracing::info!(generation, pid, "no generation serves any more: generation {generation} continues at normal CPU priority");
-                        self.raise(generation, pid);
+                        self.raise(settings, generation, pid);
                         idle = false;
                     }
                 }
@@ -292,7 +335,7 @@ impl Broker {
                     let _ = tokio::time::timeout(REAP_GRACE, exited).await;
                 }
                 let why = if waited == Waited::TimedOut {
-                    self.not_ready_in_time(generation, pid, killed, idle)
+                    not_ready_in_time(settings, generation, pid, killed, idle)
                 } else {
                     why
                 };
@@ -301,7 +344,7 @@ impl Broker {
         }
 
         if idle {
-            self.raise(generation, pid);
+            self.raise(settings, generation, pid);
         }
         let older: Vec<(u64, u32)> = {
             let mut shared = self.lock();
@@ -332,40 +375,21 @@ impl Broker {
         generation: Generation,
         pid: u32,
         process: Arc<Process>,
+        settings: Arc<Settings>,
     ) -> watch::Receiver<Life> {
         shared
             .table
             .spawned(id, generation, pid, Instant::now(), SystemTime::now());
         let (life, life_rx) = watch::channel(Life::State(InstanceState::Starting));
-        shared.tracked.insert(id, Tracked { life, process });
+        shared.tracked.insert(
+            id,
+            Tracked {
+                life,
+                process,
+                settings,
+            },
+        );
         life_rx
-    }
-
-    fn not_ready_in_time(
-        &self,
-        generation: Generation,
-        pid: u32,
-        killed: bool,
-        idle: bool,
-    ) -> String {
-        format!(
-            "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed{}, by its stop signal {}{}",
-            humantime::format_duration(self.config.ready_timeout),
-            if idle {
-                " (it was still at idle CPU priority: start_priority = \"idle\")"
-            } else {
-                ""
-            },
-            self.config.stop_signal,
-            if killed {
-                format!(
-                    " and then SIGKILL after {} (stop_timeout)",
-                    humantime::format_duration(self.config.stop_timeout)
-                )
-            } else {
-                String::new()
-            },
-        )
     }
 
     /// Records a launch's result, tells D-Bus and systemd, and returns the error
@@ -411,11 +435,11 @@ impl Broker {
         Error::reload_failed(message)
     }
 
-    async fn wait_for_drain_slot(&self) -> Result<(), Error> {
+    async fn wait_for_drain_slot(&self, max_draining: usize) -> Result<(), Error> {
         let mut exits = self.exits.subscribe();
         loop {
             let draining = self.lock().table.count(InstanceState::Draining);
-            if draining < self.config.max_draining {
+            if draining < max_draining {
                 return Ok(());
             }
             tracing::info!(
@@ -426,6 +450,34 @@ impl Broker {
             }
         }
     }
+}
+
+fn not_ready_in_time(
+    settings: &Settings,
+    generation: Generation,
+    pid: u32,
+    killed: bool,
+    idle: bool,
+) -> String {
+    let config = &settings.config;
+    format!(
+        "generation {generation} (pid {pid}) was not ready within {} (ready_timeout); it was killed{}, by its stop signal {}{}",
+        humantime::format_duration(config.ready_timeout),
+        if idle {
+            " (it was still at idle CPU priority: start_priority = \"idle\")"
+        } else {
+            ""
+        },
+        config.stop_signal,
+        if killed {
+            format!(
+                " and then SIGKILL after {} (stop_timeout)",
+                humantime::format_duration(config.stop_timeout)
+            )
+        } else {
+            String::new()
+        },
+    )
 }
 
 fn answer(requests: impl Iterator<Item = Request>, result: Result<Generation, Error>) {

@@ -22,23 +22,22 @@ impl Broker {
     /// process group if it is still there after `stop_timeout`. The task ends
     /// once it exited (false) or was SIGKILLed (true); `None` if it was already
     /// reaped.
+    ///
+    /// The stop signal and `stop_timeout` are those the instance was started
+    /// with: its stop signal is the one its `ALLY_STOP_SIGNAL` names.
     pub(super) fn drain(self: &Arc<Self>, id: InstanceId, pid: u32) -> Option<JoinHandle<bool>> {
-        tracing::info!(
-            instance = id,
-            pid,
-            "asking instance to stop with {}",
-            self.config.stop_signal
-        );
         self.emit(Event::InstanceStateChanged {
             id,
             state: InstanceState::Draining,
         });
-        let (mut life, process) = self.lock().tracked.get(&id).map(|t| {
+        let (mut life, process, settings) = self.lock().tracked.get(&id).map(|t| {
             t.life.send_replace(Life::State(InstanceState::Draining));
-            (t.life.subscribe(), t.process.clone())
+            (t.life.subscribe(), t.process.clone(), t.settings.clone())
         })?;
-        process.signal(self.config.stop_signal);
-        let timeout = self.config.stop_timeout;
+        let signal = settings.config.stop_signal;
+        tracing::info!(instance = id, pid, "asking instance to stop with {signal}");
+        process.signal(signal);
+        let timeout = settings.config.stop_timeout;
         Some(tokio::spawn(async move {
             let exited = life.wait_for(|l| matches!(l, Life::Exited(_)));
             if tokio::time::timeout(timeout, exited).await.is_ok() {
@@ -99,7 +98,7 @@ impl Broker {
         if !departure.was_current || *self.stopping.borrow() {
             return;
         }
-        let restart = match self.config.restart {
+        let restart = match self.settings().config.restart {
             RestartPolicy::Always => true,
             RestartPolicy::OnFailure => !success,
             RestartPolicy::Never => false,
@@ -145,7 +144,15 @@ impl Broker {
         // stops it: wait for it to be in the table.
         self.roster.settled().await;
         let mut exits = self.exits.subscribe();
-        let deadline = tokio::time::Instant::now() + self.config.stop_timeout + REAP_GRACE;
+        let stop_timeout = {
+            let shared = self.lock();
+            let started_with = shared
+                .tracked
+                .values()
+                .map(|t| t.settings.config.stop_timeout);
+            started_with.fold(self.settings().config.stop_timeout, Duration::max)
+        };
+        let deadline = tokio::time::Instant::now() + stop_timeout + REAP_GRACE;
         while !self.lock().table.is_empty() {
             if tokio::time::timeout_at(deadline, exits.changed())
                 .await

@@ -14,6 +14,7 @@
 mod coordinator;
 mod instances;
 pub mod plan;
+mod reconfigure;
 mod roster;
 mod sockets;
 
@@ -25,6 +26,7 @@ use std::time::{Instant, SystemTime};
 use ally_core::net::{ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::config::revision::Revision;
 use crate::config::{Config, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
 use crate::identity::RunAs;
@@ -91,6 +93,12 @@ pub struct Status {
     pub generation: Generation,
     pub pid: u32,
     pub instances: Vec<Instance>,
+    /// The config file the broker re-reads at every reload, if it has one.
+    pub config_file: Option<std::path::PathBuf>,
+    /// The config revision the next restart would run.
+    pub revision: Revision,
+    /// The config revision each instance was started with.
+    pub instance_revisions: Vec<(InstanceId, Revision)>,
     pub listeners: Vec<ListenerInfo>,
     pub reloads: u64,
     pub last_reload: String,
@@ -108,6 +116,29 @@ enum Life {
 struct Tracked {
     life: watch::Sender<Life>,
     process: Arc<Process>,
+    /// What it was started with: it is stopped with its own stop signal.
+    settings: Arc<Settings>,
+}
+
+/// Where the config came from, for the reloads that read it again.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    /// The text `ally run` read from `config.file`; none on the built-in defaults.
+    pub text: Option<String>,
+    /// The command given on `ally run`'s command line, which replaces the file's.
+    pub command_override: Option<Vec<String>>,
+}
+
+/// What a generation is started with: its config and what the broker resolved
+/// of it. A reload that reads the config again swaps the broker's once its
+/// generation is ready; each instance keeps its own.
+#[derive(Debug)]
+struct Settings {
+    config: Config,
+    launch: Launch,
+    /// With `start_priority = "idle"`: the policy a ready generation is raised to.
+    raise_to: Option<Policy>,
+    revision: Revision,
 }
 
 type Reply = oneshot::Sender<Result<Generation, Error>>;
@@ -133,8 +164,11 @@ struct Shared {
 
 pub struct Broker {
     app: String,
-    config: Config,
-    launch: Launch,
+    /// The settings of the generations started from now on.
+    settings: Mutex<Arc<Settings>>,
+    command_override: Option<Vec<String>>,
+    /// See [`Broker::serve_socket_files`].
+    socket_files: Mutex<Option<(std::path::PathBuf, Vec<std::path::PathBuf>)>>,
     shared: Mutex<Shared>,
     roster: roster::Roster,
     requests: mpsc::UnboundedSender<Request>,
@@ -147,8 +181,6 @@ pub struct Broker {
     coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Cache, counters and locks shared by the instances; outlives every one of them.
     state: State,
-    /// With `start_priority = "idle"`: the policy a ready generation is raised to.
-    raise_to: Option<Policy>,
 }
 
 impl Broker {
@@ -157,28 +189,31 @@ impl Broker {
     pub fn new(
         app: &str,
         config: Config,
+        source: Source,
         run_as: RunAs,
         address: String,
         state_address: String,
     ) -> Result<Arc<Self>, Error> {
-        let raise_to = match config.start_priority {
-            StartPriority::Normal => None,
-            StartPriority::Idle => Some(coordinator::idle_start_policy()?),
-        };
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let launch = Launch {
-            command: config.command.clone(),
-            working_directory: config.working_directory.clone(),
+            command: Vec::new(),
+            working_directory: None,
             run_as,
-            environment: config.environment.clone(),
+            environment: Default::default(),
             app: app.to_string(),
             address,
             state_address,
             stop_signal: config.stop_signal,
+            drain_idle: config.drain_idle,
         };
+        let state = State::new(&config.limits);
+        let revision = Revision::first(source.text.as_deref());
+        let settings = Settings::new(config, launch, revision)?;
         let broker = Arc::new(Broker {
             app: app.to_string(),
-            launch,
+            settings: Mutex::new(Arc::new(settings)),
+            command_override: source.command_override,
+            socket_files: Mutex::new(None),
             shared: Mutex::new(Shared {
                 table: Table::default(),
                 listeners: Registry::default(),
@@ -197,15 +232,14 @@ impl Broker {
             stopping: watch::channel(false).0,
             exit: watch::channel(None).0,
             coordinator_rx: Mutex::new(None),
-            state: State::new(&config.limits),
-            config,
-            raise_to,
+            state,
         });
         broker.adopt(systemd::inherited());
-        for entry in &broker.config.listen {
+        let settings = broker.settings();
+        for entry in &settings.config.listen {
             let mut shared = broker.lock();
             if !shared.listeners.contains(&entry.addr) {
-                broker.bind(&mut shared, &entry.addr, &entry.options, true)?;
+                broker.bind(&mut shared, &settings, &entry.addr, &entry.options, true)?;
             }
         }
         *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
@@ -214,6 +248,22 @@ impl Broker {
 
     fn lock(&self) -> MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The settings the next generation is started with.
+    fn settings(&self) -> Arc<Settings> {
+        self.settings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The settings `instance` was started with, or the broker's.
+    fn settings_of(&self, shared: &Shared, instance: InstanceId) -> Arc<Settings> {
+        match shared.tracked.get(&instance) {
+            Some(tracked) => tracked.settings.clone(),
+            None => self.settings(),
+        }
     }
 
     pub fn app(&self) -> &str {
@@ -293,6 +343,7 @@ impl Broker {
     }
 
     pub fn status(&self) -> Status {
+        let settings = self.settings();
         let shared = self.lock();
         Status {
             app: self.app.clone(),
@@ -300,6 +351,16 @@ impl Broker {
             generation: shared.table.current().map_or(0, |i| i.generation),
             pid: std::process::id(),
             instances: shared.table.iter().cloned().collect(),
+            config_file: settings.config.file.clone(),
+            revision: settings.revision.clone(),
+            instance_revisions: shared
+                .table
+                .iter()
+                .filter_map(|i| {
+                    let tracked = shared.tracked.get(&i.id)?;
+                    Some((i.id, tracked.settings.revision.clone()))
+                })
+                .collect(),
             listeners: shared.listeners.list(),
             reloads: shared.reloads,
             last_reload: shared.last_reload.clone(),
@@ -344,7 +405,8 @@ impl Broker {
         let fd = match shared.listeners.get(addr) {
             Some(held) => sockets::dup(&held.fd)?,
             None => {
-                let fd = self.bind(&mut shared, addr, options, false)?;
+                let settings = self.settings_of(&shared, instance);
+                let fd = self.bind(&mut shared, &settings, addr, options, false)?;
                 tracing::info!(instance, "listening on {addr}");
                 fd
             }
@@ -386,6 +448,31 @@ impl Broker {
             });
         }
         Ok(())
+    }
+}
+
+impl Settings {
+    /// `launch` with what `config` says about the instances' processes; the
+    /// rest of it (who they run as, the broker's addresses) as given.
+    fn new(config: Config, launch: Launch, revision: Revision) -> Result<Settings, Error> {
+        let raise_to = match config.start_priority {
+            StartPriority::Normal => None,
+            StartPriority::Idle => Some(coordinator::idle_start_policy()?),
+        };
+        let launch = Launch {
+            command: config.command.clone(),
+            working_directory: config.working_directory.clone(),
+            environment: config.environment.clone(),
+            stop_signal: config.stop_signal,
+            drain_idle: config.drain_idle,
+            ..launch
+        };
+        Ok(Settings {
+            config,
+            launch,
+            raise_to,
+            revision,
+        })
     }
 }
 

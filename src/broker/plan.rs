@@ -166,6 +166,12 @@ impl Plan {
         }
     }
 
+    /// Takes a reloaded config's restart keys; the back-off counted so far stays.
+    pub fn reconfigure(&mut self, restart_delay: Duration, policy: RestartPolicy) {
+        self.restart_delay = restart_delay;
+        self.policy = policy;
+    }
+
     /// The next step for the requests that are pending (all are answered by it).
     pub fn next(&mut self, pending: &[Request], facts: Facts) -> Step {
         if facts.stopping {
@@ -422,6 +428,26 @@ mod tests {
         assert_eq!(
             p.finished(Launch::Reload, Outcome::NotExecutable, facts(Some(2), true)),
             After::Done
+        );
+    }
+
+    #[test]
+    fn a_reloaded_restart_policy_applies_to_the_next_crash() {
+        let mut p = plan();
+        p.reconfigure(5 * SECOND, RestartPolicy::Never);
+        assert_eq!(
+            p.finished(Launch::Restart, Outcome::Failed, facts(None, false)),
+            After::Exit {
+                code: 1,
+                fatal: false
+            }
+        );
+        let mut p = plan();
+        p.reconfigure(5 * SECOND, RestartPolicy::Always);
+        let crash = [Request::Restart { stable: false }];
+        assert_eq!(
+            restart_attempt(p.next(&crash, facts(None, false))).delay,
+            5 * SECOND
         );
     }
 

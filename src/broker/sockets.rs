@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use ally_core::net::{self, Endpoint, ListenAddr, ListenOptions};
 
-use super::{Broker, Error, Shared};
-use crate::bind_as::{self, BindAs, Credentials, SocketFile};
+use super::{Broker, Error, Settings, Shared};
+use crate::bind_as::{self, BindAs, SocketFile};
 use crate::listen_policy;
 use crate::systemd;
 
@@ -78,15 +78,19 @@ impl Broker {
         }
     }
 
+    /// Binds `addr` as `settings` allow: those of the instance that asks, or of
+    /// the generation about to start.
     pub(super) fn bind(
         &self,
         shared: &mut Shared,
+        settings: &Settings,
         addr: &ListenAddr,
         options: &ListenOptions,
         pinned: bool,
     ) -> Result<OwnedFd, Error> {
+        let config = &settings.config;
         let declared =
-            pinned || listen_policy::declared(&self.config.listen, &self.config.allow_listen, addr);
+            pinned || listen_policy::declared(&config.listen, &config.allow_listen, addr);
         let bound = if declared {
             // A dead socket file at a declared path that the broker's user owns is
             // most likely the broker's own, from before it was restarted.
@@ -99,30 +103,31 @@ impl Broker {
                 // runtime directory, say): root must not bind there, but that
                 // user may, as the instances' user could itself.
                 Err(bind_as::Error::Denied(why)) => {
-                    let creds = self.instance_credentials()?;
+                    let creds = settings.launch.run_as.credentials();
                     let removable = |dev: u64, ino: u64, uid: u32| {
                         uid == creds.uid || known.contains(&(dev, ino))
                     };
                     bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| {
                         bind_error(e, |as_user| Error::access_denied(format!(
                             "{addr} refused: {why}, so the broker does not bind it as root, and the instances run as {}, who {as_user}; choose a path whose directories only root may change, or one the instances' user may write",
-                            self.instance_user(&creds)
+                            settings.launch.run_as.describe()
                         )))
                     })
                 }
                 other => other.map_err(|e| bind_error(e, Error::access_denied)),
             }
         } else {
-            let creds = self.instance_credentials()?;
+            let creds = settings.launch.run_as.credentials();
             if creds.uid != 0
                 && let Some(port) =
                     listen_policy::privileged_port(addr, bind_as::unprivileged_port_start())
             {
-                return Err(self.refused(
+                return Err(Self::refused(
+                    settings,
                     addr,
                     &format!(
                         "port {port} is privileged (below net.ipv4.ip_unprivileged_port_start) and the instances run as {}, who may not bind it",
-                        self.instance_user(&creds)
+                        settings.launch.run_as.describe()
                     ),
                 ));
             }
@@ -130,11 +135,12 @@ impl Broker {
             let removable = |dev: u64, ino: u64, _uid: u32| known.contains(&(dev, ino));
             bind_as::bind(addr, options, BindAs::User(&creds), &removable).map_err(|e| {
                 bind_error(e, |why| {
-                    self.refused(
+                    Self::refused(
+                        settings,
                         addr,
                         &format!(
                             "the instances run as {}, who {why}",
-                            self.instance_user(&creds)
+                            settings.launch.run_as.describe()
                         ),
                     )
                 })
@@ -163,42 +169,31 @@ impl Broker {
         Ok(copy)
     }
 
-    fn refused(&self, addr: &ListenAddr, why: &str) -> Error {
+    fn refused(settings: &Settings, addr: &ListenAddr, why: &str) -> Error {
         Error::access_denied(listen_policy::refusal(
             addr,
             why,
-            self.config.file.as_deref(),
+            settings.config.file.as_deref(),
         ))
-    }
-
-    /// The credentials the instances run with (see `instance::spawn`): the
-    /// configured user and group with the user's supplementary groups, else the
-    /// broker's own, as resolved at start-up (see `crate::identity`).
-    fn instance_credentials(&self) -> Result<Credentials, Error> {
-        Ok(self.launch.run_as.credentials())
-    }
-
-    /// "nobody (uid 65534)", for messages.
-    fn instance_user(&self, _creds: &Credentials) -> String {
-        self.launch.run_as.describe()
     }
 
     pub(super) async fn sweep_listeners(self: Arc<Self>) {
         let mut tick = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tick.tick().await;
+            let linger = self.settings().config.listener_linger;
             let closed = {
                 let mut shared = self.lock();
                 let paused = shared.table.current().is_none();
                 shared
                     .listeners
-                    .take_expired(Instant::now(), self.config.listener_linger, paused)
+                    .take_expired(Instant::now(), linger, paused)
             };
             let mut removed = Vec::new();
             for (addr, held) in closed {
                 tracing::info!(
                     "closing {addr}: no instance has used it for {}",
-                    humantime::format_duration(self.config.listener_linger)
+                    humantime::format_duration(linger)
                 );
                 systemd::unstore(&addr);
                 removed.extend(held.close());

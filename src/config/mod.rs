@@ -6,9 +6,11 @@
 //! expected ([`ConfigError`]). Users and groups are kept as written; they are
 //! looked up when the broker starts (see [`crate::identity`]).
 
+pub mod changes;
 mod error;
 mod locate;
 mod raw;
+pub mod revision;
 mod typed;
 
 use std::collections::BTreeMap;
@@ -34,6 +36,9 @@ pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_RESTART_DELAY: Duration = Duration::from_secs(1);
 pub const DEFAULT_MAX_DRAINING: usize = 4;
+/// How long an app's HTTP drain lets an idle keep-alive connection stay idle after
+/// the stop before closing it (passed as `ALLY_DRAIN_IDLE`, in milliseconds).
+pub const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(1);
 pub const DEFAULT_LISTENER_LINGER: Duration = Duration::from_secs(10);
 /// Off: a supervisor must not spin on the host it protects unless asked to
 /// (docs/state.md has what polling buys and costs).
@@ -89,6 +94,8 @@ pub struct Config {
     pub state_busy_poll: Duration,
     /// The CPU priority of a generation that starts while another one serves.
     pub start_priority: StartPriority,
+    /// Passed to every instance as `ALLY_DRAIN_IDLE`; at most `stop_timeout`.
+    pub drain_idle: Duration,
 }
 
 /// A user or a group as the config names it.
@@ -257,6 +264,7 @@ impl Config {
             connections: ConnectionLimits::defaults_for(&Limits::default()),
             state_busy_poll: DEFAULT_STATE_BUSY_POLL,
             start_priority: StartPriority::default(),
+            drain_idle: DEFAULT_DRAIN_IDLE,
         }
     }
 
@@ -268,18 +276,23 @@ impl Config {
     /// Reads and checks the config at `path`. A non-empty `command_override` (the
     /// command given on the command line) replaces the file's `command`.
     pub fn load(path: &Path, command_override: Option<Vec<String>>) -> Result<Config, ConfigError> {
+        let text = Config::read(path)?;
+        Config::parse(&text, path, command_override)
+    }
+
+    /// The text of the config file at `path`, as [`Config::load`] reads it.
+    pub fn read(path: &Path) -> Result<String, ConfigError> {
         let read_error = |error| ConfigError::Read {
             path: path.to_path_buf(),
             error,
         };
         let bytes = read_regular_file(path).map_err(read_error)?;
-        let text = String::from_utf8(bytes).map_err(|_| {
+        String::from_utf8(bytes).map_err(|_| {
             read_error(io::Error::new(
                 io::ErrorKind::InvalidData,
                 "the file is not valid UTF-8",
             ))
-        })?;
-        Config::parse(&text, path, command_override)
+        })
     }
 
     /// Checks the config `text`; `origin` is the file it came from, named in errors.

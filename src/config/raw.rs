@@ -50,6 +50,7 @@ pub struct RawConfig {
     pub limits: Option<Spanned<Table<RawLimits, LimitsTable>>>,
     pub state_busy_poll: Option<Spanned<DurationText>>,
     pub start_priority: Option<Spanned<Text<PriorityName>>>,
+    pub drain_idle: Option<Spanned<DurationText>>,
 }
 
 /// A `[[listen]]` entry.

@@ -132,6 +132,21 @@ impl Cx<'_> {
                 .parse()
                 .map_err(|e| self.invalid("start_priority", &v, e))?;
         }
+        if let Some(v) = raw.drain_idle {
+            let d = self.duration("drain_idle", &v, false)?;
+            if d > config.stop_timeout {
+                return Err(self.invalid(
+                    "drain_idle",
+                    &v,
+                    format!(
+                        "{} is longer than stop_timeout ({}): an instance would be killed before an idle connection could be closed; expected at most stop_timeout",
+                        humantime::format_duration(d),
+                        humantime::format_duration(config.stop_timeout)
+                    ),
+                ));
+            }
+            config.drain_idle = d;
+        }
         Ok(config)
     }
 

@@ -516,6 +516,15 @@ pub fn instance_entries(instances: &[Instance]) -> Vec<InstanceEntry> {
         .collect()
 }
 
+/// `(id, revision, digest)` of each instance: `instance_configs`, `a(tts)`.
+fn instance_configs(status: &Status) -> Vec<(u64, u64, String)> {
+    status
+        .instance_revisions
+        .iter()
+        .map(|(id, r)| (*id, r.number, r.digest.clone()))
+        .collect()
+}
+
 fn listener_entries(status: &Status) -> Vec<ListenerEntry> {
     status
         .listeners
@@ -555,6 +564,28 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
         (
             "restart_usec".to_string(),
             owned(usec(status.pending_restart.map(|r| r.at)))?,
+        ),
+        (
+            "config_file".to_string(),
+            owned(
+                status
+                    .config_file
+                    .as_ref()
+                    .map(|f| f.display().to_string())
+                    .unwrap_or_default(),
+            )?,
+        ),
+        (
+            "config_revision".to_string(),
+            owned(status.revision.number)?,
+        ),
+        (
+            "config_digest".to_string(),
+            owned(status.revision.digest.as_str())?,
+        ),
+        (
+            "instance_configs".to_string(),
+            owned(Variant::new(instance_configs(status)))?,
         ),
     ]))
 }

@@ -4,7 +4,6 @@
 //! ([`private_stream`] runs the handshake) before zbus serves it.
 
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -44,18 +43,7 @@ pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> io::Result<UnixListener> 
     let listener = UnixListener::bind(path)
         .map_err(|e| io::Error::new(e.kind(), format!("cannot bind {}: {e}", path.display())))?;
     // The app's user must reach the socket; everyone else is refused by the broker.
-    // The directory is the broker's alone (`runtime_dir::prepare`), so the path
-    // names the socket just bound.
-    let mode = if owner.is_some() { 0o660 } else { 0o600 };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    if let Some((uid, gid)) = owner {
-        nix::unistd::chown(
-            path,
-            Some(nix::unistd::Uid::from_raw(uid)),
-            Some(nix::unistd::Gid::from_raw(gid)),
-        )
-        .map_err(|e| io::Error::other(format!("cannot chown {}: {e}", path.display())))?;
-    }
+    crate::runtime_dir::set_socket_owner(path, owner)?;
     Ok(listener)
 }
 

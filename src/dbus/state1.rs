@@ -299,6 +299,7 @@ mod tests {
         let broker = Broker::new(
             "served",
             config,
+            Default::default(),
             run_as,
             "unix:path=/nonexistent".into(),
             String::new(),

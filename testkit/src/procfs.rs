@@ -83,6 +83,22 @@ pub fn mono_ns() -> i64 {
     ts.tv_sec * 1_000_000_000 + ts.tv_nsec
 }
 
+/// Connections waiting in the accept queue of the IPv4 TCP listener on `port`
+/// (`/proc/net/tcp`, the listening socket's `rx_queue`); `None` if nothing
+/// listens there. What a test waits on to know a connection was accepted.
+pub fn accept_queue(port: u16) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1)?.rsplit_once(':')?.1;
+        let listening = *fields.get(3)? == "0A";
+        if !listening || u16::from_str_radix(local_port, 16).ok()? != port {
+            return None;
+        }
+        u64::from_str_radix(fields.get(4)?.split_once(':')?.1, 16).ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,3 +226,34 @@ fn app_names() {
         assert!(m.starts_with("invalid app name"), "{m}");
     }
 }
+
+#[test]
+fn drain_idle_defaults_to_a_second_and_stays_within_stop_timeout() {
+    let drain_idle = |v: &str| parse(&with_command(v)).map(|c| c.drain_idle);
+    assert_eq!(drain_idle("").unwrap(), DEFAULT_DRAIN_IDLE);
+    assert_eq!(drain_idle("").unwrap(), Duration::from_secs(1));
+    assert_eq!(
+        drain_idle(r#"drain_idle = "250ms""#).unwrap(),
+        Duration::from_millis(250)
+    );
+    // Compared with stop_timeout wherever either is written.
+    assert_eq!(
+        drain_idle("drain_idle = \"40s\"\nstop_timeout = \"1m\"").unwrap(),
+        Duration::from_secs(40)
+    );
+    let m = error(&with_command("drain_idle = \"40s\""));
+    assert_eq!(
+        m,
+        "/etc/ally/web.toml:2:14: key `drain_idle`: 40s is longer than stop_timeout (30s): an instance would be killed before an idle connection could be closed; expected at most stop_timeout"
+    );
+    let m = error(&with_command(r#"drain_idle = "0s""#));
+    assert!(
+        m.contains("key `drain_idle`: must be greater than zero"),
+        "{m}"
+    );
+    let m = error(&with_command("drain_idle = 1"));
+    assert!(
+        m.contains(r#"key `drain_idle`: expected a duration string like "1s""#),
+        "{m}"
+    );
+}
