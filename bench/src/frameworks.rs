@@ -169,7 +169,13 @@ impl Running {
     /// (requests, failed, retried, detail)
     fn finish(self) -> (u64, u64, Option<u64>, String) {
         match self {
-            Running::Tool(running) => {
+            Running::Tool(mut running) => {
+                // ab stops after its -n requests: a load that ended early measured less.
+                assert!(
+                    running.is_running(),
+                    "the load stopped before the reloads were done: {:?}",
+                    running.finish()
+                );
                 let r = running.finish();
                 (r.requests, r.failed, None, r.detail)
             }
