@@ -1,8 +1,10 @@
 //! Load harness for Ally: a load generator (HTTP/1.1 per-request connections,
 //! HTTP/1.1 keep-alive, gRPC), the one server every scenario runs
 //! (`bench-server`), and the driver that runs the scenarios side by side and
-//! writes `docs/benchmarks.md`.
+//! writes `docs/benchmarks.md`; and [`frameworks`], real frameworks' apps
+//! reloaded under load generators that do not retry.
 
+pub mod frameworks;
 pub mod grpc;
 pub mod http;
 pub mod load;
