@@ -1,0 +1,96 @@
+//! The `tonic_server` example under a real `ally run`, 20 reloads while grpc-go
+//! clients (Debian's `golang-google-grpc-dev`) call it back to back, each on the
+//! one channel it keeps, with no retry policy: not one call may fail.
+//!
+//! tonic's own client fails a call it makes between an old generation's `GOAWAY`
+//! and the end of that connection (`reload_tonic.rs` counts those); grpc-go sends
+//! such a call on a new connection by itself (its transparent retry, gRFC A6), as
+//! gRPC clients in most languages do. This is what a Go service calling ours sees.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ally_testkit::{Broker, build_ally, example, free_port, target_dir, wait_until};
+
+const RELOADS: u32 = 20;
+const CLIENTS: u32 = 8;
+
+/// Builds `client/tests/load/grpc_go` with Debian's Go and gRPC sources, offline.
+fn grpc_go_client() -> PathBuf {
+    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/load/grpc_go");
+    let gopath = tempfile::tempdir().unwrap();
+    let package = gopath.path().join("src/grpc_go");
+    std::fs::create_dir_all(&package).unwrap();
+    std::fs::copy(source.join("main.go"), package.join("main.go")).unwrap();
+    let binary = target_dir().join("grpc_go");
+    let gopath_env = format!("{}:/usr/share/gocode", gopath.path().display());
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&package)
+        .env("GOPATH", gopath_env)
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("running go: {e} (apt install golang-go golang-google-grpc-dev)")
+        });
+    assert!(
+        out.status.success(),
+        "building the grpc-go client (apt install golang-go golang-google-grpc-dev): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary
+}
+
+#[test]
+fn grpc_go_clients_on_kept_channels_lose_no_call() {
+    build_ally();
+    let client = grpc_go_client();
+    let port = free_port();
+    let config = format!(
+        "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\"]\nready_timeout = \"20s\"\nstop_timeout = \"20s\"\n",
+        example("tonic_server").display().to_string()
+    );
+    let broker = Broker::start("grpc", &config);
+    broker.wait_running(1);
+
+    let mut load = Command::new(&client)
+        .args([format!("127.0.0.1:{port}"), CLIENTS.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let every client get its channel going before the first reload.
+    std::thread::sleep(Duration::from_millis(500));
+    for n in 1..=RELOADS {
+        let out = broker.reload();
+        assert!(out.status.success(), "reload {n} failed: {out:?}");
+    }
+    wait_until(
+        "the old generations to finish draining",
+        Duration::from_secs(60),
+        || broker.pids("draining").is_empty(),
+    );
+    drop(load.stdin.take());
+    let mut report = String::new();
+    load.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut report)
+        .unwrap();
+    assert!(load.wait().unwrap().success(), "{report}");
+    eprintln!("grpc-go, {CLIENTS} kept channels, {RELOADS} reloads: {report}");
+    let number = |key: &str| -> u64 {
+        report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {report:?}"))
+    };
+    assert_eq!(number("failed="), 0, "{report}\n{}", broker.logs());
+    assert!(number("calls=") >= 1000, "too few calls: {report}");
+    assert_eq!(broker.generation(), u64::from(RELOADS) + 1);
+}
