@@ -327,42 +327,74 @@ fn datagram_echoes_and_stops() {
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
 
+/// The connections an HTTP example's drain is checked with: one busy (a request
+/// answered), one idle after a request, and one accepted whose request is not
+/// sent yet when the stop comes.
+struct DrainConnections {
+    busy: TcpStream,
+    idle: TcpStream,
+    late: TcpStream,
+}
+
+impl DrainConnections {
+    fn open(addr: SocketAddr, expected: &str) -> DrainConnections {
+        let mut busy = connect(addr);
+        let r = get(&mut busy, "");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, expected);
+        assert_eq!(r.header("Connection"), None, "HTTP/1.1 keeps alive");
+        let mut idle = connect(addr);
+        assert_eq!(get(&mut idle, "").status, 200);
+        let late = connect(addr);
+        // In simulate mode nobody else holds the socket: a connection still queued at
+        // the stop would be reset, so the stop waits until it was accepted.
+        ally_testkit::wait_until(
+            "the late connection accepted",
+            Duration::from_secs(10),
+            || ally_testkit::procfs::accept_queue(addr.port()) == Some(0),
+        );
+        DrainConnections { busy, idle, late }
+    }
+
+    /// Sends the stop; returns when it came.
+    fn stop(app: &Program) -> Instant {
+        app.signal(Signal::SIGTERM);
+        let stopped_at = Instant::now();
+        app.wait_for_line("stopping", Duration::from_secs(10));
+        stopped_at
+    }
+
+    /// The late and the busy connection are answered after the stop, told to close,
+    /// and closed.
+    fn answered_then_closed(&mut self, expected: &str) {
+        for stream in [&mut self.late, &mut self.busy] {
+            let r = get(stream, "");
+            assert_eq!(r.body, expected);
+            assert_eq!(r.header("Connection"), Some("close"));
+            assert_closed(stream);
+        }
+    }
+
+    /// The idle connection closes about the drain's idle time after the stop, and the
+    /// program then exits 0.
+    fn finish(mut self, app: &mut Program, stopped_at: Instant) {
+        assert_closed_once_idle(&mut self.idle, stopped_at);
+        let status = app.wait(Duration::from_secs(10));
+        assert_eq!(status.code(), Some(0), "{status:?}");
+        let lines = app.stderr_lines();
+        assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+    }
+}
+
 #[test]
 fn axum_server_serves_then_drains_without_cutting_requests() {
     let mut app = Program::start("axum_server", &["--listen", "127.0.0.1:0"]);
     let addr = app.addr_after("listening on ");
     let expected = format!("hello from axum pid={} generation=1\n", app.pid());
-
-    let mut busy = connect(addr);
-    let r = get(&mut busy, "");
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body, expected);
-    let mut idle = connect(addr);
-    assert_eq!(get(&mut idle, "").status, 200);
-    // Accepted, but its request not sent yet when the stop comes.
-    let mut late = connect(addr);
-    ally_testkit::wait_until(
-        "the late connection accepted",
-        Duration::from_secs(10),
-        || ally_testkit::procfs::accept_queue(addr.port()) == Some(0),
-    );
-
-    app.signal(Signal::SIGTERM);
-    let stopped_at = Instant::now();
-    app.wait_for_line("stopping", Duration::from_secs(10));
-
-    let r = get(&mut late, "");
-    assert_eq!(r.body, expected);
-    assert_eq!(r.header("Connection"), Some("close"));
-    assert_closed(&mut late);
-    let r = get(&mut busy, "");
-    assert_eq!(r.body, expected);
-    assert_eq!(r.header("Connection"), Some("close"));
-    assert_closed(&mut busy);
-
-    assert_closed_once_idle(&mut idle, stopped_at);
-    let status = app.wait(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    let mut connections = DrainConnections::open(addr, &expected);
+    let stopped_at = DrainConnections::stop(&app);
+    connections.answered_then_closed(&expected);
+    connections.finish(&mut app, stopped_at);
 }
 
 #[test]
@@ -371,45 +403,21 @@ fn actix_server_serves_then_drains_without_cutting_requests() {
     let addr = app.addr_after("listening on ");
     let expected = format!("hello from actix pid={} generation=1\n", app.pid());
     let keep_alive_10 = "GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n";
-
-    let mut busy = connect(addr);
-    let r = get(&mut busy, "");
-    assert_eq!(r.status, 200);
-    assert_eq!(r.body, expected);
-    assert_eq!(r.header("Connection"), None, "HTTP/1.1 keeps alive");
     let mut old = connect(addr);
     old.write_all(keep_alive_10.as_bytes()).unwrap();
     let r = read_response(&mut old).unwrap();
     assert_eq!(r.header("Connection"), Some("keep-alive"));
-    let mut idle = connect(addr);
-    assert_eq!(get(&mut idle, "").status, 200);
-    // Accepted, but its request not sent yet when the stop comes.
-    let mut late = connect(addr);
+    let mut connections = DrainConnections::open(addr, &expected);
 
-    app.signal(Signal::SIGTERM);
-    let stopped_at = Instant::now();
-    app.wait_for_line("stopping", Duration::from_secs(10));
-
-    let r = get(&mut late, "");
-    assert_eq!(r.body, expected);
-    assert_eq!(r.header("Connection"), Some("close"));
-    assert_closed(&mut late);
-    let r = get(&mut busy, "");
-    assert_eq!(r.body, expected);
-    assert_eq!(r.header("Connection"), Some("close"));
-    assert_closed(&mut busy);
+    let stopped_at = DrainConnections::stop(&app);
+    connections.answered_then_closed(&expected);
     // To HTTP/1.0, actix says `close` by not saying `keep-alive`.
     old.write_all(keep_alive_10.as_bytes()).unwrap();
     let r = read_response(&mut old).unwrap();
     assert_eq!(r.body, expected);
     assert_eq!(r.header("Connection"), None, "{:?}", r.head);
     assert_closed(&mut old);
-
-    assert_closed_once_idle(&mut idle, stopped_at);
-    let status = app.wait(Duration::from_secs(10));
-    assert_eq!(status.code(), Some(0), "{status:?}");
-    let lines = app.stderr_lines();
-    assert!(lines.iter().any(|l| l.contains("stopped")), "{lines:?}");
+    connections.finish(&mut app, stopped_at);
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
