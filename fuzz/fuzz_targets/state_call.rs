@@ -48,6 +48,7 @@ fn state_calls() -> StateCalls {
     let broker: Arc<Broker> = Broker::new(
         "fuzz",
         config,
+        Default::default(),
         run_as,
         "unix:path=/nonexistent".into(),
         String::new(),
