@@ -9,9 +9,12 @@ use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod greeter;
+
 use ally_testkit::example;
 use ally_testkit::http::Response;
 use ally_testkit::process::{Pipe, Spawned};
+use greeter::HelloReply;
 use nix::sys::signal::Signal;
 
 struct Program {
@@ -420,38 +423,13 @@ fn actix_server_serves_then_drains_without_cutting_requests() {
     connections.finish(&mut app, stopped_at);
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct HelloRequest {
-    #[prost(string, tag = "1")]
-    name: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct HelloReply {
-    #[prost(string, tag = "1")]
-    message: String,
-    #[prost(uint32, tag = "2")]
-    pid: u32,
-    #[prost(uint64, tag = "3")]
-    generation: u64,
-}
-
 async fn say_hello(addr: SocketAddr, name: &str) -> HelloReply {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()
         .await
         .unwrap();
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.unwrap();
-    grpc.unary(
-        tonic::Request::new(HelloRequest { name: name.into() }),
-        tonic::codegen::http::uri::PathAndQuery::from_static("/hello.Greeter/Hello"),
-        tonic_prost::ProstCodec::<HelloRequest, HelloReply>::default(),
-    )
-    .await
-    .unwrap()
-    .into_inner()
+    greeter::hello(channel, name).await.unwrap()
 }
 
 #[test]

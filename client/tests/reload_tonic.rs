@@ -21,27 +21,14 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+mod greeter;
+
 use ally_testkit::{Broker, build_ally, example, free_port, stderr, stdout, wait_until};
+use greeter::HelloReply;
 
 const RELOADS: u64 = 20;
 const TASKS: usize = 8;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct HelloRequest {
-    #[prost(string, tag = "1")]
-    name: String,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct HelloReply {
-    #[prost(string, tag = "1")]
-    message: String,
-    #[prost(uint32, tag = "2")]
-    pid: u32,
-    #[prost(uint64, tag = "3")]
-    generation: u64,
-}
 
 #[derive(Debug, Clone, Copy)]
 enum Mode {
@@ -86,21 +73,7 @@ async fn connect(url: &str) -> Result<tonic::transport::Channel, String> {
 
 /// One call, without any retry.
 async fn hello(channel: tonic::transport::Channel) -> Result<HelloReply, String> {
-    let call = async {
-        let mut grpc = tonic::client::Grpc::new(channel);
-        grpc.ready().await.map_err(|e| format!("ready: {e:?}"))?;
-        grpc.unary(
-            tonic::Request::new(HelloRequest {
-                name: "reload".into(),
-            }),
-            tonic::codegen::http::uri::PathAndQuery::from_static("/hello.Greeter/Hello"),
-            tonic_prost::ProstCodec::<HelloRequest, HelloReply>::default(),
-        )
-        .await
-        .map(tonic::Response::into_inner)
-        .map_err(|status| format!("{status:?}"))
-    };
-    tokio::time::timeout(CALL_TIMEOUT, call)
+    tokio::time::timeout(CALL_TIMEOUT, greeter::hello(channel, "reload"))
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {CALL_TIMEOUT:?}")))
 }
