@@ -163,6 +163,7 @@ impl Exec {
                 // dup2 leaves the new fd without FD_CLOEXEC: it survives the exec.
                 last(libc::dup2(*moved, 3 + i as libc::c_int))?;
             }
+            close_on_exec_from(first_free);
             let pid = libc::getpid() as u64;
             for &(string, offset) in &self.pid_slots {
                 let base = self.envp_strings[string].as_ptr() as *mut u8;
@@ -178,6 +179,21 @@ impl Exec {
             libc::write(report, bytes.as_ptr().cast(), bytes.len());
             libc::_exit(127);
         }
+    }
+}
+
+/// Marks every fd from `first` on close-on-exec: what the broker inherited
+/// without the flag (from a shell, from cargo) reaches no instance.
+/// Async-signal-safe; a kernel without `close_range` (before 5.11) keeps them.
+pub fn close_on_exec_from(first: libc::c_int) {
+    // SAFETY: a plain system call on this process's own fd table.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first as libc::c_uint,
+            libc::c_uint::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        );
     }
 }
 

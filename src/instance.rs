@@ -114,6 +114,13 @@ pub fn spawn(
     run_as(&mut cmd, &launch.run_as);
     // Registered after the privilege drop: hooks run in order, and this one execs.
     let report = if handed.sockets.is_empty() && handed.watchdog.is_none() {
+        // SAFETY: one async-signal-safe system call.
+        unsafe {
+            cmd.pre_exec(|| {
+                activation::close_on_exec_from(3);
+                Ok(())
+            });
+        }
         None
     } else {
         let env = activation::child_environment(

@@ -356,6 +356,11 @@ impl Broker {
                 }
             }
         };
+        let said = self
+            .lock()
+            .tracked
+            .get(&id)
+            .and_then(|t| t.reported.explanation());
         match plan::settle(waited) {
             Settle::Promote => {}
             Settle::Nothing => return Err(failed(why, Outcome::Failed)),
@@ -378,6 +383,10 @@ impl Broker {
                 let why = match last_probe.borrow().as_ref() {
                     Some(probe) => format!("{why}; the last {probe}"),
                     None => why,
+                };
+                let why = match said {
+                    Some(said) if !why.contains(&said) => format!("{why}; {said}"),
+                    _ => why,
                 };
                 return Err(failed(why, Outcome::Failed));
             }
@@ -444,6 +453,7 @@ impl Broker {
                 extended: watch::channel(None).0,
                 watchdog,
                 main: None,
+                notify_socket: None,
             },
         );
         life_rx
@@ -458,14 +468,15 @@ impl Broker {
         id: InstanceId,
         generation: Generation,
         pid: u32,
-        notify: Option<(std::os::unix::net::UnixDatagram, std::path::PathBuf)>,
+        notify: Option<(Arc<tokio::net::UnixDatagram>, std::path::PathBuf)>,
     ) -> watch::Receiver<Option<String>> {
         let (last_probe, last_probe_rx) = watch::channel(None);
         let (life, watchdog) = {
-            let shared = self.lock();
-            let Some(t) = shared.tracked.get(&id) else {
+            let mut shared = self.lock();
+            let Some(t) = shared.tracked.get_mut(&id) else {
                 return last_probe_rx;
             };
+            t.notify_socket = notify.as_ref().map(|(socket, _)| socket.clone());
             (
                 t.life.subscribe(),
                 t.watchdog.as_ref().map(|w| w.subscribe()),
@@ -617,13 +628,23 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn status_line(shared: &Shared) -> String {
+/// The broker's `STATUS=` for systemd: with the serving instance's own, if
+/// it sent one.
+pub(super) fn status_line(shared: &Shared) -> String {
     let current = shared.table.current();
     let draining = shared.table.count(InstanceState::Draining);
     match current {
         Some(i) => format!(
-            "generation {} ready (pid {}), {} draining",
-            i.generation, i.pid, draining
+            "generation {} ready (pid {}), {} draining{}",
+            i.generation,
+            i.pid,
+            draining,
+            shared
+                .tracked
+                .get(&i.id)
+                .and_then(|t| t.reported.status.as_ref())
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default()
         ),
         None => format!(
             "{}; no ready instance, {} draining",

@@ -73,9 +73,15 @@ impl Broker {
         process: Arc<Process>,
     ) {
         process.exited().await;
-        self.outlive_leader(id, &process).await;
+        let main = self.outlive_leader(id, &process).await;
         process.mark_reaped();
         let (description, success, code) = match child.wait().await {
+            // Its status is not the broker's to know: it is not its child.
+            Ok(_) if let Some(main) = main => (
+                format!("ended: its main process {main} (MAINPID) exited"),
+                false,
+                None,
+            ),
             Ok(status) => (
                 instance::describe_exit(&status),
                 status.success(),
@@ -89,7 +95,11 @@ impl Broker {
             let mut shared = self.lock();
             shared.listeners.release_instance(id, now);
             if let Some(tracked) = shared.tracked.remove(&id) {
-                tracked.life.send_replace(Life::Exited(description.clone()));
+                let how = match tracked.reported.explanation() {
+                    Some(said) => format!("{description} ({said})"),
+                    None => description.clone(),
+                };
+                tracked.life.send_replace(Life::Exited(how));
             }
             shared.table.exited(id, now)
         };
@@ -143,21 +153,34 @@ impl Broker {
     /// workers — and SIGKILLs it after `stop_timeout`. The instance has
     /// exited only once its group is empty, as a systemd service has once its
     /// cgroup is.
-    async fn outlive_leader(&self, id: InstanceId, leader: &Process) {
+    ///
+    /// Returns the pid of the `MAINPID=` process it waited for, if any.
+    async fn outlive_leader(&self, id: InstanceId, leader: &Process) -> Option<u32> {
+        let socket = {
+            let shared = self.lock();
+            match shared.tracked.get(&id) {
+                Some(t) => t.notify_socket.clone(),
+                None => return None,
+            }
+        };
+        if let Some(socket) = socket {
+            self.drain_notifications(id, &socket);
+        }
         let (main, settings) = {
             let shared = self.lock();
             match shared.tracked.get(&id) {
                 Some(t) => (t.main.clone(), t.settings.clone()),
-                None => return,
+                None => return None,
             }
         };
-        if let Some(main) = main {
+        if let Some(main) = &main {
             main.exited().await;
         }
+        let main = main.map(|m| m.pid());
         let group = leader.pid();
         let left = crate::process::group_members(group);
         if left.is_empty() {
-            return;
+            return main;
         }
         let signal = settings.config.stop_signal;
         tracing::info!(
@@ -174,7 +197,7 @@ impl Broker {
         loop {
             tokio::time::sleep(GROUP_POLL).await;
             if crate::process::group_members(group).is_empty() {
-                return;
+                return main;
             }
             let now = tokio::time::Instant::now();
             if !killed && now >= deadline {
@@ -187,7 +210,7 @@ impl Broker {
                 killed = true;
             } else if killed && now >= deadline + REAP_GRACE {
                 tracing::error!(instance = id, "process group {group} survived SIGKILL");
-                return;
+                return main;
             }
         }
     }

@@ -130,6 +130,8 @@ struct Tracked {
     watchdog: Option<watch::Sender<unmodified::Watchdog>>,
     /// The process `MAINPID=` named, which then gets the stop signal.
     main: Option<Arc<Process>>,
+    /// Its notification socket, with `ready = "notify"`.
+    notify_socket: Option<Arc<tokio::net::UnixDatagram>>,
 }
 
 impl Tracked {

@@ -39,6 +39,21 @@ pub struct Reported {
     pub main_pid: Option<u32>,
 }
 
+impl Reported {
+    /// What it said that explains a failed start: `STATUS=` and `ERRNO=`.
+    pub fn explanation(&self) -> Option<String> {
+        let mut said = Vec::new();
+        if let Some(status) = &self.status {
+            said.push(format!("STATUS={status:?}"));
+        }
+        if let Some(errno) = self.errno {
+            let name = nix::errno::Errno::from_raw(errno);
+            said.push(format!("ERRNO={errno} ({})", name.desc()));
+        }
+        (!said.is_empty()).then(|| format!("it said {}", said.join(", ")))
+    }
+}
+
 /// Watchdog pings and the timeout they keep.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Watchdog {
@@ -88,7 +103,7 @@ impl Broker {
         &self,
         settings: &Settings,
         path: &Path,
-    ) -> io::Result<UnixDatagram> {
+    ) -> io::Result<Arc<tokio::net::UnixDatagram>> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -98,7 +113,7 @@ impl Broker {
         let owner = run_as.switch.then_some((run_as.uid, run_as.gid));
         crate::runtime_dir::set_socket_owner(path, owner)?;
         socket.set_nonblocking(true)?;
-        Ok(socket)
+        Ok(Arc::new(tokio::net::UnixDatagram::from_std(socket)?))
     }
 
     /// Applies what instance `id` sends on `socket` until it has exited; then
@@ -106,19 +121,11 @@ impl Broker {
     pub(super) async fn receive_notifications(
         self: Arc<Self>,
         id: InstanceId,
-        socket: UnixDatagram,
+        socket: Arc<tokio::net::UnixDatagram>,
         path: PathBuf,
         mut life: watch::Receiver<Life>,
     ) {
-        let socket = match tokio::net::UnixDatagram::from_std(socket) {
-            Ok(socket) => socket,
-            Err(e) => {
-                tracing::error!(instance = id, "cannot watch the notification socket: {e}");
-                return;
-            }
-        };
         let mut buf = vec![0u8; notify::MAX_DATAGRAM + 1];
-        let refused_logged = crate::throttle::Throttle::new(Duration::from_secs(10));
         loop {
             tokio::select! {
                 () = exited(&mut life) => break,
@@ -131,29 +138,50 @@ impl Broker {
                             continue;
                         }
                     };
-                    match notify::parse(&buf[..len.min(buf.len())]) {
-                        Ok(message) => {
-                            for skipped in &message.skipped {
-                                tracing::warn!(instance = id, "notification field skipped: {skipped}");
-                            }
-                            for field in message.fields {
-                                self.apply_notification(id, field);
-                            }
-                        }
-                        Err(why) => {
-                            if let Some(more) = refused_logged.allow(std::time::Instant::now()) {
-                                tracing::warn!(
-                                    instance = id,
-                                    "notification dropped: {why}{}",
-                                    crate::throttle::more(more)
-                                );
-                            }
-                        }
-                    }
+                    self.handle_datagram(id, &buf[..len.min(buf.len())]);
                 }
             }
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// Applies the datagrams already queued on instance `id`'s socket: its
+    /// first process has exited, and a `MAINPID=` it sent before must count.
+    pub(super) fn drain_notifications(&self, id: InstanceId, socket: &tokio::net::UnixDatagram) {
+        let mut buf = vec![0u8; notify::MAX_DATAGRAM + 1];
+        while let Ok(len) = receive(socket, &mut buf) {
+            self.handle_datagram(id, &buf[..len.min(buf.len())]);
+        }
+    }
+
+    fn handle_datagram(&self, id: InstanceId, datagram: &[u8]) {
+        static REFUSED: crate::throttle::Throttle =
+            crate::throttle::Throttle::new(Duration::from_secs(10));
+        match notify::parse(datagram) {
+            Ok(message) => {
+                for skipped in &message.skipped {
+                    if let Some(more) = REFUSED.allow(std::time::Instant::now()) {
+                        tracing::warn!(
+                            instance = id,
+                            "notification field skipped: {skipped}{}",
+                            crate::throttle::more(more)
+                        );
+                    }
+                }
+                for field in message.fields {
+                    self.apply_notification(id, field);
+                }
+            }
+            Err(why) => {
+                if let Some(more) = REFUSED.allow(std::time::Instant::now()) {
+                    tracing::warn!(
+                        instance = id,
+                        "notification dropped: {why}{}",
+                        crate::throttle::more(more)
+                    );
+                }
+            }
+        }
     }
 
     fn apply_notification(&self, id: InstanceId, field: Field) {
@@ -166,6 +194,10 @@ impl Broker {
             Field::Status(status) => {
                 tracing::debug!(instance = id, "STATUS={status}");
                 self.update_reported(id, |r| r.status = Some(status));
+                let shared = self.lock();
+                if shared.table.current().is_some_and(|i| i.id == id) {
+                    crate::systemd::status(&super::coordinator::status_line(&shared));
+                }
             }
             Field::Stopping => {
                 tracing::info!(

@@ -52,22 +52,61 @@ fn an_unnamed_socket_is_named_by_its_address_without_the_separator() {
 #[test]
 fn mistakes_are_named() {
     let cases: &[(&str, &str)] = &[
-        ("sockets = \"fds\"", r#"key `sockets`: invalid sockets "fds": expected "dbus" or "listen-fds""#),
-        ("sockets = \"listen-fds\"", "key `sockets`: \"listen-fds\" passes the [[listen]] sockets, and there is none"),
-        ("ready = \"soon\"", r#"key `ready`: invalid ready "soon": expected "dbus", "notify", "delay" or "probe""#),
-        ("ready = \"delay\"", "key `ready_delay` is missing: expected how long"),
-        ("ready = \"probe\"", "key `ready_probe` is missing: expected the command"),
-        ("ready = \"probe\"\nready_probe = []", "key `ready_probe`: is empty"),
-        ("ready_delay = \"2s\"", r#"key `ready_delay`: is read only with ready = "delay""#),
-        ("ready = \"notify\"\nready_probe = [\"true\"]", r#"key `ready_probe`: is read only with ready = "probe""#),
-        ("watchdog = \"5s\"", r#"key `watchdog`: is read only with ready = "notify""#),
-        ("ready = \"notify\"\nwatchdog = \"0s\"", "key `watchdog`: must be greater than zero"),
-        ("ready = \"delay\"\nready_delay = \"2m\"", "key `ready_delay`: 2m is not shorter than ready_timeout (1m)"),
-        ("ready = 1", "expected \"dbus\", \"notify\", \"delay\" or \"probe\", found integer 1"),
+        (
+            "sockets = \"fds\"",
+            r#"key `sockets`: invalid sockets "fds": expected "dbus" or "listen-fds""#,
+        ),
+        (
+            "sockets = \"listen-fds\"",
+            "key `sockets`: \"listen-fds\" passes the [[listen]] sockets, and there is none",
+        ),
+        (
+            "ready = \"soon\"",
+            r#"key `ready`: invalid ready "soon": expected "dbus", "notify", "delay" or "probe""#,
+        ),
+        (
+            "ready = \"delay\"",
+            "key `ready_delay` is missing: expected how long",
+        ),
+        (
+            "ready = \"probe\"",
+            "key `ready_probe` is missing: expected the command",
+        ),
+        (
+            "ready = \"probe\"\nready_probe = []",
+            "key `ready_probe`: is empty",
+        ),
+        (
+            "ready_delay = \"2s\"",
+            r#"key `ready_delay`: is read only with ready = "delay""#,
+        ),
+        (
+            "ready = \"notify\"\nready_probe = [\"true\"]",
+            r#"key `ready_probe`: is read only with ready = "probe""#,
+        ),
+        (
+            "watchdog = \"5s\"",
+            r#"key `watchdog`: is read only with ready = "notify""#,
+        ),
+        (
+            "ready = \"notify\"\nwatchdog = \"0s\"",
+            "key `watchdog`: must be greater than zero",
+        ),
+        (
+            "ready = \"delay\"\nready_delay = \"2m\"",
+            "key `ready_delay`: 2m is not shorter than ready_timeout (1m)",
+        ),
+        (
+            "ready = 1",
+            "expected \"dbus\", \"notify\", \"delay\" or \"probe\", found integer 1",
+        ),
     ];
     for (text, expected) in cases {
         let m = error(&with_command(text));
-        assert!(m.contains(expected), "{text:?}:\n{m}\nshould contain\n{expected}");
+        assert!(
+            m.contains(expected),
+            "{text:?}:\n{m}\nshould contain\n{expected}"
+        );
     }
     for (name, expected) in [
         ("a:b", "contains ':'"),
