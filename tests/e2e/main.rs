@@ -539,3 +539,115 @@ fn ally_under_systemd() {
     sandbox.ok(&["test", "!", "-e", "/usr/bin/ally"]);
     let _ = Path::new(dir);
 }
+
+/// A WSGI app for gunicorn: answers with the version its generation started with.
+const GUNICORN_APP: &str = r#"
+import os
+VERSION = open(os.path.join(os.path.dirname(__file__), "version")).read().strip()
+def application(environ, start_response):
+    body = ("gunicorn version=%s pid=%d\n" % (VERSION, os.getpid())).encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+"#;
+
+#[test]
+#[ignore = "needs root, the built .deb packages and boots a throwaway systemd; run by .ci/run"]
+fn unmodified_apps_under_systemd() {
+    assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
+    if !Path::new("/usr/bin/gunicorn").exists() {
+        panic!("gunicorn is missing (apt install gunicorn)");
+    }
+    let deb = package("ALLY_E2E_DEB");
+    let sandbox = Sandbox::boot();
+    sandbox.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    sandbox.copy_in(&deb, "/root/ally.deb", "644");
+    sandbox.ok(&["dpkg", "-i", "/root/ally.deb"]);
+
+    // gunicorn with no Ally code: LISTEN_FDS and its own READY=1.
+    let port = free_port();
+    let dir = "/srv/gunicorn";
+    sandbox.write(&format!("{dir}/app.py"), GUNICORN_APP);
+    sandbox.write(&format!("{dir}/version"), "v1");
+    sandbox.write(
+        "/etc/ally/wsgi.toml",
+        &format!(
+            r#"command = ["gunicorn", "--workers", "2", "--chdir", "{dir}", "--graceful-timeout", "10", "app:application"]
+user = "nobody"
+group = "nogroup"
+sockets = "listen-fds"
+ready = "notify"
+ready_timeout = "20s"
+stop_timeout = "15s"
+
+[[listen]]
+network = "tcp"
+address = "127.0.0.1:{port}"
+name = "http"
+"#
+        ),
+    );
+    sandbox.ok(&["systemctl", "start", "ally@wsgi"]);
+    let url = format!("http://127.0.0.1:{port}/");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert!(
+        get(addr).starts_with("gunicorn version=v1 "),
+        "served as soon as systemctl start returned"
+    );
+    let status = stdout(&sandbox.run(&["ally", "status", "wsgi"]));
+    assert!(status.contains("Gunicorn arbiter booted"), "{status}");
+
+    let generator =
+        ally_testkit::loadgen::Generator::start(ally_testkit::loadgen::Tool::Ab, &url, 4);
+    std::thread::sleep(Duration::from_millis(300));
+    for n in 2..=6 {
+        sandbox.write(&format!("{dir}/version"), &format!("v{n}"));
+        sandbox.ok(&["systemctl", "reload", "ally@wsgi"]);
+    }
+    wait_until(
+        "the old gunicorns to drain",
+        Duration::from_secs(60),
+        || {
+            stdout(&sandbox.run(&["ally", "status", "wsgi"]))
+                .matches("draining")
+                .count()
+                == 0
+        },
+    );
+    let report = generator.finish();
+    eprintln!(
+        "e2e gunicorn under ab, 5 systemctl reloads: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert!(
+        report.requests > 100,
+        "too little load: {}",
+        report.requests
+    );
+    assert!(get(addr).starts_with("gunicorn version=v6 "));
+
+    // A broken release (a module that does not import) fails the reload with
+    // gunicorn's reason; the old version serves on.
+    sandbox.write(&format!("{dir}/app.py"), "import no_such_module\n");
+    let out = sandbox.run(&["ally", "reload", "wsgi"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("before it was ready"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(get(addr).starts_with("gunicorn version=v6 "));
+
+    // Stop leaves nothing: no gunicorn, no socket.
+    sandbox.ok(&["systemctl", "stop", "ally@wsgi"]);
+    let left = sandbox.run(&["pgrep", "-f", "gunicorn"]);
+    assert!(
+        stdout(&left).trim().is_empty(),
+        "left running: {}",
+        stdout(&left)
+    );
+    assert!(
+        std::net::TcpStream::connect(addr).is_err(),
+        "the socket closed with the unit"
+    );
+}
