@@ -571,7 +571,9 @@ fn unmodified_apps_under_systemd() {
     sandbox.write(
         "/etc/ally/wsgi.toml",
         &format!(
-            r#"command = ["gunicorn", "--workers", "2", "--chdir", "{dir}", "--graceful-timeout", "10", "app:application"]
+            // --preload: the app is imported before gunicorn's READY=1, so a
+            // release that does not import is never called ready.
+            r#"command = ["gunicorn", "--preload", "--workers", "2", "--chdir", "{dir}", "--graceful-timeout", "10", "app:application"]
 user = "nobody"
 group = "nogroup"
 sockets = "listen-fds"
