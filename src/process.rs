@@ -111,6 +111,18 @@ pub fn group_of(pid: u32) -> Option<u32> {
     stat_group(&stat)
 }
 
+/// The real uid of process `pid`, from `/proc`.
+pub fn real_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_ascii_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// The live processes of process group `group`, from `/proc`.
 pub fn group_members(group: u32) -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {

@@ -245,24 +245,28 @@ impl Broker {
     }
 
     /// `MAINPID=`: taken only for a live process of the instance's own process
-    /// group, pinned before it is checked again, so the broker never signals
-    /// a process outside the instance.
+    /// group and of its user, pinned before it is checked again, so the broker
+    /// never signals a process outside the instance, nor one the instance's
+    /// user could not signal itself.
     fn accept_main_pid(&self, id: InstanceId, pid: u32) {
-        let leader = {
+        let (leader, uid) = {
             let shared = self.lock();
             match shared.tracked.get(&id) {
-                Some(t) => t.process.pid(),
+                Some(t) => (t.process.pid(), t.settings.launch.run_as.uid),
                 None => return,
             }
         };
         if pid == leader {
             return;
         }
-        let in_group = || crate::process::group_of(pid) == Some(leader);
+        let in_group = || {
+            crate::process::group_of(pid) == Some(leader)
+                && crate::process::real_uid(pid) == Some(uid)
+        };
         if !in_group() {
             tracing::warn!(
                 instance = id,
-                "MAINPID={pid} ignored: not a live process of the instance's process group {leader}"
+                "MAINPID={pid} ignored: not a live process of the instance's process group {leader} and user {uid}"
             );
             return;
         }
