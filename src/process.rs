@@ -181,6 +181,11 @@ mod tests {
             group_of(std::process::id()),
             Some(nix::unistd::getpgrp().as_raw() as u32)
         );
+        assert_eq!(
+            real_uid(std::process::id()),
+            Some(nix::unistd::getuid().as_raw())
+        );
+        assert_eq!(real_uid(u32::MAX), None);
     }
 
     #[tokio::test]
