@@ -172,6 +172,21 @@ pub struct RunArgs {
     /// Which message bus to register org.ally.APP on.
     #[arg(long, value_enum, default_value_t = BusChoice::Auto)]
     pub bus: BusChoice,
+    /// Also listen on NET:ADDR (e.g. tcp::8000, unix:/run/web.sock), after the config's [[listen]] entries.
+    #[arg(long, value_name = "NET:ADDR")]
+    pub listen: Vec<String>,
+    /// How instances get the listening sockets: over D-Bus (Listen), or as fds 3, 4, … (LISTEN_FDS).
+    #[arg(long, value_name = "MODE", value_parser = ["dbus", "listen-fds"])]
+    pub sockets: Option<String>,
+    /// What makes an instance ready: its Ready call, READY=1 on its NOTIFY_SOCKET, --ready-delay, or --ready-probe.
+    #[arg(long, value_name = "HOW", value_parser = ["dbus", "notify", "delay", "probe"])]
+    pub ready: Option<String>,
+    /// With --ready delay: how long an instance must run without exiting, e.g. 2s.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ready_delay: Option<std::time::Duration>,
+    /// With --ready probe: a shell command that exits 0 once the app serves, run every 100 ms.
+    #[arg(long, value_name = "SHELL-COMMAND")]
+    pub ready_probe: Option<String>,
     /// The application's command; replaces `command` of the configuration.
     #[arg(last = true, value_name = "COMMAND")]
     pub command: Vec<String>,

@@ -182,6 +182,7 @@ pub fn render(status: &Status) -> String {
         "UPTIME".into(),
         "READY FOR".into(),
         "CONFIG".into(),
+        "STATUS".into(),
     ]];
     for i in &status.instances {
         let config = status
@@ -197,6 +198,7 @@ pub fn render(status: &Status) -> String {
             since(now, i.started_usec),
             since(now, i.ready_usec),
             config,
+            reported(status, i.id),
         ]);
     }
     for row in table(&rows) {
@@ -215,6 +217,27 @@ pub fn render(status: &Status) -> String {
         line(row);
     }
     out
+}
+
+/// What instance `id` said on its notification socket, in a few words.
+fn reported(status: &Status, id: u64) -> String {
+    let Some(r) = status.instance_reports.iter().find(|r| r.id == id) else {
+        return String::new();
+    };
+    let mut parts = Vec::new();
+    if !r.status.is_empty() {
+        parts.push(r.status.chars().take(60).collect::<String>());
+    }
+    if r.stopping {
+        parts.push("(stopping)".into());
+    }
+    if r.errno >= 0 {
+        parts.push(format!("(errno {})", r.errno));
+    }
+    if r.main_pid != 0 {
+        parts.push(format!("(main pid {})", r.main_pid));
+    }
+    parts.join(" ")
 }
 
 /// "2 (3f1c0a9be2d4)": a config revision and the start of its digest.

@@ -7,6 +7,7 @@ use std::process::Stdio;
 
 use nix::sys::signal::Signal;
 
+use crate::activation::{self, Activation};
 use crate::generations::{Generation, InstanceId};
 use crate::identity::RunAs;
 
@@ -26,6 +27,28 @@ pub struct Launch {
     pub drain_idle: std::time::Duration,
 }
 
+/// What one instance is given besides its [`Launch`]: the sockets of
+/// `sockets = "listen-fds"`, its own `NOTIFY_SOCKET`, the watchdog.
+#[derive(Debug, Default)]
+pub struct Handed {
+    /// Passed as fds 3, 4, … with `LISTEN_FDS`, `LISTEN_FDNAMES`, `LISTEN_PID`.
+    pub sockets: Vec<(std::os::fd::OwnedFd, String)>,
+    pub notify_socket: Option<PathBuf>,
+    /// `WATCHDOG_USEC`, with `WATCHDOG_PID` = its pid.
+    pub watchdog: Option<std::time::Duration>,
+}
+
+/// The variables that describe the broker to systemd, never the app: an
+/// instance gets its own or none.
+const SYSTEMD_VARIABLES: [&str; 6] = [
+    "NOTIFY_SOCKET",
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+];
+
 /// Spawns the command. The program is looked up again on every call, so a
 /// replaced binary or a re-pointed `current` symlink is what the next
 /// generation runs.
@@ -35,55 +58,88 @@ pub struct Launch {
 /// SIGKILL can take an instance's helpers with it.
 ///
 /// An `idle` instance starts under `SCHED_IDLE` (see [`crate::priority`]).
+///
+/// With sockets to hand over or a watchdog, the exec is [`crate::activation`]'s,
+/// which sets `LISTEN_PID` and `WATCHDOG_PID` to the child's own pid.
 pub fn spawn(
     launch: &Launch,
     id: InstanceId,
     generation: Generation,
     idle: bool,
+    handed: Handed,
 ) -> io::Result<tokio::process::Child> {
     let (program, args) = launch
         .command
         .split_first()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the command is empty"))?;
+    let mut variables: Vec<(String, String)> = launch
+        .environment
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    variables.extend([
+        ("ALLY_ADDRESS".into(), launch.address.clone()),
+        ("ALLY_STATE_ADDRESS".into(), launch.state_address.clone()),
+        ("ALLY_APP".into(), launch.app.clone()),
+        ("ALLY_INSTANCE".into(), id.to_string()),
+        ("ALLY_GENERATION".into(), generation.to_string()),
+        (
+            "ALLY_STOP_SIGNAL".into(),
+            launch.stop_signal.as_str().into(),
+        ),
+        (
+            "ALLY_DRAIN_IDLE".into(),
+            launch.drain_idle.as_millis().to_string(),
+        ),
+    ]);
+    if let Some(path) = &handed.notify_socket {
+        variables.push(("NOTIFY_SOCKET".into(), path.display().to_string()));
+    }
+    if let Some(watchdog) = handed.watchdog {
+        variables.push(("WATCHDOG_USEC".into(), watchdog.as_micros().to_string()));
+    }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
-        .envs(&launch.environment)
-        .env("ALLY_ADDRESS", &launch.address)
-        .env("ALLY_STATE_ADDRESS", &launch.state_address)
-        .env("ALLY_APP", &launch.app)
-        .env("ALLY_INSTANCE", id.to_string())
-        .env("ALLY_GENERATION", generation.to_string())
-        .env("ALLY_STOP_SIGNAL", launch.stop_signal.as_str())
-        .env("ALLY_DRAIN_IDLE", launch.drain_idle.as_millis().to_string())
-        // systemd's variables describe the broker, not the app.
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("LISTEN_FDS")
-        .env_remove("LISTEN_PID")
-        .env_remove("LISTEN_FDNAMES")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
+        .env_clear()
+        .envs(activation::child_environment(
+            &SYSTEMD_VARIABLES,
+            variables.iter().map(|(k, v)| (k.into(), v.into())),
+        ))
         .stdin(Stdio::null())
         .process_group(0)
         .kill_on_drop(false);
     if let Some(dir) = &launch.working_directory {
         cmd.current_dir(dir);
     }
-    if launch.run_as.switch {
-        let RunAs {
-            uid,
-            gid,
-            set_groups,
-            ..
-        } = launch.run_as;
-        let groups: Vec<libc::gid_t> = launch.run_as.groups.clone();
-        // std's own uid()/gid() run before pre_exec hooks, and setgroups must come
-        // before setuid: the whole drop happens here, in order.
-        // SAFETY: the hook makes only the async-signal-safe calls `drop_privileges`
-        // documents, on data prepared before the fork.
+    run_as(&mut cmd, &launch.run_as);
+    // Registered after the privilege drop: hooks run in order, and this one execs.
+    let report = if handed.sockets.is_empty() && handed.watchdog.is_none() {
+        // SAFETY: one async-signal-safe system call.
         unsafe {
-            cmd.pre_exec(move || drop_privileges(uid, gid, set_groups.then_some(&groups[..])));
+            cmd.pre_exec(|| {
+                activation::close_on_exec_from(3);
+                Ok(())
+            });
         }
-    }
+        None
+    } else {
+        let env = activation::child_environment(
+            &SYSTEMD_VARIABLES,
+            variables.iter().map(|(k, v)| (k.into(), v.into())),
+        );
+        let activation = Activation {
+            sockets: handed.sockets,
+            watchdog_pid: handed.watchdog.is_some(),
+        };
+        let (mut exec, report) = activation::Exec::prepare(&launch.command, &env, activation)
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))?;
+        // SAFETY: `run_in_child` makes only async-signal-safe calls on memory
+        // prepared before the fork, and is the last hook.
+        unsafe {
+            cmd.pre_exec(move || exec.run_in_child());
+        }
+        Some(std::fs::File::from(report))
+    };
     let spawned = if idle {
         let runtime = tokio::runtime::Handle::current();
         crate::priority::spawn_idle(|| {
@@ -93,7 +149,43 @@ pub fn spawn(
     } else {
         cmd.spawn()
     };
-    spawned.map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))
+    // The parent's copies of the handed sockets and of the report pipe's write
+    // end go with the command, before the report is read.
+    drop(cmd);
+    let mut child =
+        spawned.map_err(|e| io::Error::new(e.kind(), format!("cannot start {program:?}: {e}")))?;
+    if let Some(report) = report
+        && let Err(e) = activation::exec_result(report)
+    {
+        // It `_exit`ed: reap it.
+        tokio::spawn(async move { child.wait().await });
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot start {program:?}: {e}"),
+        ));
+    }
+    Ok(child)
+}
+
+/// Makes `cmd`'s process run as `run_as`, if the broker switches users.
+pub fn run_as(cmd: &mut tokio::process::Command, run_as: &RunAs) {
+    if !run_as.switch {
+        return;
+    }
+    let RunAs {
+        uid,
+        gid,
+        set_groups,
+        ..
+    } = *run_as;
+    let groups: Vec<libc::gid_t> = run_as.groups.clone();
+    // std's own uid()/gid() run before pre_exec hooks, and setgroups must come
+    // before setuid: the whole drop happens here, in order.
+    // SAFETY: the hook makes only the async-signal-safe calls `drop_privileges`
+    // documents, on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || drop_privileges(uid, gid, set_groups.then_some(&groups[..])));
+    }
 }
 
 /// Switches the child to `uid`, `gid` and, if given, the supplementary

@@ -1,6 +1,7 @@
 //! The Ally broker: supervises one application, owns its listening sockets and
 //! reloads it with zero downtime. See `docs/architecture.md` for the map.
 
+pub mod activation;
 pub mod admission;
 pub mod bind_as;
 pub mod broker;
@@ -13,6 +14,7 @@ pub mod identity;
 pub mod instance;
 pub mod listen_policy;
 pub mod listeners;
+pub mod notify;
 pub mod priority;
 pub mod process;
 pub mod run;

@@ -173,6 +173,7 @@ mod tests {
         let listen = vec![ListenEntry {
             addr: addr("tcp", ":80"),
             options: ListenOptions::default(),
+            name: None,
         }];
         let allow = allowed(&["tcp:127.0.0.1:81", "unix:/run/web/"]);
         let declared = |n: &str, a: &str| declared(&listen, &allow, &addr(n, a));

@@ -59,6 +59,20 @@ impl Process {
         }
     }
 
+    /// Sends `signal` to the process group it leads, while it is unreaped.
+    pub fn signal_group(&self, signal: Signal) {
+        let reaped = self.reaped.lock().unwrap_or_else(|p| p.into_inner());
+        if !*reaped {
+            match killpg(Pid::from_raw(self.pid as i32), signal) {
+                Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+                Err(e) => tracing::warn!(
+                    pid = self.pid,
+                    "cannot send {signal} to its process group: {e}"
+                ),
+            }
+        }
+    }
+
     /// SIGKILLs the process and, while its leader is unreaped, its process group
     /// (the helpers it started). After the reap only the pidfd is used, which can
     /// no longer reach anything.
@@ -90,6 +104,39 @@ impl Process {
     }
 }
 
+/// The process group of live process `pid`, from `/proc`; `None` once it
+/// has exited (a zombie included) or if it cannot be read.
+pub fn group_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_group(&stat)
+}
+
+/// The live processes of process group `group`, from `/proc`.
+pub fn group_members(group: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| group_of(*pid) == Some(group))
+        .collect()
+}
+
+/// `pgrp` of a `/proc/<pid>/stat` line, unless the process is a zombie. The
+/// command name may hold spaces and parentheses: fields are counted from the
+/// last `)`.
+fn stat_group(stat: &str) -> Option<u32> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?;
+    if state == "Z" || state == "X" {
+        return None;
+    }
+    let _ppid = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
 fn send(pidfd: &AsyncFd<OwnedFd>, signal: Signal) -> io::Result<()> {
     // SAFETY: a plain system call on a pidfd we own, with no siginfo.
     let rc = unsafe {
@@ -112,6 +159,17 @@ fn send(pidfd: &AsyncFd<OwnedFd>, signal: Signal) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_group_is_read_after_the_command_name() {
+        assert_eq!(stat_group("42 (a) b) c) S 1 77 77 0"), Some(77));
+        assert_eq!(stat_group("42 (x) Z 1 77 77 0"), None);
+        assert_eq!(stat_group("garbage"), None);
+        assert_eq!(
+            group_of(std::process::id()),
+            Some(nix::unistd::getpgrp().as_raw() as u32)
+        );
+    }
 
     #[tokio::test]
     async fn signals_reach_the_pinned_process_and_the_group_only_before_the_reap() {

@@ -50,6 +50,61 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
 
 /// The config, and where it came from for the reloads that read it again.
 fn load_config(args: &RunArgs) -> Result<(Config, Source), String> {
+    let overrides = overrides(args)?;
+    let (config, mut source) = load_file(args)?;
+    let config = overrides.apply(config)?;
+    source.overrides = overrides;
+    Ok((config, source))
+}
+
+/// `--listen`, `--sockets`, `--ready` and its `--ready-delay` / `--ready-probe`.
+fn overrides(args: &RunArgs) -> Result<config::Overrides, String> {
+    use config::{ListenEntry, Readiness};
+    let mut overrides = config::Overrides::default();
+    for spec in &args.listen {
+        let (network, address) = spec.split_once(':').ok_or_else(|| {
+            format!("--listen {spec:?}: expected NET:ADDR, like tcp::8000 or unix:/run/app.sock")
+        })?;
+        let addr = ally_core::net::ListenAddr::parse(network, address)
+            .map_err(|e| format!("--listen {spec:?}: {e}"))?;
+        overrides.listen.push(ListenEntry {
+            addr,
+            options: Default::default(),
+            name: None,
+        });
+    }
+    overrides.sockets = args.sockets.as_deref().map(str::parse).transpose()?;
+    let delay_or_probe = |flag: &str, given: bool, mode: &str| {
+        if given && args.ready.as_deref() != Some(mode) {
+            Err(format!("{flag} is read only with --ready {mode}"))
+        } else {
+            Ok(())
+        }
+    };
+    delay_or_probe("--ready-delay", args.ready_delay.is_some(), "delay")?;
+    delay_or_probe("--ready-probe", args.ready_probe.is_some(), "probe")?;
+    overrides.ready = match args.ready.as_deref() {
+        None => None,
+        Some("dbus") => Some(Readiness::Dbus),
+        Some("notify") => Some(Readiness::Notify),
+        Some("delay") => Some(Readiness::Delay(
+            args.ready_delay
+                .filter(|d| !d.is_zero())
+                .ok_or("--ready delay needs --ready-delay DURATION, e.g. --ready-delay 2s")?,
+        )),
+        Some("probe") => Some(Readiness::Probe(vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            args.ready_probe
+                .clone()
+                .ok_or("--ready probe needs --ready-probe COMMAND, e.g. --ready-probe 'curl -fsS http://127.0.0.1:8000/'")?,
+        ])),
+        Some(other) => return Err(format!("--ready {other:?}: expected dbus, notify, delay or probe")),
+    };
+    Ok(overrides)
+}
+
+fn load_file(args: &RunArgs) -> Result<(Config, Source), String> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
     let path: Option<PathBuf> = match &args.config {
         Some(path) => Some(path.clone()),
@@ -63,6 +118,7 @@ fn load_config(args: &RunArgs) -> Result<(Config, Source), String> {
             let source = Source {
                 text: Some(text),
                 command_override,
+                overrides: Default::default(),
             };
             Ok((config, source))
         }

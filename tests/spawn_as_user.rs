@@ -178,6 +178,7 @@ async fn spawning_as_a_user_does_not_hang_while_other_threads_read_the_user_data
             InstanceId::try_from(n).unwrap() + 1,
             Generation::default() + 1,
             false,
+            Default::default(),
         )
         .unwrap_or_else(|e| panic!("spawn {n}: {e}"));
         let left = deadline

@@ -118,6 +118,22 @@ pub struct InstanceConfig {
     pub digest: String,
 }
 
+/// One entry of `Status()`'s `instance_reports`, D-Bus type `(tsbiu)`: what an
+/// instance said on its notification socket (`ready = "notify"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Type, zbus::Variant)]
+pub struct InstanceReport {
+    /// The instance's id, as in [`Instance::id`].
+    pub id: u64,
+    /// Its last `STATUS=` text; empty if none.
+    pub status: String,
+    /// It sent `STOPPING=1`.
+    pub stopping: bool,
+    /// Its `ERRNO=`; -1 if none.
+    pub errno: i32,
+    /// The pid `MAINPID=` named; 0 if none.
+    pub main_pid: u32,
+}
+
 /// The reply of `Status()`, typed. Keys the broker does not send keep their default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -154,6 +170,9 @@ pub struct Status {
     /// The config revision each instance was started with.
     #[serde(default)]
     pub instance_configs: Vec<InstanceConfig>,
+    /// What instances said on their notification sockets, for those that did.
+    #[serde(default)]
+    pub instance_reports: Vec<InstanceReport>,
 }
 
 impl Status {
@@ -177,6 +196,7 @@ impl Status {
                 "config_revision" => status.config_revision = field(&key, value)?,
                 "config_digest" => status.config_digest = field(&key, value)?,
                 "instance_configs" => status.instance_configs = field(&key, value)?,
+                "instance_reports" => status.instance_reports = field(&key, value)?,
                 _ => {}
             }
         }

@@ -12,10 +12,12 @@ use tokio::sync::{mpsc, watch};
 use super::instances::REAP_GRACE;
 use super::plan::{After, Launch, Outcome, Plan, Settle, Step, Waited};
 use super::reconfigure::Prepared;
+use super::unmodified;
 use super::{
     Broker, Error, Event, Life, PendingRestart, Phase, Request, Settings, Shared, Tracked, plan,
 };
-use crate::generations::{Generation, InstanceState};
+use crate::config::{Readiness, Sockets};
+use crate::generations::{Generation, InstanceId, InstanceState};
 use crate::instance;
 use crate::priority::{self, Policy};
 use crate::process::Process;
@@ -245,11 +247,36 @@ impl Broker {
             message,
             outcome,
         };
+        let handed = self.hand(settings, id).map_err(|e| {
+            failed(
+                format!("generation {generation} could not start: {e}"),
+                Outcome::Failed,
+            )
+        })?;
+        let notify = match &handed.notify_socket {
+            Some(path) => match self.open_notify_socket(settings, path) {
+                Ok(socket) => Some((socket, path.clone())),
+                Err(e) => {
+                    let message = format!(
+                        "generation {generation} could not start: cannot make its notification socket {}: {e}",
+                        path.display()
+                    );
+                    return Err(failed(message, Outcome::Failed));
+                }
+            },
+            None => None,
+        };
         let how = settings.launch.clone();
-        let spawned =
-            tokio::task::spawn_blocking(move || instance::spawn(&how, id, generation, idle))
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(format!("the spawn failed: {e}"))));
+        let spawned = tokio::task::spawn_blocking(move || {
+            instance::spawn(&how, id, generation, idle, handed)
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(format!("the spawn failed: {e}"))));
+        if spawned.is_err()
+            && let Some((_, path)) = &notify
+        {
+            let _ = std::fs::remove_file(path);
+        }
         let child = spawned.map_err(|e| {
             let outcome = if plan::cannot_execute(e.kind()) {
                 Outcome::NotExecutable
@@ -283,6 +310,7 @@ impl Broker {
         );
         self.roster.record(pid, id);
         drop(spawning);
+        let last_probe = self.start_unmodified(settings, id, generation, pid, notify);
         tracing::info!(
             generation,
             pid,
@@ -299,6 +327,7 @@ impl Broker {
         let timeout = settings.config.ready_timeout;
         let deadline = tokio::time::sleep(timeout);
         tokio::pin!(deadline);
+        let mut extended = self.lock().tracked.get(&id).map(|t| t.extended.subscribe());
         let mut exits = self.exits.subscribe();
         let (waited, why) = loop {
             tokio::select! {
@@ -310,6 +339,13 @@ impl Broker {
                     };
                 }
                 _ = &mut deadline => break (Waited::TimedOut, String::new()),
+                Some(Ok(())) = async { match extended.as_mut() { Some(e) => Some(e.changed().await), None => None } } => {
+                    let until = extended.as_ref().and_then(|e| *e.borrow());
+                    if let Some(until) = until && until > deadline.deadline() {
+                        tracing::info!(generation, pid, "start time extended by {} (EXTEND_TIMEOUT_USEC)", ms(until - tokio::time::Instant::now()));
+                        deadline.as_mut().reset(until);
+                    }
+                }
                 _ = stopping.wait_for(|s| *s) => break (Waited::Stopping, "the broker is stopping".to_string()),
                 Ok(()) = exits.changed(), if idle => {
                     if self.lock().table.count(InstanceState::Ready) == 0 {
@@ -320,6 +356,11 @@ impl Broker {
                 }
             }
         };
+        let said = self
+            .lock()
+            .tracked
+            .get(&id)
+            .and_then(|t| t.reported.explanation());
         match plan::settle(waited) {
             Settle::Promote => {}
             Settle::Nothing => return Err(failed(why, Outcome::Failed)),
@@ -338,6 +379,14 @@ impl Broker {
                     not_ready_in_time(settings, generation, pid, killed, idle)
                 } else {
                     why
+                };
+                let why = match last_probe.borrow().as_ref() {
+                    Some(probe) => format!("{why}; the last {probe}"),
+                    None => why,
+                };
+                let why = match said {
+                    Some(said) if !why.contains(&said) => format!("{why}; {said}"),
+                    _ => why,
                 };
                 return Err(failed(why, Outcome::Failed));
             }
@@ -381,15 +430,80 @@ impl Broker {
             .table
             .spawned(id, generation, pid, Instant::now(), SystemTime::now());
         let (life, life_rx) = watch::channel(Life::State(InstanceState::Starting));
+        let watchdog = settings.config.watchdog.map(|timeout| {
+            watch::channel(unmodified::Watchdog {
+                timeout,
+                last: tokio::time::Instant::now(),
+                triggered: false,
+            })
+            .0
+        });
+        if settings.config.sockets == Sockets::ListenFds {
+            for entry in &settings.config.listen {
+                shared.listeners.add_ref(&entry.addr, id);
+            }
+        }
         shared.tracked.insert(
             id,
             Tracked {
                 life,
                 process,
                 settings,
+                reported: Default::default(),
+                extended: watch::channel(None).0,
+                watchdog,
+                main: None,
+                notify_socket: None,
             },
         );
         life_rx
+    }
+
+    /// Starts what serves an unmodified app's instance: its notification
+    /// socket, its delay or probe, its watchdog. Returns the probe's last
+    /// failure as it is known.
+    fn start_unmodified(
+        self: &Arc<Self>,
+        settings: &Arc<Settings>,
+        id: InstanceId,
+        generation: Generation,
+        pid: u32,
+        notify: Option<(Arc<tokio::net::UnixDatagram>, std::path::PathBuf)>,
+    ) -> watch::Receiver<Option<String>> {
+        let (last_probe, last_probe_rx) = watch::channel(None);
+        let (life, watchdog) = {
+            let mut shared = self.lock();
+            let Some(t) = shared.tracked.get_mut(&id) else {
+                return last_probe_rx;
+            };
+            t.notify_socket = notify.as_ref().map(|(socket, _)| socket.clone());
+            (
+                t.life.subscribe(),
+                t.watchdog.as_ref().map(|w| w.subscribe()),
+            )
+        };
+        if let Some((socket, path)) = notify {
+            tokio::spawn(
+                self.clone()
+                    .receive_notifications(id, socket, path, life.clone()),
+            );
+        }
+        if matches!(
+            settings.config.ready,
+            Readiness::Delay(_) | Readiness::Probe(_)
+        ) {
+            tokio::spawn(self.clone().await_readiness(
+                settings.clone(),
+                id,
+                generation,
+                pid,
+                last_probe,
+            ));
+        }
+        if let Some(watchdog) = watchdog {
+            tokio::spawn(self.clone().watch_dog(id, watchdog, life));
+        }
+        last_probe_rx
     }
 
     /// Records a launch's result, tells D-Bus and systemd, and returns the error
@@ -514,13 +628,23 @@ fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1000.0)
 }
 
-fn status_line(shared: &Shared) -> String {
+/// The broker's `STATUS=` for systemd: with the serving instance's own, if
+/// it sent one.
+pub(super) fn status_line(shared: &Shared) -> String {
     let current = shared.table.current();
     let draining = shared.table.count(InstanceState::Draining);
     match current {
         Some(i) => format!(
-            "generation {} ready (pid {}), {} draining",
-            i.generation, i.pid, draining
+            "generation {} ready (pid {}), {} draining{}",
+            i.generation,
+            i.pid,
+            draining,
+            shared
+                .tracked
+                .get(&i.id)
+                .and_then(|t| t.reported.status.as_ref())
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default()
         ),
         None => format!(
             "{}; no ready instance, {} draining",

@@ -16,6 +16,8 @@ use crate::systemd;
 
 /// How long the broker waits for a SIGKILLed process to be reaped.
 pub(super) const REAP_GRACE: Duration = Duration::from_secs(5);
+/// How often what is left of an instance's process group is looked for.
+const GROUP_POLL: Duration = Duration::from_millis(50);
 
 impl Broker {
     /// Asks an instance to stop with its stop signal, and SIGKILLs it and its
@@ -30,13 +32,22 @@ impl Broker {
             id,
             state: InstanceState::Draining,
         });
-        let (mut life, process, settings) = self.lock().tracked.get(&id).map(|t| {
+        let (mut life, process, main, settings) = self.lock().tracked.get(&id).map(|t| {
             t.life.send_replace(Life::State(InstanceState::Draining));
-            (t.life.subscribe(), t.process.clone(), t.settings.clone())
+            (
+                t.life.subscribe(),
+                t.process.clone(),
+                t.main_process(),
+                t.settings.clone(),
+            )
         })?;
         let signal = settings.config.stop_signal;
-        tracing::info!(instance = id, pid, "asking instance to stop with {signal}");
-        process.signal(signal);
+        tracing::info!(
+            instance = id,
+            pid = main.pid(),
+            "asking instance to stop with {signal}"
+        );
+        main.signal(signal);
         let timeout = settings.config.stop_timeout;
         Some(tokio::spawn(async move {
             let exited = life.wait_for(|l| matches!(l, Life::Exited(_)));
@@ -62,8 +73,15 @@ impl Broker {
         process: Arc<Process>,
     ) {
         process.exited().await;
+        let main = self.outlive_leader(id, &process).await;
         process.mark_reaped();
         let (description, success, code) = match child.wait().await {
+            // Its status is not the broker's to know: it is not its child.
+            Ok(_) if let Some(main) = main => (
+                format!("ended: its main process {main} (MAINPID) exited"),
+                false,
+                None,
+            ),
             Ok(status) => (
                 instance::describe_exit(&status),
                 status.success(),
@@ -77,7 +95,11 @@ impl Broker {
             let mut shared = self.lock();
             shared.listeners.release_instance(id, now);
             if let Some(tracked) = shared.tracked.remove(&id) {
-                tracked.life.send_replace(Life::Exited(description.clone()));
+                let how = match tracked.reported.explanation() {
+                    Some(said) => format!("{description} ({said})"),
+                    None => description.clone(),
+                };
+                tracked.life.send_replace(Life::Exited(how));
             }
             shared.table.exited(id, now)
         };
@@ -122,6 +144,75 @@ impl Broker {
             }
         };
         let _ = self.requests.send(Request { kind, reply: None });
+    }
+
+    /// After the instance's first process exited, and before it is reaped (so
+    /// that its process group id stays its own): waits for the process
+    /// `MAINPID=` named, then asks what is left of the group to stop with the
+    /// instance's stop signal — a shell wrapper's app, a master's orphaned
+    /// workers — and SIGKILLs it after `stop_timeout`. The instance has
+    /// exited only once its group is empty, as a systemd service has once its
+    /// cgroup is.
+    ///
+    /// Returns the pid of the `MAINPID=` process it waited for, if any.
+    async fn outlive_leader(&self, id: InstanceId, leader: &Process) -> Option<u32> {
+        let socket = {
+            let shared = self.lock();
+            match shared.tracked.get(&id) {
+                Some(t) => t.notify_socket.clone(),
+                None => return None,
+            }
+        };
+        if let Some(socket) = socket {
+            self.drain_notifications(id, &socket);
+        }
+        let (main, settings) = {
+            let shared = self.lock();
+            match shared.tracked.get(&id) {
+                Some(t) => (t.main.clone(), t.settings.clone()),
+                None => return None,
+            }
+        };
+        if let Some(main) = &main {
+            main.exited().await;
+        }
+        let main = main.map(|m| m.pid());
+        let group = leader.pid();
+        let left = crate::process::group_members(group);
+        if left.is_empty() {
+            return main;
+        }
+        let signal = settings.config.stop_signal;
+        tracing::info!(
+            instance = id,
+            "pid {group} exited; asking the rest of its process group ({}) to stop with {signal}",
+            left.iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        leader.signal_group(signal);
+        let deadline = tokio::time::Instant::now() + settings.config.stop_timeout;
+        let mut killed = false;
+        loop {
+            tokio::time::sleep(GROUP_POLL).await;
+            if crate::process::group_members(group).is_empty() {
+                return main;
+            }
+            let now = tokio::time::Instant::now();
+            if !killed && now >= deadline {
+                tracing::warn!(
+                    instance = id,
+                    "the rest of process group {group} did not stop within {} (stop_timeout); sending SIGKILL",
+                    humantime::format_duration(settings.config.stop_timeout)
+                );
+                leader.kill_group();
+                killed = true;
+            } else if killed && now >= deadline + REAP_GRACE {
+                tracing::error!(instance = id, "process group {group} survived SIGKILL");
+                return main;
+            }
+        }
     }
 
     /// Stops every instance with its stop signal, waits up to `stop_timeout`

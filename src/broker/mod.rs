@@ -17,6 +17,7 @@ pub mod plan;
 mod reconfigure;
 mod roster;
 mod sockets;
+mod unmodified;
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -38,6 +39,7 @@ use crate::state::State;
 use crate::systemd;
 
 pub use roster::Snapshot;
+pub use unmodified::Reported;
 
 /// What went wrong: the kind a D-Bus caller sees, the message and the cause.
 pub use ally_core::Error;
@@ -103,6 +105,8 @@ pub struct Status {
     pub reloads: u64,
     pub last_reload: String,
     pub pending_restart: Option<PendingRestart>,
+    /// What instances said on their notification sockets, for those that did.
+    pub reported: Vec<(InstanceId, Reported)>,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -118,6 +122,23 @@ struct Tracked {
     process: Arc<Process>,
     /// What it was started with: it is stopped with its own stop signal.
     settings: Arc<Settings>,
+    /// What it said on its notification socket.
+    reported: Reported,
+    /// Until when `EXTEND_TIMEOUT_USEC=` let its start run.
+    extended: watch::Sender<Option<tokio::time::Instant>>,
+    /// Its watchdog, with `watchdog` configured.
+    watchdog: Option<watch::Sender<unmodified::Watchdog>>,
+    /// The process `MAINPID=` named, which then gets the stop signal.
+    main: Option<Arc<Process>>,
+    /// Its notification socket, with `ready = "notify"`.
+    notify_socket: Option<Arc<tokio::net::UnixDatagram>>,
+}
+
+impl Tracked {
+    /// The process its stop signal goes to.
+    fn main_process(&self) -> Arc<Process> {
+        self.main.clone().unwrap_or_else(|| self.process.clone())
+    }
 }
 
 /// Where the config came from, for the reloads that read it again.
@@ -127,6 +148,8 @@ pub struct Source {
     pub text: Option<String>,
     /// The command given on `ally run`'s command line, which replaces the file's.
     pub command_override: Option<Vec<String>>,
+    /// What `ally run`'s other options change.
+    pub overrides: crate::config::Overrides,
 }
 
 /// What a generation is started with: its config and what the broker resolved
@@ -167,6 +190,7 @@ pub struct Broker {
     /// The settings of the generations started from now on.
     settings: Mutex<Arc<Settings>>,
     command_override: Option<Vec<String>>,
+    overrides: crate::config::Overrides,
     /// See [`Broker::serve_socket_files`].
     socket_files: Mutex<Option<(std::path::PathBuf, Vec<std::path::PathBuf>)>>,
     shared: Mutex<Shared>,
@@ -213,6 +237,7 @@ impl Broker {
             app: app.to_string(),
             settings: Mutex::new(Arc::new(settings)),
             command_override: source.command_override,
+            overrides: source.overrides,
             socket_files: Mutex::new(None),
             shared: Mutex::new(Shared {
                 table: Table::default(),
@@ -365,6 +390,15 @@ impl Broker {
             reloads: shared.reloads,
             last_reload: shared.last_reload.clone(),
             pending_restart: shared.pending_restart,
+            reported: shared
+                .table
+                .iter()
+                .filter_map(|i| {
+                    let tracked = shared.tracked.get(&i.id)?;
+                    (tracked.reported != Reported::default())
+                        .then(|| (i.id, tracked.reported.clone()))
+                })
+                .collect(),
         }
     }
 

@@ -62,10 +62,12 @@ impl Broker {
             return Ok(Prepared::current(current));
         };
         let command_override = self.command_override.clone();
+        let overrides = self.overrides.clone();
         // File reads and user database lookups (NSS) stay off the async workers.
-        let read = tokio::task::spawn_blocking(move || read_config(path, command_override))
-            .await
-            .map_err(|e| format!("reading the config failed: {e}"))?;
+        let read =
+            tokio::task::spawn_blocking(move || read_config(path, command_override, &overrides))
+                .await
+                .map_err(|e| format!("reading the config failed: {e}"))?;
         let (text, config, run_as) = read.map_err(refused)?;
         let changes = changes::between(&current.config, &config);
         let config = changes::effective(&current.config, config);
@@ -217,9 +219,11 @@ impl Broker {
 fn read_config(
     path: PathBuf,
     command_override: Option<Vec<String>>,
+    overrides: &crate::config::Overrides,
 ) -> Result<(String, Config, RunAs), String> {
     let text = Config::read(&path).map_err(|e| e.to_string())?;
     let config = Config::parse(&text, &path, command_override).map_err(|e| e.to_string())?;
+    let config = overrides.apply(config)?;
     let run_as = RunAs::resolve(&config)?;
     Ok((text, config, run_as))
 }

@@ -66,6 +66,9 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("allow_listen", old.allow_listen != new.allow_listen);
     key("start_priority", old.start_priority != new.start_priority);
     key("drain_idle", old.drain_idle != new.drain_idle);
+    key("sockets", old.sockets != new.sockets);
+    key("ready", old.ready != new.ready);
+    key("watchdog", old.watchdog != new.watchdog);
     key("listen", old.listen != new.listen);
     if old.limits != new.limits || old.connections != new.connections {
         changes.on_restart.push("limits");

@@ -28,6 +28,61 @@ use crate::listen_policy::Allowed;
 
 pub use error::{ConfigError, Location};
 
+/// What `ally run`'s options change in the config, applied again at every
+/// reload that re-reads the file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Overrides {
+    /// `--listen NET:ADDR`, after the file's `[[listen]]` entries.
+    pub listen: Vec<ListenEntry>,
+    /// `--sockets`.
+    pub sockets: Option<Sockets>,
+    /// `--ready`, with `--ready-delay` or `--ready-probe`.
+    pub ready: Option<Readiness>,
+}
+
+impl Overrides {
+    pub fn is_empty(&self) -> bool {
+        *self == Overrides::default()
+    }
+
+    /// `config` with these overrides, checked as the file's keys are.
+    pub fn apply(&self, mut config: Config) -> Result<Config, String> {
+        for entry in &self.listen {
+            if config.listen.iter().any(|e| e.addr == entry.addr) {
+                return Err(format!(
+                    "--listen {}: the config already listens there",
+                    entry.addr
+                ));
+            }
+            config.listen.push(entry.clone());
+        }
+        if let Some(sockets) = self.sockets {
+            config.sockets = sockets;
+        }
+        if config.sockets == Sockets::ListenFds && config.listen.is_empty() {
+            return Err(
+                "sockets = \"listen-fds\" passes the [[listen]] sockets, and there is none: give --listen NET:ADDR or a [[listen]] entry".into(),
+            );
+        }
+        if let Some(ready) = &self.ready {
+            if let Readiness::Delay(delay) = ready
+                && *delay >= config.ready_timeout
+            {
+                return Err(format!(
+                    "--ready-delay {} is not shorter than ready_timeout ({})",
+                    humantime::format_duration(*delay),
+                    humantime::format_duration(config.ready_timeout)
+                ));
+            }
+            config.ready = ready.clone();
+            if *ready != Readiness::Notify {
+                config.watchdog = None;
+            }
+        }
+        Ok(config)
+    }
+}
+
 /// Where `ally run <app>` looks for the config of `<app>`.
 pub const CONFIG_DIR: &str = "/etc/ally";
 
@@ -96,6 +151,88 @@ pub struct Config {
     pub start_priority: StartPriority,
     /// Passed to every instance as `ALLY_DRAIN_IDLE`; at most `stop_timeout`.
     pub drain_idle: Duration,
+    /// How the instances get the `[[listen]]` sockets.
+    pub sockets: Sockets,
+    /// How an instance says it serves.
+    pub ready: Readiness,
+    /// With `ready = "notify"`: an instance that sends no `WATCHDOG=1` for this
+    /// long is killed and, if it was the serving one, restarted per `restart`.
+    pub watchdog: Option<Duration>,
+}
+
+/// `sockets`: how an instance gets the `[[listen]]` sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Sockets {
+    /// It asks with `Listen` over D-Bus.
+    #[default]
+    Dbus,
+    /// systemd's socket-activation protocol: fds 3, 4, … in config order, with
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (its own pid).
+    ListenFds,
+}
+
+impl Sockets {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Sockets::Dbus => "dbus",
+            Sockets::ListenFds => "listen-fds",
+        }
+    }
+}
+
+impl fmt::Display for Sockets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Sockets {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Sockets::Dbus, Sockets::ListenFds]
+            .into_iter()
+            .find(|m| m.as_str() == s)
+            .ok_or_else(|| format!(r#"invalid sockets {s:?}: expected "dbus" or "listen-fds""#))
+    }
+}
+
+/// `ready`: what makes an instance ready, so that the older ones are stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Readiness {
+    /// It calls `Ready` over D-Bus.
+    #[default]
+    Dbus,
+    /// `READY=1` on its own `NOTIFY_SOCKET`, from any of its processes.
+    Notify,
+    /// It has run this long without exiting.
+    Delay(Duration),
+    /// This command, run every [`PROBE_INTERVAL`], exited 0.
+    Probe(Vec<String>),
+}
+
+/// How often `ready_probe` runs until it succeeds.
+pub const PROBE_INTERVAL: Duration = Duration::from_millis(100);
+/// A `ready_probe` run still going after this long is killed, and counts as failed.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl Readiness {
+    pub const NAMES: [&'static str; 4] = ["dbus", "notify", "delay", "probe"];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Readiness::Dbus => "dbus",
+            Readiness::Notify => "notify",
+            Readiness::Delay(_) => "delay",
+            Readiness::Probe(_) => "probe",
+        }
+    }
+}
+
+impl fmt::Display for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// A user or a group as the config names it.
@@ -118,6 +255,50 @@ pub struct Located<T> {
 pub struct ListenEntry {
     pub addr: ListenAddr,
     pub options: ListenOptions,
+    /// Its `LISTEN_FDNAMES` entry, if the config names it.
+    pub name: Option<String>,
+}
+
+impl ListenEntry {
+    /// Its `LISTEN_FDNAMES` entry: the configured `name`, else
+    /// `"<network> <address>"` with each `:` (the list's separator) written `_`.
+    pub fn fd_name(&self) -> String {
+        match &self.name {
+            Some(name) => name.clone(),
+            None => self
+                .addr
+                .to_string()
+                .chars()
+                .map(|c| {
+                    if (' '..='~').contains(&c) && c != ':' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Why `name` cannot be a `LISTEN_FDNAMES` entry (systemd's rule: printable
+/// ASCII without `:`, at most 255 bytes).
+pub fn check_fd_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty: expected a name like \"http\"".into());
+    }
+    if name.len() > 255 {
+        return Err(format!(
+            "is {} bytes long: expected at most 255",
+            name.len()
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| !(' '..='~').contains(c) || *c == ':') {
+        return Err(format!(
+            "{name:?} contains {c:?}: expected printable ASCII without ':' (LISTEN_FDNAMES separates names with ':')"
+        ));
+    }
+    Ok(())
 }
 
 /// Limits on shared state, `[limits]`: the stores' own type, so a default
@@ -265,6 +446,9 @@ impl Config {
             state_busy_poll: DEFAULT_STATE_BUSY_POLL,
             start_priority: StartPriority::default(),
             drain_idle: DEFAULT_DRAIN_IDLE,
+            sockets: Sockets::default(),
+            ready: Readiness::default(),
+            watchdog: None,
         }
     }
 

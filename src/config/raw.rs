@@ -51,6 +51,11 @@ pub struct RawConfig {
     pub state_busy_poll: Option<Spanned<DurationText>>,
     pub start_priority: Option<Spanned<Text<PriorityName>>>,
     pub drain_idle: Option<Spanned<DurationText>>,
+    pub sockets: Option<Spanned<Text<SocketsName>>>,
+    pub ready: Option<Spanned<Text<ReadyName>>>,
+    pub ready_delay: Option<Spanned<DurationText>>,
+    pub ready_probe: Option<Spanned<Command>>,
+    pub watchdog: Option<Spanned<DurationText>>,
 }
 
 /// A `[[listen]]` entry.
@@ -62,6 +67,7 @@ pub struct RawListen {
     pub backlog: Option<Spanned<Integer>>,
     pub reuse_port: Option<Spanned<Bool>>,
     pub mode: Option<Spanned<IntOrText<Mode>>>,
+    pub name: Option<Spanned<Text<FdName>>>,
 }
 
 /// `[limits]`.
@@ -106,6 +112,9 @@ expected! {
     SignalName => r#"a signal name like "SIGTERM", "TERM" or "SIGUSR2""#;
     RestartName => r#""on-failure", "always" or "never""#;
     PriorityName => r#""normal" or "idle""#;
+    SocketsName => r#""dbus" or "listen-fds""#;
+    ReadyName => r#""dbus", "notify", "delay" or "probe""#;
+    FdName => r#"a name for LISTEN_FDNAMES like "http""#;
     ListenArray => r#"an array of tables: [[listen]] with network = "tcp" and address = ":8080""#;
     ListenTable => r#"a table with network = "tcp" and address = ":8080""#;
     NetworkName => "a network name like \"tcp\" or \"unix\"";

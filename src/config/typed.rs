@@ -17,9 +17,18 @@ use super::raw::{
 };
 use super::{
     Config, ConnectionLimits, Limits, ListenEntry, Located, MAX_DURATION, MAX_STATE_BUSY_POLL,
-    Principal, largest_call,
+    Principal, Readiness, Sockets, largest_call,
 };
 use crate::listen_policy::Allowed;
+
+/// The keys of [`Cx::activation`], taken out of the document first.
+struct RawActivation {
+    sockets: Option<Spanned<raw::Text<raw::SocketsName>>>,
+    ready: Option<Spanned<raw::Text<raw::ReadyName>>>,
+    ready_delay: Option<Spanned<DurationText>>,
+    ready_probe: Option<Spanned<raw::Command>>,
+    watchdog: Option<Spanned<DurationText>>,
+}
 
 /// Validation context: the file errors are reported against, and its text,
 /// for line and column.
@@ -48,6 +57,13 @@ impl Cx<'_> {
         raw: RawConfig,
         command_override: Option<Vec<String>>,
     ) -> Result<Config, ConfigError> {
+        let raw_activation = RawActivation {
+            sockets: raw.sockets,
+            ready: raw.ready,
+            ready_delay: raw.ready_delay,
+            ready_probe: raw.ready_probe,
+            watchdog: raw.watchdog,
+        };
         let file_command = raw.command.map(|v| self.command(&v)).transpose()?;
         let command = match command_override.filter(|c| !c.is_empty()) {
             Some(command) => command,
@@ -147,23 +163,116 @@ impl Cx<'_> {
             }
             config.drain_idle = d;
         }
+        self.activation(&raw_activation, &mut config)?;
         Ok(config)
     }
 
+    /// `sockets`, `ready` with `ready_delay` / `ready_probe`, and `watchdog`:
+    /// for apps that were not written for Ally.
+    fn activation(&self, raw: &RawActivation, config: &mut Config) -> Result<(), ConfigError> {
+        if let Some(v) = &raw.sockets {
+            config.sockets = v
+                .get_ref()
+                .0
+                .parse()
+                .map_err(|e| self.invalid("sockets", v, e))?;
+            if config.sockets == Sockets::ListenFds && config.listen.is_empty() {
+                return Err(self.invalid(
+                    "sockets",
+                    v,
+                    "\"listen-fds\" passes the [[listen]] sockets, and there is none: expected at least one [[listen]] entry",
+                ));
+            }
+        }
+        let only_with = |key: &str, at: &dyn Fn() -> Location, mode: &str| ConfigError::Invalid {
+            path: self.origin.to_path_buf(),
+            location: at(),
+            key: key.to_string(),
+            message: format!(
+                "is read only with ready = \"{mode}\": expected ready = \"{mode}\" or no {key}"
+            ),
+        };
+        let name = raw.ready.as_ref().map(|v| (v.get_ref().0.as_str(), v));
+        config.ready = match name {
+            None | Some(("dbus", _)) => Readiness::Dbus,
+            Some(("notify", _)) => Readiness::Notify,
+            Some(("delay", v)) => {
+                let d = raw.ready_delay.as_ref().ok_or_else(|| ConfigError::Missing {
+                    path: self.origin.to_path_buf(),
+                    location: self.at(v),
+                    key: "ready_delay".into(),
+                    expected: format!("how long an instance must run before it counts as ready: {DURATION_EXAMPLE}"),
+                })?;
+                let delay = self.duration("ready_delay", d, false)?;
+                if delay >= config.ready_timeout {
+                    return Err(self.invalid(
+                        "ready_delay",
+                        d,
+                        format!(
+                            "{} is not shorter than ready_timeout ({}): expected a delay shorter than ready_timeout",
+                            humantime::format_duration(delay),
+                            humantime::format_duration(config.ready_timeout)
+                        ),
+                    ));
+                }
+                Readiness::Delay(delay)
+            }
+            Some(("probe", v)) => {
+                let p = raw.ready_probe.as_ref().ok_or_else(|| ConfigError::Missing {
+                    path: self.origin.to_path_buf(),
+                    location: self.at(v),
+                    key: "ready_probe".into(),
+                    expected: r#"the command that exits 0 once the app serves, e.g. ready_probe = ["curl", "-fsS", "http://127.0.0.1:8080/healthz"]"#.into(),
+                })?;
+                Readiness::Probe(self.command_at("ready_probe", p)?)
+            }
+            Some((other, v)) => {
+                return Err(self.invalid(
+                    "ready",
+                    v,
+                    format!(
+                        r#"invalid ready {other:?}: expected "dbus", "notify", "delay" or "probe""#
+                    ),
+                ));
+            }
+        };
+        if let Some(d) = &raw.ready_delay
+            && !matches!(config.ready, Readiness::Delay(_))
+        {
+            return Err(only_with("ready_delay", &|| self.at(d), "delay"));
+        }
+        if let Some(p) = &raw.ready_probe
+            && !matches!(config.ready, Readiness::Probe(_))
+        {
+            return Err(only_with("ready_probe", &|| self.at(p), "probe"));
+        }
+        if let Some(v) = &raw.watchdog {
+            if config.ready != Readiness::Notify {
+                return Err(only_with("watchdog", &|| self.at(v), "notify"));
+            }
+            config.watchdog = Some(self.duration("watchdog", v, false)?);
+        }
+        Ok(())
+    }
+
     fn command(&self, value: &Spanned<raw::Command>) -> Result<Vec<String>, ConfigError> {
+        self.command_at("command", value)
+    }
+
+    fn command_at(
+        &self,
+        name: &str,
+        value: &Spanned<raw::Command>,
+    ) -> Result<Vec<String>, ConfigError> {
         let items = &value.get_ref().0;
         if items.is_empty() {
-            return Err(self.invalid(
-                "command",
-                value,
-                format!("is empty: expected {COMMAND_EXAMPLE}"),
-            ));
+            return Err(self.invalid(name, value, format!("is empty: expected {COMMAND_EXAMPLE}")));
         }
         items
             .iter()
             .enumerate()
             .map(|(i, item)| {
-                let key = format!("command[{i}]");
+                let key = format!("{name}[{i}]");
                 let s = &item.get_ref().0;
                 if s.contains('\0') {
                     return Err(self.invalid(&key, item, "must not contain a NUL character"));
@@ -420,7 +529,19 @@ impl Cx<'_> {
             }
             options.mode = Some(parse_mode(&v.get_ref().0).map_err(|m| self.invalid(&k, v, m))?);
         }
-        Ok(ListenEntry { addr, options })
+        let name = match &table.name {
+            Some(v) => {
+                let s = &v.get_ref().0;
+                super::check_fd_name(s).map_err(|m| self.invalid(&key("name"), v, m))?;
+                Some(s.clone())
+            }
+            None => None,
+        };
+        Ok(ListenEntry {
+            addr,
+            options,
+            name,
+        })
     }
 
     fn allow_listen(

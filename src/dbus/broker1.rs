@@ -525,6 +525,24 @@ fn instance_configs(status: &Status) -> Vec<(u64, u64, String)> {
         .collect()
 }
 
+/// `(id, status, stopping, errno, main_pid)` of each instance that reported
+/// anything: `instance_reports`, `a(tsbiu)`.
+fn instance_reports(status: &Status) -> Vec<(u64, String, bool, i32, u32)> {
+    status
+        .reported
+        .iter()
+        .map(|(id, r)| {
+            (
+                *id,
+                r.status.clone().unwrap_or_default(),
+                r.stopping,
+                r.errno.unwrap_or(-1),
+                r.main_pid.unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
 fn listener_entries(status: &Status) -> Vec<ListenerEntry> {
     status
         .listeners
@@ -586,6 +604,10 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
         (
             "instance_configs".to_string(),
             owned(Variant::new(instance_configs(status)))?,
+        ),
+        (
+            "instance_reports".to_string(),
+            owned(Variant::new(instance_reports(status)))?,
         ),
     ]))
 }

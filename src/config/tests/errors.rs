@@ -39,7 +39,7 @@ fn unknown_keys() {
     let m = error(&with_command(
         "[[listen]]\nnetwork = \"tcp\"\naddress = \":80\"\nadress = \"x\"",
     ));
-    assert!(m.contains("unknown key `listen[0].adress` (expected one of: network, address, backlog, reuse_port, mode)"), "{m}");
+    assert!(m.contains("unknown key `listen[0].adress` (expected one of: network, address, backlog, reuse_port, mode, name)"), "{m}");
     let m = error(&with_command("[limits]\nmax_keys = 3"));
     assert!(
         m.contains("unknown key `limits.max_keys` (expected one of: max_key_bytes,"),

@@ -3,6 +3,7 @@
 
 use super::*;
 
+mod activation;
 mod documents;
 mod errors;
 mod limits;
