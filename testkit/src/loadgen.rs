@@ -226,8 +226,9 @@ pub fn reloads_under(
     reloads_under_with(broker, tool, url, connections, reloads, &mut |_| {})
 }
 
-/// [`reloads_under`], calling `before_reload(n)` before reload `n` (1-based):
-/// where a test writes version `n` and checks that version `n - 1` answers.
+/// [`reloads_under`], calling `before_reload(n)` before reload `n` (1-based)
+/// and, with `n = reloads + 1`, once more after the last: where a test writes
+/// version `n` and checks that version `n - 1` answers.
 pub fn reloads_under_with(
     broker: &Broker,
     tool: Tool,
@@ -249,6 +250,7 @@ pub fn reloads_under_with(
             crate::stderr(&out)
         );
     }
+    before_reload(reloads + 1);
     wait_until(
         "the old generations to finish draining",
         Duration::from_secs(60),
