@@ -188,6 +188,9 @@ under_load! {
     go_ab: Server::Go, Tool::Ab;
     go_ab_keep_alive: Server::Go, Tool::AbKeepAlive;
     go_wrk: Server::Go, Tool::Wrk;
+    go_close_on_stop_ab: Server::GoCloseOnStop, Tool::Ab;
+    go_close_on_stop_ab_keep_alive: Server::GoCloseOnStop, Tool::AbKeepAlive;
+    go_close_on_stop_wrk: Server::GoCloseOnStop, Tool::Wrk;
     stdlib_ab: Server::Stdlib, Tool::Ab;
     stdlib_ab_keep_alive: Server::Stdlib, Tool::AbKeepAlive;
     stdlib_wrk: Server::Stdlib, Tool::Wrk;

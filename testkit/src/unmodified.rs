@@ -28,8 +28,12 @@ pub enum Server {
     Puma,
     /// uvicorn `--fd 3`, which sends no READY=1: `ready = "delay"`.
     Uvicorn,
-    /// net/http with go-systemd's `activation.Listeners` and `daemon.SdNotify`.
+    /// net/http with go-systemd's `activation.Listeners` and `daemon.SdNotify`,
+    /// stopped the usual way: `SetKeepAlivesEnabled(false)`, a wait, `Shutdown`.
     Go,
+    /// The same, stopped with `Connection: close` on every answer once stopping
+    /// and `Shutdown` after a wait (`--close-on-stop`).
+    GoCloseOnStop,
     /// Python's standard library only: `LISTEN_FDS` and `systemd-notify --ready`
     /// run as a child process.
     Stdlib,
@@ -45,12 +49,13 @@ pub enum Build {
 }
 
 impl Server {
-    pub const ALL: [Server; 6] = [
+    pub const ALL: [Server; 7] = [
         Server::Gunicorn,
         Server::GunicornThreads,
         Server::Puma,
         Server::Uvicorn,
         Server::Go,
+        Server::GoCloseOnStop,
         Server::Stdlib,
     ];
 
@@ -61,6 +66,7 @@ impl Server {
             Server::Puma => "puma (cluster)",
             Server::Uvicorn => "uvicorn --fd 3",
             Server::Go => "Go net/http + go-systemd",
+            Server::GoCloseOnStop => "Go net/http + go-systemd, Connection: close at stop",
             Server::Stdlib => "stdlib Python + systemd-notify",
         }
     }
@@ -95,7 +101,7 @@ impl Server {
                 works(PYTHON, &["-c", "import uvicorn"]),
                 "uvicorn is not installed for /usr/bin/python3 (apt install python3-uvicorn)",
             ),
-            Server::Go => need(
+            Server::Go | Server::GoCloseOnStop => need(
                 works("go", &["version"]),
                 "`go` is not installed (apt install golang-go)",
             )
@@ -142,12 +148,15 @@ impl Server {
                     "only",
                     "--workers",
                     "2",
+                    "--threads",
+                    "16:16",
                     "--preload",
                     "--environment",
                     "production",
                 ]
                 .map(String::from)
                 .to_vec();
+                c.extend(["--config".into(), at("puma/puma.rb")]);
                 c.push(at(if broken {
                     "puma/broken.ru"
                 } else {
@@ -171,10 +180,12 @@ impl Server {
                 }
                 .into(),
             ],
-            Server::Go => {
+            Server::Go | Server::GoCloseOnStop => {
                 let mut c = vec![go_app().display().to_string()];
                 if broken {
                     c.push("--crash".into());
+                } else if self == Server::GoCloseOnStop {
+                    c.push("--close-on-stop".into());
                 }
                 c
             }
