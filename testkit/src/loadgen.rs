@@ -298,6 +298,22 @@ pub fn assert_config_reloads_lose_nothing(
     reloads: u32,
     before_reload: &mut dyn FnMut(u32),
 ) -> Report {
+    assert_config_reloads_lose_at_most(label, config, port, tool, reloads, 0, before_reload)
+}
+
+/// [`assert_config_reloads_lose_nothing`] for a server whose own graceful stop
+/// loses requests whatever starts and stops it (it closes idle kept-alive
+/// connections at once, say): no more than `max_failed` may fail. What failed
+/// is printed either way.
+pub fn assert_config_reloads_lose_at_most(
+    label: &str,
+    config: &str,
+    port: u16,
+    tool: Tool,
+    reloads: u32,
+    max_failed: u64,
+    before_reload: &mut dyn FnMut(u32),
+) -> Report {
     let _one = one_load();
     crate::build_ally();
     let broker = Broker::start("web", config);
@@ -305,13 +321,18 @@ pub fn assert_config_reloads_lose_nothing(
     let url = format!("http://127.0.0.1:{port}/");
     let report = reloads_under_with(&broker, tool, &url, 8, reloads, before_reload);
     eprintln!(
-        "{label} under {tool}, {reloads} reloads: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(
+        "{label} under {tool}, {reloads} reloads: {} requests, {} failed{}",
+        report.requests,
         report.failed,
-        0,
-        "{label} under {tool}: {} failed of {}:\n{}\n--- broker log:\n{}",
+        if report.failed > 0 {
+            format!(":\n{}", report.detail)
+        } else {
+            String::new()
+        }
+    );
+    assert!(
+        report.failed <= max_failed,
+        "{label} under {tool}: {} failed of {} (at most {max_failed} allowed):\n{}\n--- broker log:\n{}",
         report.failed,
         report.requests,
         report.detail,
