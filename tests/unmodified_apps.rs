@@ -260,3 +260,43 @@ fn go_crashing_binary_fails_the_reload() {
 fn stdlib_app_never_ready_fails_the_reload() {
     broken_version_fails_reload(Server::Stdlib, "ready");
 }
+
+/// Why the gunicorn recipe has `--preload`: without it gunicorn's master says
+/// READY=1 before its workers import the app, so a new version whose module
+/// fails counts as ready, the old one is stopped, and the new one then exits
+/// ("Worker failed to boot", status 3).
+#[test]
+fn gunicorn_without_preload_says_ready_before_loading_the_app() {
+    if skip(Server::Gunicorn) {
+        return;
+    }
+    build_ally();
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let version_file = dir.path().join("version");
+    std::fs::write(&version_file, "v0").unwrap();
+    let without_preload = |build| {
+        let config = Server::Gunicorn.config(port, &version_file, build);
+        assert!(config.contains("\"--preload\", "), "{config}");
+        config.replace("\"--preload\", ", "")
+    };
+    let broker = TestBroker::start("web", &without_preload(Build::Good));
+    broker.wait_running(1);
+    std::fs::write(broker.config_path(), without_preload(Build::Broken)).unwrap();
+    let out = broker.reload();
+    assert!(
+        out.status.success(),
+        "gunicorn without --preload now fails the reload of a bad module: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    wait_until(
+        "the 'ready' generation to exit with gunicorn's boot error status",
+        Duration::from_secs(20),
+        || {
+            broker
+                .logs()
+                .contains("the current instance exited with status 3")
+        },
+    );
+}

@@ -267,9 +267,13 @@ impl Running {
                 r.spawn(cmd);
             }
             Mechanism::PumaPhased | Mechanism::PumaHot => {
-                // No --preload: a phased restart needs the workers to load the app.
+                // As under Ally (threads, puma.rb), but no --preload: a phased
+                // restart needs the workers to load the app.
                 let mut cmd = Command::new("puma");
-                cmd.args(["--workers", "2", "--environment", "production", "--bind"])
+                cmd.args(["--workers", "2", "--threads", "16:16"])
+                    .args(["--environment", "production", "--config"])
+                    .arg(fx.join("puma/puma.rb"))
+                    .arg("--bind")
                     .arg(format!("tcp://{}", addr(port)))
                     .arg(fx.join("puma/config.ru"));
                 r.spawn(cmd);
