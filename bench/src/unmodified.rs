@@ -160,6 +160,8 @@ fn addr(port: u16) -> SocketAddr {
 
 /// `pid` and every process below it.
 fn tree(pid: u32) -> Vec<u32> {
+    // pid 0 would be the whole machine (and kill(0) our own process group).
+    assert!(pid > 0, "no process tree of pid 0");
     let mut parents: Vec<(u32, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
@@ -464,10 +466,15 @@ impl Running {
             }
         }
     }
+}
 
-    fn stop(mut self) {
-        if let Some(mut broker) = self.broker.take() {
-            broker.stop();
+impl Drop for Running {
+    /// Stops whatever runs, also when a reload panicked: the broker (its own
+    /// drop), or the server's whole tree — SIGTERM, then SIGKILL after 30 s.
+    fn drop(&mut self) {
+        drop(self.broker.take());
+        if self.master == 0 {
+            return;
         }
         let everything = tree(self.master);
         send(self.master, Signal::SIGTERM);
@@ -525,7 +532,7 @@ pub fn run(case: Case, modes: &[Mode], settings: &Settings) -> Vec<Row> {
             std::thread::sleep(settings.steady);
             stop.stop();
             let result = runtime.block_on(load).expect("the load task");
-            running.stop();
+            drop(running);
             let summary =
                 stats::summarise(&result.samples, &Windows::new(windows), result.duration_us);
             Row {
