@@ -2,7 +2,8 @@
 //! HTTP/1.1 keep-alive, gRPC), the one server every scenario runs
 //! (`bench-server`), and the driver that runs the scenarios side by side and
 //! writes `docs/benchmarks.md`; and [`frameworks`], real frameworks' apps
-//! reloaded under load generators that do not retry.
+//! reloaded under load generators that do not retry; and [`unmodified`], gunicorn
+//! and puma under `ally reload` beside their own reload mechanisms.
 
 pub mod frameworks;
 pub mod grpc;
@@ -11,3 +12,4 @@ pub mod load;
 pub mod report;
 pub mod serve;
 pub mod stats;
+pub mod unmodified;

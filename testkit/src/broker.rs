@@ -176,6 +176,12 @@ impl Broker {
         Launch::new(app).command(command).start()
     }
 
+    /// The config file `--config` named; a test rewrites it before a reload
+    /// (reloads read it again).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join(format!("{}.toml", self.app))
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.runtime_dir.join("bus")
     }

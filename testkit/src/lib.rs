@@ -9,6 +9,8 @@
 //! * [`http`] and [`Load`]: a blocking HTTP/1.1 client and a load of worker
 //!   threads that counts every failed request;
 //! * [`loadgen`]: `ab` and `wrk`, which never retry, run in the background;
+//! * [`unmodified`]: gunicorn, puma, uvicorn, a Go program and a stdlib-only
+//!   app that know nothing of Ally, on `sockets = "listen-fds"`;
 //! * [`stats`]: nearest-rank percentiles and medians; [`env_or`]: a
 //!   benchmark's knobs from the environment.
 //!
@@ -24,6 +26,7 @@ pub mod poll;
 pub mod process;
 pub mod procfs;
 pub mod stats;
+pub mod unmodified;
 
 pub use broker::{Broker, Launch};
 pub use files::{json_lines, publish, wait_for_report, write_script};
