@@ -652,4 +652,94 @@ name = "http"
         std::net::TcpStream::connect(addr).is_err(),
         "the socket closed with the unit"
     );
+
+    // A Go program on go-systemd: activation.Listeners() and daemon.SdNotify.
+    sandbox.copy_in(
+        &ally_testkit::unmodified::go_app(),
+        "/usr/local/bin/go-web",
+        "755",
+    );
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    sandbox.write("/srv/go/version", "v1");
+    let go_config = |command: &str| {
+        format!(
+            r#"command = {command}
+user = "nobody"
+sockets = "listen-fds"
+ready = "notify"
+ready_timeout = "10s"
+stop_timeout = "15s"
+environment = {{ APP_VERSION_FILE = "/srv/go/version" }}
+
+[[listen]]
+network = "tcp"
+address = "127.0.0.1:{port}"
+"#
+        )
+    };
+    sandbox.write(
+        "/etc/ally/goweb.toml",
+        &go_config(r#"["/usr/local/bin/go-web", "--close-on-stop"]"#),
+    );
+    sandbox.ok(&["systemctl", "start", "ally@goweb"]);
+    assert!(
+        get(addr).starts_with("hello v1 "),
+        "served as soon as systemctl start returned"
+    );
+    for (tool, name) in [
+        (ally_testkit::loadgen::Tool::Ab, "ab"),
+        (ally_testkit::loadgen::Tool::Wrk, "wrk"),
+    ] {
+        let generator =
+            ally_testkit::loadgen::Generator::start(tool, &format!("http://{addr}/"), 4);
+        std::thread::sleep(Duration::from_millis(300));
+        for n in 2..=4 {
+            sandbox.write("/srv/go/version", &format!("{name}-v{n}"));
+            sandbox.ok(&["systemctl", "reload", "ally@goweb"]);
+        }
+        wait_until(
+            "the old Go programs to drain",
+            Duration::from_secs(60),
+            || {
+                stdout(&sandbox.run(&["ally", "status", "goweb"]))
+                    .matches("draining")
+                    .count()
+                    == 0
+            },
+        );
+        let report = generator.finish();
+        eprintln!(
+            "e2e Go under {tool}, 3 systemctl reloads: {} requests, {} failed",
+            report.requests, report.failed
+        );
+        assert_eq!(report.failed, 0, "{}", report.detail);
+        assert!(
+            report.requests > 100,
+            "too little load: {}",
+            report.requests
+        );
+        assert!(get(addr).starts_with(&format!("hello {name}-v4 ")));
+    }
+    // A build that crashes before it is ready fails systemctl reload.
+    sandbox.write(
+        "/etc/ally/goweb.toml",
+        &go_config(r#"["/usr/local/bin/go-web", "--crash"]"#),
+    );
+    let failed = sandbox.run(&["systemctl", "reload", "ally@goweb"]);
+    assert!(
+        !failed.status.success(),
+        "a crashing build must fail the reload"
+    );
+    assert!(
+        get(addr).starts_with("hello wrk-v4 "),
+        "the old build serves on"
+    );
+    sandbox.ok(&["systemctl", "stop", "ally@goweb"]);
+    let left = sandbox.run(&["pgrep", "-f", "go-web"]);
+    assert!(
+        stdout(&left).trim().is_empty(),
+        "left running: {}",
+        stdout(&left)
+    );
 }
