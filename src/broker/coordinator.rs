@@ -468,7 +468,7 @@ impl Broker {
         id: InstanceId,
         generation: Generation,
         pid: u32,
-        notify: Option<(Arc<tokio::net::UnixDatagram>, std::path::PathBuf)>,
+        notify: Option<(Arc<unmodified::NotifySocket>, std::path::PathBuf)>,
     ) -> watch::Receiver<Option<String>> {
         let (last_probe, last_probe_rx) = watch::channel(None);
         let (life, watchdog) = {

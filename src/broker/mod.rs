@@ -131,7 +131,7 @@ struct Tracked {
     /// The process `MAINPID=` named, which then gets the stop signal.
     main: Option<Arc<Process>>,
     /// Its notification socket, with `ready = "notify"`.
-    notify_socket: Option<Arc<tokio::net::UnixDatagram>>,
+    notify_socket: Option<Arc<unmodified::NotifySocket>>,
 }
 
 impl Tracked {

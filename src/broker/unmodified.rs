@@ -54,6 +54,14 @@ impl Reported {
     }
 }
 
+/// An instance's notification socket, read by its receiver task and, when
+/// its first process exits, by the reaper.
+pub(super) struct NotifySocket {
+    socket: tokio::net::UnixDatagram,
+    /// Held while a datagram is read and applied; its buffer.
+    reading: std::sync::Mutex<Vec<u8>>,
+}
+
 /// Watchdog pings and the timeout they keep.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Watchdog {
@@ -103,7 +111,7 @@ impl Broker {
         &self,
         settings: &Settings,
         path: &Path,
-    ) -> io::Result<Arc<tokio::net::UnixDatagram>> {
+    ) -> io::Result<Arc<NotifySocket>> {
         match std::fs::remove_file(path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
@@ -113,7 +121,10 @@ impl Broker {
         let owner = run_as.switch.then_some((run_as.uid, run_as.gid));
         crate::runtime_dir::set_socket_owner(path, owner)?;
         socket.set_nonblocking(true)?;
-        Ok(Arc::new(tokio::net::UnixDatagram::from_std(socket)?))
+        Ok(Arc::new(NotifySocket {
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            reading: std::sync::Mutex::new(vec![0u8; notify::MAX_DATAGRAM + 1]),
+        }))
     }
 
     /// Applies what instance `id` sends on `socket` until it has exited; then
@@ -121,37 +132,38 @@ impl Broker {
     pub(super) async fn receive_notifications(
         self: Arc<Self>,
         id: InstanceId,
-        socket: Arc<tokio::net::UnixDatagram>,
+        socket: Arc<NotifySocket>,
         path: PathBuf,
         mut life: watch::Receiver<Life>,
     ) {
-        let mut buf = vec![0u8; notify::MAX_DATAGRAM + 1];
         loop {
             tokio::select! {
                 () = exited(&mut life) => break,
-                received = socket.async_io(Interest::READABLE, || receive(&socket, &mut buf)) => {
-                    let len = match received {
-                        Ok(len) => len,
-                        Err(e) => {
-                            tracing::warn!(instance = id, "cannot read the notification socket: {e}");
-                            tokio::time::sleep(Duration::from_millis(100)).await;
-                            continue;
-                        }
-                    };
-                    self.handle_datagram(id, &buf[..len.min(buf.len())]);
+                received = socket.socket.async_io(Interest::READABLE, || self.take_one(id, &socket)) => {
+                    if let Err(e) = received {
+                        tracing::warn!(instance = id, "cannot read the notification socket: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
                 }
             }
         }
         let _ = std::fs::remove_file(&path);
     }
 
-    /// Applies the datagrams already queued on instance `id`'s socket: its
-    /// first process has exited, and a `MAINPID=` it sent before must count.
-    pub(super) fn drain_notifications(&self, id: InstanceId, socket: &tokio::net::UnixDatagram) {
-        let mut buf = vec![0u8; notify::MAX_DATAGRAM + 1];
-        while let Ok(len) = receive(socket, &mut buf) {
-            self.handle_datagram(id, &buf[..len.min(buf.len())]);
-        }
+    /// Reads and applies one datagram, under the socket's lock: a datagram is
+    /// never out of the queue without having been applied.
+    fn take_one(&self, id: InstanceId, socket: &NotifySocket) -> io::Result<()> {
+        let mut buf = socket.reading.lock().unwrap_or_else(|p| p.into_inner());
+        let len = receive(&socket.socket, &mut buf)?;
+        self.handle_datagram(id, &buf[..len.min(buf.len())]);
+        Ok(())
+    }
+
+    /// Applies the datagrams already queued on instance `id`'s socket, and
+    /// waits for one being applied: its first process has exited, and a
+    /// `MAINPID=` it sent before must count.
+    pub(super) fn drain_notifications(&self, id: InstanceId, socket: &NotifySocket) {
+        while self.take_one(id, socket).is_ok() {}
     }
 
     fn handle_datagram(&self, id: InstanceId, datagram: &[u8]) {
