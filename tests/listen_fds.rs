@@ -126,19 +126,7 @@ fn a_command_that_cannot_be_executed_fails_with_its_reason() {
     let config = format!(
         "command = [\"/nonexistent/app\"]\nsockets = \"listen-fds\"\nready = \"delay\"\nready_delay = \"100ms\"\n[[listen]]\nnetwork = \"tcp\"\naddress = \"127.0.0.1:{port}\"\n"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("bad.toml");
-    std::fs::write(&file, config).unwrap();
-    let out = std::process::Command::new(ALLY)
-        .args(["run", "bad", "--bus", "none", "--runtime-dir"])
-        .arg(dir.path().join("run"))
-        .arg("--config")
-        .arg(&file)
-        .env("ALLY_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = run_failing("bad", &config);
     assert!(
         stderr.contains("cannot start \"/nonexistent/app\": No such file or directory"),
         "{stderr}"

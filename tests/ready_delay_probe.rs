@@ -75,20 +75,8 @@ fn a_probe_that_hangs_is_killed() {
         "{}ready = \"probe\"\nready_probe = [\"sleep\", \"31.5\"]\nready_timeout = \"2500ms\"\nrestart = \"never\"\n",
         sh("exec sleep 1000")
     );
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("hang.toml");
-    std::fs::write(&file, config).unwrap();
     let started = std::time::Instant::now();
-    let out = std::process::Command::new(ALLY)
-        .args(["run", "hang", "--bus", "none", "--runtime-dir"])
-        .arg(dir.path().join("run"))
-        .arg("--config")
-        .arg(&file)
-        .env("ALLY_LOG", "warn")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
+    let stderr = run_failing("hang", &config);
     assert!(
         stderr.contains("ready_probe did not finish within 1s and was killed"),
         "{stderr}"

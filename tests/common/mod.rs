@@ -52,6 +52,28 @@ impl std::ops::DerefMut for TestBroker {
     }
 }
 
+/// Runs `ally run APP` on `config` until it exits, which it must do with a
+/// failure; returns its stderr (the broker's one-line reason last).
+pub fn run_failing(app: &str, config: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join(format!("{app}.toml"));
+    std::fs::write(&file, config).unwrap();
+    let out = std::process::Command::new(ALLY)
+        .args(["run", app, "--bus", "none", "--runtime-dir"])
+        .arg(dir.path().join("run"))
+        .arg("--config")
+        .arg(&file)
+        .env("ALLY_LOG", "warn")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "ally run {app} did not fail:\n{stderr}"
+    );
+    stderr
+}
+
 pub fn hello() -> PathBuf {
     example("hello")
 }

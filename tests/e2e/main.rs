@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use ally_testkit::loadgen::{Generator, Tool};
 use common::*;
 
 const SANDBOX: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/e2e/sandbox.sh");
@@ -540,6 +541,47 @@ fn ally_under_systemd() {
     let _ = Path::new(dir);
 }
 
+/// Runs `systemctl reload ally@APP` once per step of `versions` (each after
+/// `before(step)`, which writes the next version) under `tool`, waits until no
+/// old generation drains, and asserts that no request failed.
+fn systemctl_reloads_lose_nothing(
+    sandbox: &Sandbox,
+    app: &str,
+    addr: SocketAddr,
+    tool: Tool,
+    versions: std::ops::RangeInclusive<u32>,
+    mut before: impl FnMut(u32),
+) {
+    let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let reloads = versions.clone().count();
+    for n in versions {
+        before(n);
+        sandbox.ok(&["systemctl", "reload", &format!("ally@{app}")]);
+    }
+    wait_until(
+        "the old generations to drain",
+        Duration::from_secs(60),
+        || {
+            stdout(&sandbox.run(&["ally", "status", app]))
+                .matches("draining")
+                .count()
+                == 0
+        },
+    );
+    let report = generator.finish();
+    eprintln!(
+        "e2e {app} under {tool}, {reloads} systemctl reloads: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert!(
+        report.requests > 100,
+        "too little load: {}",
+        report.requests
+    );
+}
+
 /// A WSGI app for gunicorn: answers with the version its generation started with.
 const GUNICORN_APP: &str = r#"
 import os
@@ -589,7 +631,6 @@ name = "http"
         ),
     );
     sandbox.ok(&["systemctl", "start", "ally@wsgi"]);
-    let url = format!("http://127.0.0.1:{port}/");
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     assert!(
         get(addr).starts_with("gunicorn version=v1 "),
@@ -598,34 +639,9 @@ name = "http"
     let status = stdout(&sandbox.run(&["ally", "status", "wsgi"]));
     assert!(status.contains("Gunicorn arbiter booted"), "{status}");
 
-    let generator =
-        ally_testkit::loadgen::Generator::start(ally_testkit::loadgen::Tool::Ab, &url, 4);
-    std::thread::sleep(Duration::from_millis(300));
-    for n in 2..=6 {
+    systemctl_reloads_lose_nothing(&sandbox, "wsgi", addr, Tool::Ab, 2..=6, |n| {
         sandbox.write(&format!("{dir}/version"), &format!("v{n}"));
-        sandbox.ok(&["systemctl", "reload", "ally@wsgi"]);
-    }
-    wait_until(
-        "the old gunicorns to drain",
-        Duration::from_secs(60),
-        || {
-            stdout(&sandbox.run(&["ally", "status", "wsgi"]))
-                .matches("draining")
-                .count()
-                == 0
-        },
-    );
-    let report = generator.finish();
-    eprintln!(
-        "e2e gunicorn under ab, 5 systemctl reloads: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
-    assert!(
-        report.requests > 100,
-        "too little load: {}",
-        report.requests
-    );
+    });
     assert!(get(addr).starts_with("gunicorn version=v6 "));
 
     // A broken release (a module that does not import) fails the reload with
@@ -687,38 +703,10 @@ address = "127.0.0.1:{port}"
         get(addr).starts_with("hello v1 "),
         "served as soon as systemctl start returned"
     );
-    for (tool, name) in [
-        (ally_testkit::loadgen::Tool::Ab, "ab"),
-        (ally_testkit::loadgen::Tool::Wrk, "wrk"),
-    ] {
-        let generator =
-            ally_testkit::loadgen::Generator::start(tool, &format!("http://{addr}/"), 4);
-        std::thread::sleep(Duration::from_millis(300));
-        for n in 2..=4 {
+    for (tool, name) in [(Tool::Ab, "ab"), (Tool::Wrk, "wrk")] {
+        systemctl_reloads_lose_nothing(&sandbox, "goweb", addr, tool, 2..=4, |n| {
             sandbox.write("/srv/go/version", &format!("{name}-v{n}"));
-            sandbox.ok(&["systemctl", "reload", "ally@goweb"]);
-        }
-        wait_until(
-            "the old Go programs to drain",
-            Duration::from_secs(60),
-            || {
-                stdout(&sandbox.run(&["ally", "status", "goweb"]))
-                    .matches("draining")
-                    .count()
-                    == 0
-            },
-        );
-        let report = generator.finish();
-        eprintln!(
-            "e2e Go under {tool}, 3 systemctl reloads: {} requests, {} failed",
-            report.requests, report.failed
-        );
-        assert_eq!(report.failed, 0, "{}", report.detail);
-        assert!(
-            report.requests > 100,
-            "too little load: {}",
-            report.requests
-        );
+        });
         assert!(get(addr).starts_with(&format!("hello {name}-v4 ")));
     }
     // A build that crashes before it is ready fails systemctl reload.
