@@ -29,6 +29,7 @@ pub struct Handshake {
     authenticated: bool,
     lines: usize,
     unix_fds: bool,
+    agreed_unix_fds: bool,
 }
 
 impl Handshake {
@@ -41,7 +42,13 @@ impl Handshake {
             authenticated: false,
             lines: 0,
             unix_fds: false,
+            agreed_unix_fds: false,
         }
+    }
+
+    /// Whether the client asked for file descriptors and was told `AGREE_UNIX_FD`.
+    pub fn agreed_unix_fds(&self) -> bool {
+        self.agreed_unix_fds
     }
 
     /// Agrees to pass file descriptors when the client asks (`NEGOTIATE_UNIX_FD`).
@@ -71,6 +78,7 @@ impl Handshake {
             },
             "DATA" if self.awaiting_data => self.external(argument.unwrap_or("")),
             "NEGOTIATE_UNIX_FD" if self.authenticated && self.unix_fds => {
+                self.agreed_unix_fds = true;
                 Step::Reply("AGREE_UNIX_FD".into())
             }
             "NEGOTIATE_UNIX_FD" if self.authenticated => {
@@ -145,10 +153,12 @@ mod tests {
             "not before authenticating"
         );
         assert_eq!(h.line("AUTH EXTERNAL 31303030"), ok());
+        assert!(!h.agreed_unix_fds());
         assert_eq!(
             h.line("NEGOTIATE_UNIX_FD"),
             Step::Reply("AGREE_UNIX_FD".into())
         );
+        assert!(h.agreed_unix_fds());
         assert_eq!(h.line("BEGIN"), Step::Begin);
     }
 

@@ -40,7 +40,12 @@ pub fn message_len(fixed: &[u8; FIXED_HEADER]) -> io::Result<usize> {
 }
 
 /// The message held by `bytes`, exactly one whole message as [`message_len`] measured.
+/// Clients that name no destination by sending an empty one (godbus's
+/// `conn.Object("", path)`) are understood: on a peer-to-peer connection there is no
+/// one else to send to, and zbus would refuse the message (see
+/// [`without_empty_destination`]).
 pub fn decode(bytes: Vec<u8>) -> zbus::Result<Message> {
+    let bytes = without_empty_destination(bytes);
     let endian = if bytes.first() == Some(&b'B') {
         Endian::Big
     } else {
@@ -53,6 +58,92 @@ pub fn decode(bytes: Vec<u8>) -> zbus::Result<Message> {
     // it is deserialized. `from_bytes` is unsafe only in that the bytes come from
     // outside zbus, which is equally true of a socket's.
     unsafe { Message::from_bytes(data) }
+}
+
+/// The header field code of `DESTINATION`.
+const DESTINATION: u8 = 6;
+
+/// `bytes`, one whole message, without its `DESTINATION` header field when that holds
+/// the empty string — which is no valid bus name, so zbus refuses the whole message,
+/// while some clients send it to mean "none". Anything else, including bytes that do
+/// not parse, is returned as it is, for the decoder to judge.
+pub fn without_empty_destination(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(cut) = empty_destination(&bytes) else {
+        return bytes;
+    };
+    let little = bytes[0] == b'l';
+    let old_fields = read_u32(&bytes, 12, little).unwrap_or(0) as usize;
+    let body = (FIXED_HEADER + old_fields).next_multiple_of(8);
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..cut.start]);
+    out.extend_from_slice(&bytes[cut.end..FIXED_HEADER + old_fields]);
+    let fields = (out.len() - FIXED_HEADER) as u32;
+    let fields = if little {
+        fields.to_le_bytes()
+    } else {
+        fields.to_be_bytes()
+    };
+    out[12..16].copy_from_slice(&fields);
+    out.resize(out.len().next_multiple_of(8), 0);
+    out.extend_from_slice(&bytes[body..]);
+    out
+}
+
+/// The bytes to cut for an empty `DESTINATION` field: from its start to the next
+/// field's, or, when it is the last, from the end of the field before it.
+fn empty_destination(bytes: &[u8]) -> Option<std::ops::Range<usize>> {
+    let little = match bytes.first()? {
+        b'l' => true,
+        b'B' => false,
+        _ => return None,
+    };
+    let end = FIXED_HEADER.checked_add(read_u32(bytes, 12, little)? as usize)?;
+    let body = end.next_multiple_of(8);
+    if body > bytes.len() {
+        return None;
+    }
+    let (mut at, mut previous_end) = (FIXED_HEADER, FIXED_HEADER);
+    while at < end {
+        at = at.next_multiple_of(8);
+        let code = *bytes.get(at)?;
+        let signature_len = *bytes.get(at + 1)? as usize;
+        let signature = bytes.get(at + 2..at + 2 + signature_len)?;
+        let value = at + 2 + signature_len + 1;
+        let (value_end, empty_string) = match signature {
+            b"s" | b"o" => {
+                let value = value.next_multiple_of(4);
+                let len = read_u32(bytes, value, little)? as usize;
+                (value.checked_add(4 + len + 1)?, len == 0)
+            }
+            b"g" => (value.checked_add(*bytes.get(value)? as usize + 2)?, false),
+            b"u" | b"h" => (value.next_multiple_of(4) + 4, false),
+            b"y" => (value + 1, false),
+            _ => return None,
+        };
+        if value_end > end {
+            return None;
+        }
+        if code == DESTINATION && signature == b"s" && empty_string {
+            let cut = if value_end == end {
+                previous_end..end
+            } else {
+                at..value_end.next_multiple_of(8)
+            };
+            return Some(cut);
+        }
+        previous_end = value_end;
+        at = value_end;
+    }
+    None
+}
+
+fn read_u32(bytes: &[u8], at: usize, little: bool) -> Option<u32> {
+    let word: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
+    Some(if little {
+        u32::from_le_bytes(word)
+    } else {
+        u32::from_be_bytes(word)
+    })
 }
 
 /// What a client sends to authenticate as its own uid and start talking D-Bus at
@@ -152,6 +243,84 @@ mod tests {
         let n = body.len();
         body[n - 4..].copy_from_slice(&[0xff; 4]);
         assert!(read(body).is_err());
+    }
+
+    /// A call as godbus's `conn.Object("", "/org/ally")` makes it: a `DESTINATION`
+    /// field holding the empty string, where it places it (after `PATH`).
+    fn with_empty_destination(endian: Endian, fields_after: bool) -> Vec<u8> {
+        let mut b = Message::method_call("/org/ally", "Add")
+            .interface("org.ally.Atomic1")
+            .endian(endian)
+            .build(&("hits", 1i64))
+            .unwrap()
+            .data()
+            .to_vec();
+        let little = endian == Endian::Little;
+        let put = |v: u32| {
+            if little {
+                v.to_le_bytes()
+            } else {
+                v.to_be_bytes()
+            }
+        };
+        let fields = read_u32(&b, 12, little).unwrap() as usize;
+        let body = b.split_off((FIXED_HEADER + fields).next_multiple_of(8));
+        b.truncate(FIXED_HEADER + fields);
+        // The field: code, signature "s", then an empty string (length 0, NUL).
+        let mut field = vec![DESTINATION, 1, b's', 0];
+        field.extend(put(0));
+        field.push(0);
+        let at = if fields_after {
+            FIXED_HEADER
+        } else {
+            b.len().next_multiple_of(8)
+        };
+        if fields_after {
+            field.resize(16, 0);
+            b.splice(at..at, field);
+        } else {
+            b.resize(at, 0);
+            b.extend(field);
+        }
+        let fields = (b.len() - FIXED_HEADER) as u32;
+        b[12..16].copy_from_slice(&put(fields));
+        b.resize(b.len().next_multiple_of(8), 0);
+        b.extend(body);
+        b
+    }
+
+    #[test]
+    fn an_empty_destination_is_read_as_none() {
+        for endian in [Endian::Little, Endian::Big] {
+            for fields_after in [true, false] {
+                let bytes = with_empty_destination(endian, fields_after);
+                let raw = unsafe {
+                    Message::from_bytes(Data::new(bytes.clone(), Context::new(endian, 0)))
+                };
+                assert!(raw.is_err(), "zbus refuses it as it is");
+                let msg = decode(bytes).unwrap();
+                let header = msg.header();
+                assert_eq!(header.destination(), None);
+                assert_eq!(header.member().unwrap().as_str(), "Add");
+                assert_eq!(header.interface().unwrap().as_str(), "org.ally.Atomic1");
+                let (name, delta): (String, i64) = msg.body().deserialize().unwrap();
+                assert_eq!((name.as_str(), delta), ("hits", 1));
+            }
+        }
+    }
+
+    #[test]
+    fn a_named_destination_and_other_messages_are_left_alone() {
+        let msg = Message::method_call("/org/ally", "Add")
+            .interface("org.ally.Atomic1")
+            .destination("org.ally.web")
+            .build(&("hits", 1i64))
+            .unwrap();
+        let bytes = msg.data().to_vec();
+        assert_eq!(without_empty_destination(bytes.clone()), bytes);
+        for n in [0, 1, 12, 16, 20, bytes.len() - 1] {
+            assert_eq!(without_empty_destination(bytes[..n].to_vec()), &bytes[..n]);
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! What the state socket does with a client's bytes after the handshake: cut them
 //! into messages by their fixed header (`wire::message_len`), then answer each with
-//! `state_socket::reply_to`, as an admin, against a fresh broker. A reply must be a
-//! message that its own framing measures and decodes again.
+//! `state_socket::reply_to`, as an admin, against a fresh broker, or, when it cannot
+//! be read, with `unreadable::reply`; the connection goes on either way. A reply
+//! must be a message that its own framing measures and decodes again.
 #![no_main]
 
 use std::sync::Arc;
@@ -12,6 +13,7 @@ use ally::dbus::broker1::{Access, Peer};
 use ally::dbus::peer::Identity;
 use ally::dbus::state_calls::StateCalls;
 use ally::dbus::state_socket::reply_to;
+use ally::dbus::unreadable;
 use ally::identity::RunAs;
 use ally_core::wire::{self, FIXED_HEADER};
 use libfuzzer_sys::fuzz_target;
@@ -29,15 +31,13 @@ fuzz_target!(|data: &[u8]| {
         }
         let (message, rest) = stream.split_at(len);
         stream = rest;
-        match reply_to(&calls, message.to_vec()) {
-            Ok(Some(reply)) => {
-                let bytes = reply.data().to_vec();
-                let fixed = bytes.first_chunk::<FIXED_HEADER>().expect("a fixed header");
-                assert_eq!(wire::message_len(fixed).unwrap(), bytes.len());
-                wire::decode(bytes).expect("the reply decodes");
-            }
-            Ok(None) => {}
-            Err(_) => return,
+        let reply = reply_to(&calls, message.to_vec())
+            .unwrap_or_else(|reason| unreadable::reply(fixed, &reason));
+        if let Some(reply) = reply {
+            let bytes = reply.data().to_vec();
+            let fixed = bytes.first_chunk::<FIXED_HEADER>().expect("a fixed header");
+            assert_eq!(wire::message_len(fixed).unwrap(), bytes.len());
+            wire::decode(bytes).expect("the reply decodes");
         }
     }
 });

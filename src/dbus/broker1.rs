@@ -32,6 +32,8 @@ pub enum Peer {
         /// A role other than instance, once known: a process that is not an
         /// instance's cannot become one, so it holds for the connection's life.
         other: OnceLock<Role>,
+        /// Whether the client negotiated file descriptor passing.
+        unix_fds: bool,
     },
     /// A bus connection: every call may come from another sender.
     Bus,
@@ -44,7 +46,16 @@ impl Peer {
             conn,
             instance: OnceLock::new(),
             other: OnceLock::new(),
+            unix_fds: false,
         }
+    }
+
+    /// The same peer, whose connection negotiated file descriptor passing.
+    pub fn with_unix_fds(mut self) -> Self {
+        if let Peer::Private { unix_fds, .. } = &mut self {
+            *unix_fds = true;
+        }
+        self
     }
 }
 
@@ -163,6 +174,20 @@ impl Access {
             nix::unistd::geteuid().as_raw(),
             transport,
         )
+    }
+
+    /// Refuses a call whose reply carries a file descriptor on a connection that
+    /// cannot receive one: the client did not negotiate passing them.
+    pub fn require_unix_fds(&self, method: &str) -> Result<()> {
+        match self.peer {
+            Peer::Private {
+                unix_fds: false, ..
+            } => Err(Error::failed(format!(
+                "{method} returns a file descriptor, and this connection did not negotiate passing them: \
+                 send NEGOTIATE_UNIX_FD after AUTH and before BEGIN (godbus's Auth, dbus-python, sd-bus and zbus do)"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     pub async fn require_instance(
@@ -291,6 +316,7 @@ impl Broker1 {
             .access
             .require_instance(Some(&header), conn, "Listen")
             .await?;
+        self.access.require_unix_fds("Listen")?;
         let addr = parse_address(network, address).await?;
         let fd = self
             .broker
@@ -311,6 +337,7 @@ impl Broker1 {
             .access
             .require_instance(Some(&header), conn, "ListenWith")
             .await?;
+        self.access.require_unix_fds("ListenWith")?;
         let options = parse_options(&options)?;
         let addr = parse_address(network, address).await?;
         let fd = self.broker.listen(instance, &addr, &options)?;

@@ -34,6 +34,7 @@ pub struct Gate {
     refusals: Throttle,
     timeouts: Throttle,
     oversized: Throttle,
+    unreadable: Throttle,
 }
 
 /// A connection let in: its stream, its peer, and its place (freed when dropped).
@@ -66,6 +67,7 @@ impl Gate {
             refusals: Throttle::new(Duration::from_secs(1)),
             timeouts: Throttle::new(Duration::from_secs(1)),
             oversized: Throttle::new(Duration::from_secs(1)),
+            unreadable: Throttle::new(Duration::from_secs(1)),
         })
     }
 
@@ -135,6 +137,17 @@ impl Gate {
         if let Some(suppressed) = self.oversized.allow(Instant::now()) {
             tracing::warn!(
                 "{socket}: closing the connection of {peer}: {error}{}",
+                throttle::more(suppressed)
+            );
+        }
+    }
+
+    /// Logs a message of `peer` the broker could not read (`reason`), which was
+    /// answered with an error if it wanted a reply and otherwise dropped.
+    pub fn unreadable(&self, socket: &str, peer: &str, reason: &str) {
+        if let Some(suppressed) = self.unreadable.allow(Instant::now()) {
+            tracing::warn!(
+                "{socket}: a message of {peer} could not be read and was answered with an error: {reason}{}",
                 throttle::more(suppressed)
             );
         }

@@ -14,6 +14,7 @@ pub mod server;
 pub mod state1;
 pub mod state_calls;
 pub mod state_socket;
+pub mod unreadable;
 
 pub const OBJECT_PATH: &str = "/org/ally";
 

@@ -75,9 +75,7 @@ async fn serve_connection(
     gate: Arc<Gate>,
 ) {
     let conn_id = broker.state().new_conn();
-    let (pid, uid) = (identity.pid, identity.uid);
-    let access = Access::new(broker.clone(), Peer::private(identity, conn_id));
-    let Some(conn) = open(stream, pid, uid, gate, access).await else {
+    let Some(conn) = open(stream, identity, conn_id, broker.clone(), gate).await else {
         return;
     };
     forward_events(&conn, &broker).await;
@@ -85,15 +83,17 @@ async fn serve_connection(
     broker.state().connection_closed(conn_id);
 }
 
-/// Authenticates the client, process `pid` of `uid`, within `handshake_timeout`,
-/// and serves the broker's objects to it; `None` when it did not authenticate.
+/// Authenticates the client, `identity`'s process, within `handshake_timeout`,
+/// and serves the broker's objects to it as connection `conn_id`; `None` when it
+/// did not authenticate.
 async fn open(
     mut stream: UnixStream,
-    pid: u32,
-    uid: u32,
+    identity: Identity,
+    conn_id: u64,
+    broker: Arc<Broker>,
     gate: Arc<Gate>,
-    access: Arc<Access>,
 ) -> Option<zbus::Connection> {
+    let (pid, uid) = (identity.pid, identity.uid);
     let who = format!("pid {pid} (uid {uid})");
     let guid = zbus::Guid::generate();
     let limits = gate.limits();
@@ -102,9 +102,9 @@ async fn open(
         private_stream::authenticate(&mut stream, uid, guid.as_str()),
     )
     .await;
-    match authenticated {
-        Ok(Ok(true)) => {}
-        Ok(Ok(false)) => {
+    let begun = match authenticated {
+        Ok(Ok(Some(begun))) => begun,
+        Ok(Ok(None)) => {
             tracing::debug!("private socket: {who} failed to authenticate");
             return None;
         }
@@ -116,7 +116,12 @@ async fn open(
             let _ = stream.try_write(gate.timed_out("private socket", &who).as_bytes());
             return None;
         }
+    };
+    let mut peer = Peer::private(identity, conn_id);
+    if begun.unix_fds {
+        peer = peer.with_unix_fds();
     }
+    let access = Access::new(broker, peer);
     let socket = PrivateStream::new(stream, gate.clone(), who.clone());
     let conn = zbus::connection::Builder::authenticated_socket(socket, guid)
         .p2p()

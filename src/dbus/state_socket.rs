@@ -24,10 +24,10 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 
 use super::broker1::{Access, Peer};
-use super::framing;
 use super::gate::Gate;
 use super::peer::Identity;
 use super::state_calls::StateCalls;
+use super::{framing, unreadable};
 use crate::broker::Broker;
 use ally_core::sasl::{self, Handshake, Step};
 
@@ -131,14 +131,15 @@ async fn serve_connection(
             Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
         };
         busy_poll.waited(answered.elapsed());
-        match reply_to(&calls, bytes) {
-            Ok(Some(reply)) => {
-                if let Err(e) = write.write_all(reply.data()).await {
-                    return tracing::debug!("state socket, pid {pid}: {e}");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => return tracing::debug!("state socket, pid {pid}: {e}"),
+        let fixed: [u8; FIXED_HEADER] = *bytes.first_chunk().expect("a whole message");
+        let reply = reply_to(&calls, bytes).unwrap_or_else(|reason| {
+            gate.unreadable("state socket", &format!("pid {pid} (uid {uid})"), &reason);
+            unreadable::reply(&fixed, &reason)
+        });
+        if let Some(reply) = reply
+            && let Err(e) = write.write_all(reply.data()).await
+        {
+            return tracing::debug!("state socket, pid {pid}: {e}");
         }
         answered = Instant::now();
     }
@@ -161,9 +162,9 @@ async fn poll_for_call(read: &OwnedReadHalf, budget: Duration) {
 }
 
 /// The reply to one whole message as read from a client (`bytes` as long as
-/// [`wire::message_len`] measured it); an error ends the connection.
+/// [`wire::message_len`] measured it); an error says why it cannot be read.
 pub fn reply_to(calls: &StateCalls, bytes: Vec<u8>) -> Result<Option<zbus::Message>, String> {
-    let message = wire::decode(bytes).map_err(|e| format!("not a D-Bus message: {e}"))?;
+    let message = wire::decode(bytes).map_err(|e| e.to_string())?;
     Ok(calls.answer(&message))
 }
 
