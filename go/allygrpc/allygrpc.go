@@ -31,7 +31,9 @@
 //     cannot hold the old generation. When every connection has spoken it goes on
 //     at once. Behind TLS the first bytes are the client's TLS hello, which ends the
 //     settle for that connection: the settle then covers the TCP connection, not the
-//     first call.
+//     first call. A connection that has sent nothing at all by then is closed: no
+//     gRPC client connects without sending its preface at once, and GracefulStop
+//     would wait for it until grpc's connection timeout (120 s).
 //  3. GracefulStop: GOAWAY, then finish the calls in flight. grpc-go sends a first
 //     GOAWAY that admits every stream and a PING; once the client has answered, it
 //     sends the final GOAWAY. Every call the client sent before it saw the first
@@ -88,6 +90,7 @@ func ServeUntil(s *grpc.Server, ln net.Listener, stop <-chan struct{}, opts ally
 
 	// Step 2.
 	l.settle(opts.Settle)
+	l.closeSilent()
 	// Step 3.
 	if opts.Timeout <= 0 {
 		s.GracefulStop()
@@ -158,6 +161,24 @@ func (l *listener) settle(d time.Duration) {
 	}
 }
 
+// closeSilent closes the connections that have sent nothing at all by the end of
+// the settle: no gRPC client (which sends its preface as soon as it connects), and
+// GracefulStop would wait for each until grpc's connection timeout (120 s) ends its
+// handshake.
+func (l *listener) closeSilent() {
+	var silent []*conn
+	l.mu.Lock()
+	for c := range l.unheard {
+		if atomic.LoadInt32(&c.readAny) == 0 {
+			silent = append(silent, c)
+		}
+	}
+	l.mu.Unlock()
+	for _, c := range silent {
+		c.Close()
+	}
+}
+
 func (l *listener) unheardCount() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -183,13 +204,19 @@ type conn struct {
 	l       *listener
 	first   firstRequest // read only by the connection's one reader
 	heard   int32        // atomic: 1 once heard from or closed
+	readAny int32        // atomic: 1 once it read a byte
 	coalesc int32        // atomic: 1 once TCP_NODELAY was turned off
 }
 
 func (c *conn) Read(p []byte) (int, error) {
 	n, err := c.Conn.Read(p)
-	if atomic.LoadInt32(&c.heard) == 0 && (err != nil || c.first.read(p[:n])) {
-		c.markHeard()
+	if atomic.LoadInt32(&c.heard) == 0 {
+		if n > 0 {
+			atomic.StoreInt32(&c.readAny, 1)
+		}
+		if err != nil || c.first.read(p[:n]) {
+			c.markHeard()
+		}
 	}
 	return n, err
 }
