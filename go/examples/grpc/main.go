@@ -9,7 +9,7 @@
 // health service says SERVING once ready and NOT_SERVING from the stop on. Build and
 // run it under a broker:
 //
-//	go/offline.sh build -o target/go/hello-grpc ./examples/grpc
+//	go/offline.sh build -o "$PWD/target/go/hello-grpc" ./examples/grpc
 //	target/debug/ally run hello-grpc -- target/go/hello-grpc --listen 127.0.0.1:50051
 package main
 

@@ -2,18 +2,22 @@
 // version, process and generation answered, drained by ally.Serve so that a reload
 // loses no request.
 //
-//	http [--listen ADDR] [--version V] [--ready-delay D]
+//	http [--listen ADDR] [--version V] [--ready-delay D] [--plain-shutdown]
 //
 // Every request gets 200 OK with the body "hello version=V pid=P generation=G".
 // Under `ally run` it takes its socket from the broker; alone it binds it itself
-// (simulate mode). Build and run it under a broker:
+// (simulate mode). --plain-shutdown stops the usual way instead, for comparison:
+// srv.Shutdown at the stop, which closes idle keep-alive connections at once and
+// so loses a request a client sends on one at that moment. Build and run it under
+// a broker:
 //
-//	go/offline.sh build -o target/go/hello-http ./examples/http
+//	go/offline.sh build -o "$PWD/target/go/hello-http" ./examples/http
 //	target/debug/ally run hello-go -- target/go/hello-http --listen 127.0.0.1:8080
 //	ally reload hello-go
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log"
@@ -28,6 +32,7 @@ func main() {
 	listen := flag.String("listen", "127.0.0.1:8080", "the address to serve on")
 	version := flag.String("version", os.Getenv("HELLO_VERSION"), "the version it reports (default $HELLO_VERSION, else 1)")
 	readyDelay := flag.Duration("ready-delay", 0, "how long to wait before reporting ready")
+	plainShutdown := flag.Bool("plain-shutdown", false, "stop with srv.Shutdown at the stop instead of ally.Serve's drain (loses requests; for comparison)")
 	flag.Parse()
 	if *version == "" {
 		*version = "1"
@@ -58,12 +63,14 @@ func main() {
 	if err := ally.Ready(); err != nil {
 		log.Fatal(err)
 	}
-	go func() {
+	if *plainShutdown {
+		go srv.Serve(ln)
 		<-ally.Stopping()
-		log.Printf("stopping pid=%d", pid)
-	}()
-	// Serves until the stop, then drains: returns once every connection is done.
-	if err := ally.Serve(srv, ln); err != nil {
+		if err := srv.Shutdown(context.Background()); err != nil {
+			log.Fatal(err)
+		}
+	} else if err := ally.Serve(srv, ln); err != nil {
+		// Serves until the stop, then drains: returns once every connection is done.
 		log.Fatal(err)
 	}
 	log.Printf("stopped pid=%d", pid)
