@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"sync"
@@ -335,6 +336,23 @@ func (c *drainConn) Read(p []byte) (int, error) {
 		atomic.StoreInt64(&c.readAt, int64(time.Since(c.born))+1)
 	}
 	return n, err
+}
+
+// CloseWrite half-closes a TCP connection, as net/http does before closing one
+// whose request it did not read whole (so the client sees the answer, not a reset).
+func (c *drainConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
+// ReadFrom keeps net/http's sendfile path (http.ServeFile) on a TCP connection.
+func (c *drainConn) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.Conn.(io.ReaderFrom); ok {
+		return rf.ReadFrom(r)
+	}
+	return io.Copy(struct{ io.Writer }{c.Conn}, r)
 }
 
 func (c *drainConn) lastRead() time.Time {
