@@ -92,7 +92,7 @@ func TestServeTLSDrainsHTTP1AndHTTP2(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-	case <-time.After(idle):
+	case <-time.After(idle / 2):
 		t.Fatal("the drain waited the idle time for the HTTP/2 connection")
 	}
 	if took := time.Since(stopped); took < settle {
