@@ -9,7 +9,7 @@ import (
 
 // Simulate mode's sockets, one per normalised endpoint, shared by every Listen of the
 // process as the broker shares its sockets between instances.
-var simulated = struct {
+var simSockets = struct {
 	sync.Mutex
 	files map[string]*os.File
 }{files: map[string]*os.File{}}
@@ -19,14 +19,14 @@ func simulateListen(network, address string, options ListenOptions) (*os.File, e
 	if err != nil {
 		return nil, err
 	}
-	simulated.Lock()
-	defer simulated.Unlock()
-	f, ok := simulated.files[ep.String()]
+	simSockets.Lock()
+	defer simSockets.Unlock()
+	f, ok := simSockets.files[ep.String()]
 	if !ok {
 		if f, err = bindEndpoint(ep, options); err != nil {
 			return nil, err
 		}
-		simulated.files[ep.String()] = f
+		simSockets.files[ep.String()] = f
 	}
 	return dupFile(f, ep.String())
 }
@@ -36,10 +36,10 @@ func simulateClose(network, address string) error {
 	if err != nil {
 		return err
 	}
-	simulated.Lock()
-	defer simulated.Unlock()
-	if f, ok := simulated.files[ep.String()]; ok {
-		delete(simulated.files, ep.String())
+	simSockets.Lock()
+	defer simSockets.Unlock()
+	if f, ok := simSockets.files[ep.String()]; ok {
+		delete(simSockets.files, ep.String())
 		if ep.isUnix() && ep.path[0] == '/' {
 			_ = os.Remove(ep.path)
 		}
