@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/ally-rs/ally/go/internal/state"
 	"github.com/godbus/dbus/v5"
 )
 
@@ -186,4 +187,63 @@ func (l *Locker) release(write bool) error {
 		return callError(method, c.Err)
 	}
 	return nil
+}
+
+// LockHold is one holder or waiter of a lock.
+type LockHold struct {
+	// Owner is the instance id (in simulate mode, ID()); 2⁶³ + a connection number
+	// for a caller that is not an instance.
+	Owner uint64
+	// Write tells a writer from a reader.
+	Write bool
+	// For is how long it has held or waited (0 in simulate mode).
+	For time.Duration
+}
+
+// Queues returns the lock's holders, in the order granted, and its waiters, in the
+// order they will be granted: for monitoring and tests.
+func (l *Locker) Queues() (holders, waiters []LockHold, err error) {
+	if !Managed() {
+		hs, ws, err := simulatedState.Queues(l.name)
+		if err != nil {
+			return nil, nil, simulated("Queues", err)
+		}
+		conv := func(in []state.Hold) []LockHold {
+			out := make([]LockHold, 0, len(in))
+			for _, h := range in {
+				out = append(out, LockHold{Owner: ID(), Write: h.Write})
+			}
+			return out
+		}
+		return conv(hs), conv(ws), nil
+	}
+	in := self()
+	conn, err := in.connection()
+	if err != nil {
+		return nil, nil, err
+	}
+	c := in.object(conn).Call(lockerInterface+"Queues", 0, l.name)
+	if c.Err != nil {
+		return nil, nil, callError("Queues", c.Err)
+	}
+	var rawH, rawW []struct {
+		Owner uint64
+		Mode  string
+		ForMs uint64
+	}
+	if err := c.Store(&rawH, &rawW); err != nil {
+		return nil, nil, &Error{Method: "Queues", Name: errFailed, Message: "unexpected reply: " + err.Error(), Err: err}
+	}
+	conv := func(in []struct {
+		Owner uint64
+		Mode  string
+		ForMs uint64
+	}) []LockHold {
+		out := make([]LockHold, 0, len(in))
+		for _, h := range in {
+			out = append(out, LockHold{Owner: h.Owner, Write: h.Mode == "write", For: time.Duration(h.ForMs) * time.Millisecond})
+		}
+		return out
+	}
+	return conv(rawH), conv(rawW), nil
 }

@@ -27,6 +27,14 @@ func simulateListen(network, address string, options ListenOptions) (*os.File, e
 			return nil, err
 		}
 		simSockets.files[ep.String()] = f
+		if !ep.isUnix() && ep.port == 0 {
+			// Later requests may name the port it got.
+			if sa, err := sockname(f); err == nil {
+				bound := ep
+				bound.port = sa
+				simSockets.files[bound.String()] = f
+			}
+		}
 	}
 	return dupFile(f, ep.String())
 }
@@ -39,7 +47,11 @@ func simulateClose(network, address string) error {
 	simSockets.Lock()
 	defer simSockets.Unlock()
 	if f, ok := simSockets.files[ep.String()]; ok {
-		delete(simSockets.files, ep.String())
+		for k, g := range simSockets.files {
+			if g == f {
+				delete(simSockets.files, k)
+			}
+		}
 		if ep.isUnix() && ep.path[0] == '/' {
 			_ = os.Remove(ep.path)
 		}
@@ -188,4 +200,28 @@ func staleUnixSocket(path string) bool {
 		}
 	}
 	return true
+}
+
+// sockname is the port an inet socket is bound to.
+func sockname(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	port := 0
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		var sa syscall.Sockaddr
+		sa, serr = syscall.Getsockname(int(fd))
+		switch sa := sa.(type) {
+		case *syscall.SockaddrInet4:
+			port = sa.Port
+		case *syscall.SockaddrInet6:
+			port = sa.Port
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	return port, err
 }

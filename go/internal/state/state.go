@@ -539,3 +539,29 @@ func (s *Store) Release(name string, owner uint64, write bool) error {
 	}
 	return notOwner("cannot %s %q: the caller does not hold it", verb, name)
 }
+
+// Hold is one holder or waiter of a lock.
+type Hold struct {
+	Owner uint64
+	Write bool
+}
+
+// Queues returns a lock's holders (in the order granted) and waiters (in the order
+// they will be granted).
+func (s *Store) Queues(name string) (holders, waiters []Hold, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.limits.checkName("lock name", name); err != nil {
+		return nil, nil, err
+	}
+	holders, waiters = []Hold{}, []Hold{}
+	if l := s.locks[name]; l != nil {
+		for _, h := range l.holders {
+			holders = append(holders, Hold{h.owner, h.write})
+		}
+		for _, h := range l.queue {
+			waiters = append(waiters, Hold{h.owner, h.write})
+		}
+	}
+	return holders, waiters, nil
+}
