@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -208,7 +209,7 @@ func testCache(t *testing.T) {
 	if _, _, err := NewCache("").Get("k"); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("empty namespace: %v, want ErrInvalidArgument", err)
 	}
-	long := string(make([]byte, 1025))
+	long := strings.Repeat("k", 1025)
 	if err := c.Set("k"+long, nil, 0); !errors.Is(err, ErrLimitExceeded) {
 		t.Fatalf("1 KiB key: %v, want ErrLimitExceeded", err)
 	}
