@@ -395,8 +395,14 @@ func childListenFDs(t *testing.T, path string) {
 	if len(inherited) != 1 {
 		t.Fatalf("%d inherited sockets, want 1", len(inherited))
 	}
-	if inheritedFor("unix", path) == nil {
+	if s, _ := inheritedMatch("unix", path); s == nil {
 		t.Fatalf("the inherited socket does not match unix %s", path)
+	}
+	// Close of an inherited address drops nothing and leaks no descriptor.
+	before := openFDs(t)
+	must(t, Close("unix", path))
+	if after := openFDs(t); after != before {
+		t.Errorf("Close of an inherited address: %d open fds, then %d", before, after)
 	}
 	ln, err := Listen("unix", path)
 	must(t, err)
@@ -409,4 +415,12 @@ func childListenFDs(t *testing.T, path string) {
 	must(t, err)
 	c.Close()
 	must(t, Ready())
+}
+
+func openFDs(t *testing.T) int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
 }
