@@ -298,6 +298,10 @@ func TestChild(t *testing.T) {
 	case role == "suite":
 		must(t, Ready())
 		runSuite(t)
+		// Cache and Atomic calls went over the state socket.
+		if os.Getenv("ALLY_STATE_ADDRESS") == "" || self().stateConn == nil || !self().stateConn.Connected() {
+			t.Errorf("no state socket connection (ALLY_STATE_ADDRESS=%q)", os.Getenv("ALLY_STATE_ADDRESS"))
+		}
 		result("suite")
 	case role == "cas":
 		childCAS(t, gen)

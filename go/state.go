@@ -26,7 +26,7 @@ func (in *instance) stateConnection() (*dbus.Conn, error) {
 			in.stateConn = conn
 		}
 	})
-	if in.stateConn != nil {
+	if in.stateConn != nil && in.stateConn.Connected() {
 		return in.stateConn, nil
 	}
 	return in.connection()
