@@ -6,6 +6,7 @@ import (
 	"net"
 	"strconv"
 	"strings"
+	"syscall"
 )
 
 // endpoint is a normalised (network, address) pair, read the way the broker reads it
@@ -67,7 +68,7 @@ func parseInet(network, address string) (endpoint, error) {
 	var ip net.IP
 	switch {
 	case host == "":
-		if family == '4' {
+		if family == '4' || (family != '6' && !ipv6Available()) {
 			ip = net.IPv4zero.To4()
 		} else {
 			ip = net.IPv6unspecified
@@ -96,6 +97,16 @@ func parseInet(network, address string) (endpoint, error) {
 		ip = v4
 	}
 	return endpoint{network: network, ip: ip, port: int(port)}, nil
+}
+
+// ipv6Available tells whether this machine has IPv6 (":port" is then dual-stack [::]).
+func ipv6Available() bool {
+	fd, err := syscall.Socket(syscall.AF_INET6, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	syscall.Close(fd)
+	return true
 }
 
 // familyAccepts: '4' takes IPv4 (and v4-mapped), '6' takes IPv6 but not v4-mapped.

@@ -9,7 +9,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -32,6 +31,7 @@ type instance struct {
 	generation uint64
 	address    string // ALLY_ADDRESS; empty in simulate mode
 	stateAddr  string // ALLY_STATE_ADDRESS
+	dest       string // the broker's bus name, org.ally.$ALLY_APP; empty without ALLY_APP
 	drainIdle  time.Duration
 	stopSignal syscall.Signal
 	envErr     error
@@ -47,7 +47,6 @@ type instance struct {
 	stopping   chan struct{}
 	stopCtx    context.Context
 	stopCancel context.CancelFunc
-	watched    atomic.Bool // someone looks at the stop: Stopping, Context or OnStop
 	hooksMu    sync.Mutex
 	hooks      []func()
 	hooksRan   bool
@@ -74,6 +73,8 @@ func fromEnv() *instance {
 	in.stopCtx, in.stopCancel = context.WithCancel(context.Background())
 	if in.app == "" {
 		in.app = filepath.Base(os.Args[0])
+	} else {
+		in.dest = "org.ally." + in.app
 	}
 	var err error
 	if in.id, err = envNumber("ALLY_INSTANCE"); err != nil {
@@ -155,10 +156,11 @@ func dial(address string) (*dbus.Conn, error) {
 	return conn, nil
 }
 
-// object is /org/ally on conn. The destination is the broker's bus name, which a
-// peer-to-peer connection ignores and every broker accepts.
+// object is /org/ally on conn. The destination is the broker's bus name
+// (org.ally.$ALLY_APP), which a peer-to-peer connection ignores and every broker
+// accepts; without ALLY_APP there is none, which newer brokers accept.
 func (in *instance) object(conn *dbus.Conn) dbus.BusObject {
-	return conn.Object("org.ally."+in.app, objectPath)
+	return conn.Object(in.dest, objectPath)
 }
 
 // call makes a Broker1 call on the private connection.
@@ -178,12 +180,14 @@ func (in *instance) call(ctx context.Context, method string, args ...interface{}
 // older generation be stopped. Calling it again is harmless. In simulate mode it does
 // nothing.
 //
-// Ready also starts watching for the stop signal, so a stop that comes before the
-// program looks at Stopping or Context is not lost; if nothing ever looks, the signal
-// ends the process as it would have without this package.
+// Watch the stop (Stopping, Context, OnStop, or Serve which does) before calling
+// Ready: until something watches it, the stop signal ends the process as it would
+// without this package.
 func Ready() error {
 	in := self()
-	in.installStop()
+	if ExitHook != nil {
+		in.installStop()
+	}
 	if !Managed() {
 		return nil
 	}
@@ -191,13 +195,35 @@ func Ready() error {
 	return err
 }
 
+// ExitHook, when set before Ready, runs when the stop comes, as the original Ally's
+// did. Prefer Stopping, Context or OnStop, which need not be set before Ready.
+var ExitHook func()
+
+// Reload asks the broker for a reload (as `ally reload` does) and returns the new
+// generation once it is ready. This instance is then asked to stop like every older
+// one. ErrReloadFailed when the new generation does not come up (this one keeps
+// serving); ErrNotManaged in simulate mode.
+func Reload() (uint64, error) {
+	if !Managed() {
+		return 0, &Error{Method: "Reload", Name: errNotManaged, Message: "no broker (simulate mode; ALLY_ADDRESS is not set)"}
+	}
+	c, err := self().call(context.Background(), "Reload")
+	if err != nil {
+		return 0, err
+	}
+	var generation uint64
+	if err := c.Store(&generation); err != nil {
+		return 0, &Error{Method: "Reload", Name: errFailed, Message: "unexpected reply: " + err.Error(), Err: err}
+	}
+	return generation, nil
+}
+
 // Stopping returns a channel closed when the broker asks this instance to stop (its
 // stop signal, ALLY_STOP_SIGNAL, e.g. SIGTERM, arrives; in simulate mode also SIGINT).
 // From the first call on, the signal no longer ends the process: stop serving, drain,
-// and return from main.
+// and return from main. Further stop signals are ignored.
 func Stopping() <-chan struct{} {
 	in := self()
-	in.watched.Store(true)
 	in.installStop()
 	return in.stopping
 }
@@ -205,7 +231,6 @@ func Stopping() <-chan struct{} {
 // Context returns a context cancelled when the stop comes (see Stopping).
 func Context() context.Context {
 	in := self()
-	in.watched.Store(true)
 	in.installStop()
 	return in.stopCtx
 }
@@ -214,7 +239,6 @@ func Context() context.Context {
 // already came). It is the original Ally's exit hook.
 func OnStop(f func()) {
 	in := self()
-	in.watched.Store(true)
 	in.installStop()
 	in.hooksMu.Lock()
 	defer in.hooksMu.Unlock()
@@ -243,15 +267,11 @@ func (in *instance) installStop() {
 		}
 		ch := make(chan os.Signal, 1)
 		signal.Notify(ch, sigs...)
+		hook := ExitHook
 		go func() {
-			sig := <-ch
-			if !in.watched.Load() {
-				// Nobody watches the stop: die of it, as without this package.
-				signal.Reset(sigs...)
-				if s, ok := sig.(syscall.Signal); ok {
-					_ = syscall.Kill(os.Getpid(), s)
-				}
-				return
+			<-ch
+			if hook != nil {
+				go hook()
 			}
 			in.stop()
 		}()

@@ -12,8 +12,10 @@
 //     lets the broker ask the older generation to stop; a new generation that exits or
 //     never calls Ready fails the reload and the old one keeps serving.
 //
-//  3. Stopping (a channel) or Context (a context) tells the instance the broker asked it
-//     to stop (its stop signal, ALLY_STOP_SIGNAL, usually SIGTERM, arrived).
+//  3. Stopping (a channel), Context (a context) or OnStop (a callback) tells the
+//     instance the broker asked it to stop (its stop signal, ALLY_STOP_SIGNAL, usually
+//     SIGTERM, arrived). Once one of them has been called the signal no longer ends
+//     the process by itself, so call one before Ready (Serve calls Stopping).
 //
 //  4. Drain: stop accepting, finish what is in flight. For net/http, Serve(srv, ln)
 //     does it without losing a keep-alive request; for gRPC, allygrpc.Serve.
@@ -42,7 +44,14 @@
 // with TTLs), Atomic (64-bit counters) and Locker (FIFO read/write locks released when
 // their instance dies). See NewCache, NewAtomic and NewLocker.
 //
+// A socket received from the broker is duplicated into the returned listener and the
+// received descriptor closed: the listener is the caller's to close, and closing it
+// leaves the broker's socket to the next generation (Close drops this instance's
+// reference). With sockets = "listen-fds", Listen takes the inherited sockets of
+// declared addresses and unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
+//
 // Everything is safe for concurrent use; the connection to the broker is made once,
-// on first use. Errors a caller may want to tell apart match the sentinels ErrAccessDenied,
+// on first use. docs/go.md in the repository has the details and a migration table
+// from github.com/cjey/ally. Errors a caller may want to tell apart match the sentinels ErrAccessDenied,
 // ErrAddressInUse, ... with errors.Is, and keep the broker's message.
 package ally

@@ -148,7 +148,7 @@ func ListenUnixgram(network string, laddr *net.UnixAddr) (*net.UnixConn, error) 
 // declares never are. In simulate mode the next Listen binds anew.
 func Close(network, address string) error {
 	in := self()
-	if inheritedFor(network, address) != nil {
+	if s, _ := inheritedMatch(network, address); s != nil {
 		return nil
 	}
 	if !Managed() {

@@ -48,25 +48,37 @@ func takeListenFDs() []inheritedSocket {
 }
 
 // inheritedFor returns a duplicate of the inherited socket for network and address,
-// or nil: one named "<network> <address>" (":" written "_") in LISTEN_FDNAMES, or one
-// whose type and actual local address are the normalised address's.
+// or nil when none matches (see inheritedMatch).
 func inheritedFor(network, address string) *os.File {
-	if len(inherited) == 0 {
+	s, ep := inheritedMatch(network, address)
+	if s == nil {
 		return nil
 	}
-	ep, err := parseEndpoint(network, address)
+	f, err := dupFile(s.file, ep.String())
 	if err != nil {
 		return nil
 	}
+	return f
+}
+
+// inheritedMatch finds the inherited socket for network and address: one named
+// "<network> <address>" (":" written "_") in LISTEN_FDNAMES, or one whose type and
+// actual local address are the normalised address's.
+func inheritedMatch(network, address string) (*inheritedSocket, endpoint) {
+	if len(inherited) == 0 {
+		return nil, endpoint{}
+	}
+	ep, err := parseEndpoint(network, address)
+	if err != nil {
+		return nil, endpoint{}
+	}
 	unnamed := network + " " + strings.ReplaceAll(address, ":", "_")
-	for _, s := range inherited {
-		if s.name == unnamed || socketIs(s.file, ep) {
-			if f, err := dupFile(s.file, ep.String()); err == nil {
-				return f
-			}
+	for i := range inherited {
+		if s := &inherited[i]; s.name == unnamed || socketIs(s.file, ep) {
+			return s, ep
 		}
 	}
-	return nil
+	return nil, endpoint{}
 }
 
 func socketIs(f *os.File, ep endpoint) bool {

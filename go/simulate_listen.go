@@ -9,7 +9,7 @@ import (
 
 // Simulate mode's sockets, one per normalised endpoint, shared by every Listen of the
 // process as the broker shares its sockets between instances.
-var simulated = struct {
+var simSockets = struct {
 	sync.Mutex
 	files map[string]*os.File
 }{files: map[string]*os.File{}}
@@ -19,14 +19,22 @@ func simulateListen(network, address string, options ListenOptions) (*os.File, e
 	if err != nil {
 		return nil, err
 	}
-	simulated.Lock()
-	defer simulated.Unlock()
-	f, ok := simulated.files[ep.String()]
+	simSockets.Lock()
+	defer simSockets.Unlock()
+	f, ok := simSockets.files[ep.String()]
 	if !ok {
 		if f, err = bindEndpoint(ep, options); err != nil {
 			return nil, err
 		}
-		simulated.files[ep.String()] = f
+		simSockets.files[ep.String()] = f
+		if !ep.isUnix() && ep.port == 0 {
+			// Later requests may name the port it got.
+			if sa, err := sockname(f); err == nil {
+				bound := ep
+				bound.port = sa
+				simSockets.files[bound.String()] = f
+			}
+		}
 	}
 	return dupFile(f, ep.String())
 }
@@ -36,10 +44,14 @@ func simulateClose(network, address string) error {
 	if err != nil {
 		return err
 	}
-	simulated.Lock()
-	defer simulated.Unlock()
-	if f, ok := simulated.files[ep.String()]; ok {
-		delete(simulated.files, ep.String())
+	simSockets.Lock()
+	defer simSockets.Unlock()
+	if f, ok := simSockets.files[ep.String()]; ok {
+		for k, g := range simSockets.files {
+			if g == f {
+				delete(simSockets.files, k)
+			}
+		}
 		if ep.isUnix() && ep.path[0] == '/' {
 			_ = os.Remove(ep.path)
 		}
@@ -188,4 +200,28 @@ func staleUnixSocket(path string) bool {
 		}
 	}
 	return true
+}
+
+// sockname is the port an inet socket is bound to.
+func sockname(f *os.File) (int, error) {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	port := 0
+	var serr error
+	err = rc.Control(func(fd uintptr) {
+		var sa syscall.Sockaddr
+		sa, serr = syscall.Getsockname(int(fd))
+		switch sa := sa.(type) {
+		case *syscall.SockaddrInet4:
+			port = sa.Port
+		case *syscall.SockaddrInet6:
+			port = sa.Port
+		}
+	})
+	if err == nil {
+		err = serr
+	}
+	return port, err
 }
