@@ -19,6 +19,7 @@
 
 pub mod broker;
 pub mod files;
+pub mod go;
 pub mod http;
 pub mod load;
 pub mod loadgen;

@@ -1,0 +1,115 @@
+//! The Go package of `go/` (module `github.com/ally-rs/ally/go`): its programs built
+//! once per process with `go/offline.sh`, offline, from Debian's Go and libraries,
+//! into `target/<profile>/go/`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use crate::target_dir;
+
+/// What to install for the Go package and its examples.
+pub const APT: &str = "apt install golang-go golang-dbus-dev golang-google-grpc-dev";
+
+/// `go/` of this tree.
+pub fn module_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../go")
+}
+
+/// Why the Go package cannot be built here, or `None` if it can.
+pub fn missing() -> Option<String> {
+    let go = Command::new("go")
+        .arg("version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !go {
+        return Some(format!("`go` is not installed ({APT})"));
+    }
+    let sources = [
+        ("github.com/godbus/dbus", "godbus"),
+        ("google.golang.org/grpc", "grpc-go"),
+    ];
+    sources.iter().find_map(|(path, name)| {
+        let dir = Path::new("/usr/share/gocode/src").join(path);
+        (!dir.is_dir()).then(|| format!("{name}'s sources are not in {} ({APT})", dir.display()))
+    })
+}
+
+/// Builds `package` of the module (`./examples/http`) into `target/<profile>/go/<name>`,
+/// once per process, and returns the binary's path; panics with what to install if
+/// it cannot.
+pub fn build(package: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.get_or_insert_with(HashMap::new).get(package) {
+        return path.clone();
+    }
+    let binary = target_dir().join("go").join(name);
+    let out = Command::new(module_dir().join("offline.sh"))
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(package)
+        .env("GOCACHE", target_dir().join("go-cache"))
+        .output()
+        .unwrap_or_else(|e| panic!("running go/offline.sh: {e} ({APT})"));
+    assert!(
+        out.status.success(),
+        "building {package} of the Go package with go/offline.sh ({APT}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    built
+        .get_or_insert_with(HashMap::new)
+        .insert(package.to_string(), binary.clone());
+    binary
+}
+
+/// The net/http example (`go/examples/http`), served by `ally.Serve`.
+pub fn hello_http() -> PathBuf {
+    build("./examples/http", "hello-http")
+}
+
+/// The gRPC example (`go/examples/grpc`), served by `allygrpc.Serve`.
+pub fn hello_grpc() -> PathBuf {
+    build("./examples/grpc", "hello-grpc")
+}
+
+/// The grpc-go load client of `client/tests/load/grpc_go` (`grpc_go ADDR CLIENTS`:
+/// unary `hello.Greeter/Hello` calls back to back on kept channels until stdin
+/// closes, then `calls=N failed=M`), built once per process in GOPATH mode.
+pub fn grpc_load_client() -> PathBuf {
+    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(path) = built.as_ref() {
+        return path.clone();
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/tests/load/grpc_go");
+    let gopath = tempfile::tempdir().expect("a temporary GOPATH");
+    let package = gopath.path().join("src/grpc_go");
+    std::fs::create_dir_all(&package).expect("creating the Go package directory");
+    std::fs::copy(source.join("main.go"), package.join("main.go")).expect("copying main.go");
+    let binary = target_dir().join("go").join("grpc-load");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&binary)
+        .arg(".")
+        .current_dir(&package)
+        .env(
+            "GOPATH",
+            format!("{}:/usr/share/gocode", gopath.path().display()),
+        )
+        .env("GO111MODULE", "off")
+        .env("GOFLAGS", "")
+        .env("GOCACHE", target_dir().join("go-cache"))
+        .output()
+        .unwrap_or_else(|e| panic!("running go: {e} ({APT})"));
+    assert!(
+        out.status.success(),
+        "building the grpc-go load client ({APT}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    *built = Some(binary.clone());
+    binary
+}
