@@ -6,7 +6,7 @@
 #
 #   go/offline.sh vet ./...
 #   go/offline.sh test ./...
-#   go/offline.sh build -o /tmp/hello ./examples/http
+#   go/offline.sh build -o target/go/hello-http ./examples/http
 #
 # With a module proxy, plain `go test ./...` in go/ works as usual.
 set -eu
@@ -16,6 +16,17 @@ target=${CARGO_TARGET_DIR:-$repo/target}
 gopath=$target/gopath
 mkdir -p "$gopath/src/github.com/ally-rs"
 ln -sfn "$repo" "$gopath/src/github.com/ally-rs/ally"
+# Output paths (-o FILE) are the caller's, relative to where it runs this.
+caller=$(pwd)
+previous=
+for arg do
+    shift
+    if [ "$previous" = -o ]; then
+        case $arg in /*) ;; *) arg=$caller/$arg ;; esac
+    fi
+    set -- "$@" "$arg"
+    previous=$arg
+done
 cd "$gopath/src/github.com/ally-rs/ally/go"
 PWD=$gopath/src/github.com/ally-rs/ally/go
 export PWD

@@ -158,9 +158,10 @@ impl Socket for PrivateStream {
     }
 }
 
-/// What zbus reads: whole messages, each checked first. One the broker cannot read
-/// is answered here (see `super::unreadable`) instead of reaching zbus, which would
-/// end the connection without a word.
+/// What zbus reads: whole messages, each checked first. One the broker cannot read,
+/// and a call that names no interface, is answered here (see `super::unreadable`)
+/// instead of reaching zbus, which would end the connection without a word, or
+/// answer only "Missing interface".
 #[derive(Debug)]
 pub struct Reader {
     stream: Arc<UnixStream>,
@@ -196,16 +197,23 @@ impl Reader {
         let rest = self.incoming.split_off(len);
         let bytes = std::mem::replace(&mut self.incoming, rest);
         let fixed: [u8; FIXED_HEADER] = *bytes.first_chunk().expect("a whole message");
-        match wire::decode(bytes) {
-            Ok(message) => self.checked.extend_from_slice(message.data()),
+        let reply = match wire::decode(bytes) {
+            Ok(message) => match unreadable::missing_interface(&message) {
+                Some(reply) => reply,
+                None => {
+                    self.checked.extend_from_slice(message.data());
+                    return Ok(());
+                }
+            },
             Err(e) => {
                 let reason = e.to_string();
                 self.gate.unreadable("private socket", &self.peer, &reason);
-                if let Some(reply) = unreadable::reply(&fixed, &reason) {
-                    let _writing = self.writing.lock().await;
-                    write_all(&self.stream, reply.data()).await?;
-                }
+                unreadable::reply(&fixed, &reason)
             }
+        };
+        if let Some(reply) = reply {
+            let _writing = self.writing.lock().await;
+            write_all(&self.stream, reply.data()).await?;
         }
         Ok(())
     }

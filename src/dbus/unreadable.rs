@@ -1,6 +1,7 @@
 //! A message the broker cannot read is answered, not dropped in silence: a method
 //! call that expects a reply gets `org.freedesktop.DBus.Error.InvalidArgs` saying
-//! why, its connection stays open, and the log gets one line a second about such
+//! why (or, when it names no interface, `UnknownInterface` saying what to name),
+//! its connection stays open, and the log gets one line a second about such
 //! messages. Only a message too long or with no D-Bus framing ends a connection
 //! (`framing`), because the stream cannot be followed past it.
 
@@ -40,6 +41,26 @@ pub fn reply(fixed: &[u8; FIXED_HEADER], reason: &str) -> Option<Message> {
     error.create_reply(&call.header()).ok()
 }
 
+/// For a method call that names no interface, which the D-Bus specification allows
+/// but zbus answers only with a bare "Missing interface": the error that says what
+/// to name, if the caller wants a reply. `None` for any other message.
+pub fn missing_interface(message: &Message) -> Option<Option<Message>> {
+    let header = message.header();
+    if header.message_type() != MessageType::MethodCall || header.interface().is_some() {
+        return None;
+    }
+    if header.primary().flags().contains(Flags::NO_REPLY_EXPECTED) {
+        return Some(None);
+    }
+    let member = header.member().map_or("", |m| m.as_str());
+    let error = zbus::fdo::Error::UnknownInterface(format!(
+        "the call of {member:?} names no interface: name it, e.g. org.ally.Broker1.{member} \
+         (the broker serves org.ally.Broker1, org.ally.Cache1, org.ally.Atomic1, org.ally.Locker1 \
+         and the org.freedesktop.DBus interfaces Properties, Introspectable and Peer)"
+    ));
+    Some(error.create_reply(&header).ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +91,25 @@ mod tests {
                 "the broker could not read this message: invalid destination"
             );
         }
+    }
+
+    #[test]
+    fn a_call_without_an_interface_is_told_to_name_one() {
+        let call = Message::method_call("/org/ally", "Status")
+            .build(&())
+            .unwrap();
+        let reply = missing_interface(&call).unwrap().unwrap();
+        assert_eq!(
+            reply.header().error_name().unwrap().as_str(),
+            "org.freedesktop.DBus.Error.UnknownInterface"
+        );
+        let text: String = reply.body().deserialize().unwrap();
+        assert!(text.contains("e.g. org.ally.Broker1.Status"), "{text}");
+        let named = Message::method_call("/org/ally", "Status")
+            .interface("org.ally.Broker1")
+            .build(&())
+            .unwrap();
+        assert!(missing_interface(&named).is_none());
     }
 
     #[test]

@@ -9,7 +9,7 @@
 // health service says SERVING once ready and NOT_SERVING from the stop on. Build and
 // run it under a broker:
 //
-//	go/offline.sh build -o "$PWD/target/go/hello-grpc" ./examples/grpc
+//	go/offline.sh build -o target/go/hello-grpc ./examples/grpc
 //	target/debug/ally run hello-grpc -- target/go/hello-grpc --listen 127.0.0.1:50051
 package main
 
@@ -49,11 +49,14 @@ func main() {
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(s, hs)
 
+	// Watch the stop before saying ready: from then on the stop signal drains
+	// instead of ending the process.
+	stopping := ally.Stopping()
 	if err := ally.Ready(); err != nil {
 		log.Fatal(err)
 	}
 	go func() {
-		<-ally.Stopping()
+		<-stopping
 		log.Printf("stopping pid=%d", pid)
 		// Tells health-checking balancers to go elsewhere; calls that still come
 		// are served until the drain ends.

@@ -11,7 +11,7 @@
 // so loses a request a client sends on one at that moment. Build and run it under
 // a broker:
 //
-//	go/offline.sh build -o "$PWD/target/go/hello-http" ./examples/http
+//	go/offline.sh build -o target/go/hello-http ./examples/http
 //	target/debug/ally run hello-go -- target/go/hello-http --listen 127.0.0.1:8080
 //	ally reload hello-go
 package main
@@ -60,12 +60,15 @@ func main() {
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 
 	time.Sleep(*readyDelay)
+	// Watch the stop before saying ready: from then on the stop signal drains
+	// instead of ending the process.
+	stopping := ally.Stopping()
 	if err := ally.Ready(); err != nil {
 		log.Fatal(err)
 	}
 	if *plainShutdown {
 		go srv.Serve(ln)
-		<-ally.Stopping()
+		<-stopping
 		if err := srv.Shutdown(context.Background()); err != nil {
 			log.Fatal(err)
 		}
