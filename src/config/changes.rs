@@ -70,6 +70,9 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("ready", old.ready != new.ready);
     key("watchdog", old.watchdog != new.watchdog);
     key("listen", old.listen != new.listen);
+    key("check", old.check != new.check);
+    key("check_timeout", old.check_timeout != new.check_timeout);
+    key("watch", old.watch != new.watch);
     if old.limits != new.limits || old.connections != new.connections {
         changes.on_restart.push("limits");
     }

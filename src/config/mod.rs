@@ -94,6 +94,9 @@ pub const DEFAULT_MAX_DRAINING: usize = 4;
 /// How long an app's HTTP drain lets an idle keep-alive connection stay idle after
 /// the stop before closing it (passed as `ALLY_DRAIN_IDLE`, in milliseconds).
 pub const DEFAULT_DRAIN_IDLE: Duration = Duration::from_secs(1);
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+/// More watched paths than this is a mistake, and each costs inotify watches.
+pub const MAX_WATCH_PATHS: usize = 64;
 pub const DEFAULT_LISTENER_LINGER: Duration = Duration::from_secs(10);
 /// Off: a supervisor must not spin on the host it protects unless asked to
 /// (docs/state.md has what polling buys and costs).
@@ -158,6 +161,23 @@ pub struct Config {
     /// With `ready = "notify"`: an instance that sends no `WATCHDOG=1` for this
     /// long is killed and, if it was the serving one, restarted per `restart`.
     pub watchdog: Option<Duration>,
+    /// Run before every reload, as the instances run; a failure refuses the reload.
+    pub check: Option<Vec<String>>,
+    /// How long `check` may run before it is killed and the reload refused.
+    pub check_timeout: Duration,
+    /// What is watched for a new release, which then reloads the app.
+    pub watch: Watch,
+}
+
+/// `watch`: which executables, when they change, reload the app.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub enum Watch {
+    #[default]
+    Off,
+    /// The command's program, looked up as a spawn looks it up.
+    Command,
+    /// These absolute paths.
+    Paths(Vec<PathBuf>),
 }
 
 /// `sockets`: how an instance gets the `[[listen]]` sockets.
@@ -449,6 +469,9 @@ impl Config {
             sockets: Sockets::default(),
             ready: Readiness::default(),
             watchdog: None,
+            check: None,
+            check_timeout: DEFAULT_CHECK_TIMEOUT,
+            watch: Watch::Off,
         }
     }
 

@@ -56,6 +56,9 @@ pub struct RawConfig {
     pub ready_delay: Option<Spanned<DurationText>>,
     pub ready_probe: Option<Spanned<Command>>,
     pub watchdog: Option<Spanned<DurationText>>,
+    pub check: Option<Spanned<Command>>,
+    pub check_timeout: Option<Spanned<DurationText>>,
+    pub watch: Option<Spanned<WatchValue>>,
 }
 
 /// A `[[listen]]` entry.
@@ -273,6 +276,74 @@ impl<'de> Deserialize<'de> for Bool {
             Value::Boolean(b) => Ok(Bool(b)),
             other => Err(expected_found("true or false", &other)),
         })
+    }
+}
+
+/// `watch`: `true`, `false`, or an array of paths.
+#[derive(Debug)]
+pub enum WatchValue {
+    Switch(bool),
+    Paths(Vec<Spanned<Text<AString>>>),
+}
+
+pub const WATCH_EXPECTED: &str =
+    r#"true, false or an array of paths, e.g. watch = ["/srv/web/current/bin/web"]"#;
+
+impl<'de> Deserialize<'de> for WatchValue {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(WatchVisitor)
+    }
+}
+
+struct WatchVisitor;
+
+impl<'de> Visitor<'de> for WatchVisitor {
+    type Value = WatchValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(WATCH_EXPECTED)
+    }
+
+    fn visit_bool<Er: de::Error>(self, v: bool) -> Result<WatchValue, Er> {
+        Ok(WatchValue::Switch(v))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<WatchValue, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(WatchValue::Paths(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, _: A) -> Result<WatchValue, A::Error> {
+        Err(de::Error::custom(format!(
+            "expected {WATCH_EXPECTED}, found table"
+        )))
+    }
+
+    fn visit_i64<Er: de::Error>(self, v: i64) -> Result<WatchValue, Er> {
+        Err(Er::custom(expected_found(
+            WATCH_EXPECTED,
+            &Value::Integer(v),
+        )))
+    }
+
+    fn visit_u64<Er: de::Error>(self, v: u64) -> Result<WatchValue, Er> {
+        Err(Er::custom(format!(
+            "expected {WATCH_EXPECTED}, found integer {v}"
+        )))
+    }
+
+    fn visit_f64<Er: de::Error>(self, v: f64) -> Result<WatchValue, Er> {
+        Err(Er::custom(expected_found(WATCH_EXPECTED, &Value::Float(v))))
+    }
+
+    fn visit_str<Er: de::Error>(self, v: &str) -> Result<WatchValue, Er> {
+        Err(Er::custom(expected_found(
+            WATCH_EXPECTED,
+            &Value::String(v.to_string()),
+        )))
     }
 }
 

@@ -17,7 +17,7 @@ use super::raw::{
 };
 use super::{
     Config, ConnectionLimits, Limits, ListenEntry, Located, MAX_DURATION, MAX_STATE_BUSY_POLL,
-    Principal, Readiness, Sockets, largest_call,
+    MAX_WATCH_PATHS, Principal, Readiness, Sockets, Watch, largest_call,
 };
 use crate::listen_policy::Allowed;
 
@@ -164,6 +164,15 @@ impl Cx<'_> {
             config.drain_idle = d;
         }
         self.activation(&raw_activation, &mut config)?;
+        if let Some(v) = raw.check {
+            config.check = Some(self.command_at("check", &v)?);
+        }
+        if let Some(v) = raw.check_timeout {
+            config.check_timeout = self.duration("check_timeout", &v, false)?;
+        }
+        if let Some(v) = raw.watch {
+            config.watch = self.watch(&v)?;
+        }
         Ok(config)
     }
 
@@ -283,6 +292,51 @@ impl Cx<'_> {
                 Ok(s.clone())
             })
             .collect()
+    }
+
+    fn watch(&self, value: &Spanned<raw::WatchValue>) -> Result<Watch, ConfigError> {
+        let items = match value.get_ref() {
+            raw::WatchValue::Switch(false) => return Ok(Watch::Off),
+            raw::WatchValue::Switch(true) => return Ok(Watch::Command),
+            raw::WatchValue::Paths(items) => items,
+        };
+        if items.is_empty() {
+            return Err(self.invalid(
+                "watch",
+                value,
+                format!("is empty: expected {}", raw::WATCH_EXPECTED),
+            ));
+        }
+        if items.len() > MAX_WATCH_PATHS {
+            return Err(self.invalid(
+                "watch",
+                value,
+                format!(
+                    "has {} paths: expected at most {MAX_WATCH_PATHS}",
+                    items.len()
+                ),
+            ));
+        }
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let key = format!("watch[{i}]");
+                let s = &item.get_ref().0;
+                if s.contains('\0') {
+                    return Err(self.invalid(&key, item, "must not contain a NUL character"));
+                }
+                if !Path::new(s).is_absolute() {
+                    return Err(self.invalid(
+                        &key,
+                        item,
+                        format!("{s:?} is not absolute: expected an absolute path"),
+                    ));
+                }
+                Ok(PathBuf::from(s))
+            })
+            .collect::<Result<_, _>>()
+            .map(Watch::Paths)
     }
 
     fn working_directory(

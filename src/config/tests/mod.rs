@@ -9,6 +9,7 @@ mod errors;
 mod limits;
 mod listen;
 mod process;
+mod release;
 
 const ORIGIN: &str = "/etc/ally/web.toml";
 
