@@ -40,7 +40,7 @@ pub struct Handed {
 
 /// The variables that describe the broker to systemd, never the app: an
 /// instance gets its own or none.
-const SYSTEMD_VARIABLES: [&str; 6] = [
+pub const SYSTEMD_VARIABLES: [&str; 6] = [
     "NOTIFY_SOCKET",
     "LISTEN_FDS",
     "LISTEN_PID",

@@ -80,7 +80,7 @@ impl Broker {
             }
             // A reload reads the config again; its generation starts with it.
             let prepared = match launch {
-                Launch::Reload => self.reconfigure().await,
+                Launch::Reload => self.reconfigure_and_check().await,
                 Launch::Start | Launch::Restart => Ok(Prepared::current(self.settings())),
             };
             let (launched, prepared) = match prepared {
@@ -149,6 +149,19 @@ impl Broker {
                     );
                     self.exit.send_replace(Some((code, None)));
                 }
+            }
+        }
+    }
+
+    /// A reload's settings, once its `check` passed with them; else nothing
+    /// of them is kept.
+    async fn reconfigure_and_check(self: &Arc<Self>) -> Result<Prepared, String> {
+        let prepared = self.reconfigure().await?;
+        match super::check::run(&prepared.settings).await {
+            Ok(()) => Ok(prepared),
+            Err(message) => {
+                self.abandon(prepared);
+                Err(message)
             }
         }
     }

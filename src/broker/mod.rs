@@ -11,6 +11,7 @@
 //! await. The calls instances make often never take it: the shared state has its
 //! own lock (`crate::state`), and who is an instance is the `roster`'s.
 
+mod check;
 mod coordinator;
 mod instances;
 pub mod plan;
