@@ -166,6 +166,12 @@ pub fn render(status: &Status) -> String {
             revision(status.config_revision, &status.config_digest)
         ));
     }
+    if !status.watch.is_empty() {
+        line(format!("         watch: {}", status.watch.join(", ")));
+    }
+    if !status.watch_last.is_empty() {
+        line(format!("    last watch: {}", status.watch_last));
+    }
     if status.restart_attempt > 0 {
         line(format!(
             "       restart: attempt {}, {}",

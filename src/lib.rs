@@ -17,6 +17,7 @@ pub mod listeners;
 pub mod notify;
 pub mod priority;
 pub mod process;
+pub mod release_watch;
 pub mod run;
 pub mod runtime_dir;
 pub mod state;

@@ -173,6 +173,13 @@ pub struct Status {
     /// What instances said on their notification sockets, for those that did.
     #[serde(default)]
     pub instance_reports: Vec<InstanceReport>,
+    /// With `watch`: each watched path, with " -> " and where it ends if that
+    /// is elsewhere; empty when nothing is watched.
+    #[serde(default)]
+    pub watch: Vec<String>,
+    /// The last change the watch reloaded for, and what came of it.
+    #[serde(default)]
+    pub watch_last: String,
 }
 
 impl Status {
@@ -197,6 +204,8 @@ impl Status {
                 "config_digest" => status.config_digest = field(&key, value)?,
                 "instance_configs" => status.instance_configs = field(&key, value)?,
                 "instance_reports" => status.instance_reports = field(&key, value)?,
+                "watch" => status.watch = field(&key, value)?,
+                "watch_last" => status.watch_last = field(&key, value)?,
                 _ => {}
             }
         }

@@ -16,6 +16,7 @@ mod coordinator;
 mod instances;
 pub mod plan;
 mod reconfigure;
+mod release;
 mod roster;
 mod sockets;
 mod unmodified;
@@ -39,6 +40,7 @@ use crate::process::Process;
 use crate::state::State;
 use crate::systemd;
 
+pub use release::Shown as WatchShown;
 pub use roster::Snapshot;
 pub use unmodified::Reported;
 
@@ -108,6 +110,8 @@ pub struct Status {
     pub pending_restart: Option<PendingRestart>,
     /// What instances said on their notification sockets, for those that did.
     pub reported: Vec<(InstanceId, Reported)>,
+    /// `watch`: the watched paths and the last change acted on.
+    pub watch: release::Shown,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -206,6 +210,8 @@ pub struct Broker {
     coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Cache, counters and locks shared by the instances; outlives every one of them.
     state: State,
+    /// `watch`: reloads on a new release.
+    release_watch: release::ReleaseWatch,
 }
 
 impl Broker {
@@ -259,6 +265,7 @@ impl Broker {
             exit: watch::channel(None).0,
             coordinator_rx: Mutex::new(None),
             state,
+            release_watch: release::ReleaseWatch::new(),
         });
         broker.adopt(systemd::inherited());
         let settings = broker.settings();
@@ -320,6 +327,7 @@ impl Broker {
             .expect("run once");
         tokio::spawn(self.clone().coordinate(rx));
         tokio::spawn(self.clone().sweep_listeners());
+        tokio::spawn(self.clone().watch_releases());
         systemd::spawn_watchdog();
         let broker = self.clone();
         tokio::spawn(async move { broker.state.sweep().await });
@@ -400,6 +408,7 @@ impl Broker {
                         .then(|| (i.id, tracked.reported.clone()))
                 })
                 .collect(),
+            watch: self.release_watch.shown(),
         }
     }
 

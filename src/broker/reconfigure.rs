@@ -177,6 +177,7 @@ impl Broker {
             );
         }
         *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = settings;
+        self.release_watch.settings_changed();
     }
 
     /// The reload failed: the broker keeps its settings, and lets go of the

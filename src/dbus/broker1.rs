@@ -636,5 +636,10 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
             "instance_reports".to_string(),
             owned(Variant::new(instance_reports(status)))?,
         ),
+        (
+            "watch".to_string(),
+            owned(Variant::new(status.watch.paths.clone()))?,
+        ),
+        ("watch_last".to_string(), owned(status.watch.last.as_str())?),
     ]))
 }
