@@ -77,13 +77,15 @@ impl Releases {
 }
 
 /// Keeps checking for `SETTLE` that the broker still runs `generation` after
-/// `reloads` reloads.
+/// `reloads` reloads, and that the watch tried none (not even a failing one).
 fn assert_no_reload(broker: &TestBroker, generation: u64, reloads: u64, why: &str) {
+    let tried = reloads_logged(broker);
     let until = std::time::Instant::now() + SETTLE;
     while std::time::Instant::now() < until {
         let status = broker.status();
         assert_eq!(status["generation"], generation, "{why}: {status}");
         assert_eq!(status["reloads"], reloads, "{why}: {status}");
+        assert_eq!(reloads_logged(broker), tried, "{why}: {}", broker.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
 }
