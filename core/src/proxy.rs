@@ -173,6 +173,10 @@ pub struct Status {
     /// What instances said on their notification sockets, for those that did.
     #[serde(default)]
     pub instance_reports: Vec<InstanceReport>,
+    /// Lines of the instances' stdout and stderr lost since the broker started
+    /// (journald too slow or stopped, the broker's queue full).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 impl Status {
@@ -197,6 +201,7 @@ impl Status {
                 "config_digest" => status.config_digest = field(&key, value)?,
                 "instance_configs" => status.instance_configs = field(&key, value)?,
                 "instance_reports" => status.instance_reports = field(&key, value)?,
+                "log_lines_dropped" => status.log_lines_dropped = field(&key, value)?,
                 _ => {}
             }
         }

@@ -27,6 +27,7 @@ use std::time::{Instant, SystemTime};
 use ally_core::net::{ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::app_logs::AppLogs;
 use crate::config::revision::Revision;
 use crate::config::{Config, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
@@ -107,6 +108,8 @@ pub struct Status {
     pub pending_restart: Option<PendingRestart>,
     /// What instances said on their notification sockets, for those that did.
     pub reported: Vec<(InstanceId, Reported)>,
+    /// Lines of the instances' output lost since the broker started.
+    pub log_lines_dropped: u64,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -205,6 +208,8 @@ pub struct Broker {
     coordinator_rx: Mutex<Option<mpsc::UnboundedReceiver<Request>>>,
     /// Cache, counters and locks shared by the instances; outlives every one of them.
     state: State,
+    /// The instances' stdout and stderr, with `stdout`/`stderr = "journal"`.
+    logs: AppLogs,
 }
 
 impl Broker {
@@ -229,7 +234,11 @@ impl Broker {
             state_address,
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
         };
+        let logs = AppLogs::start(AppLogs::journal_path(), crate::app_logs::QUEUE_BYTES)
+            .map_err(|e| Error::io("cannot start the thread that writes the app's output", e))?;
         let state = State::new(&config.limits);
         let revision = Revision::first(source.text.as_deref());
         let settings = Settings::new(config, launch, revision)?;
@@ -258,6 +267,7 @@ impl Broker {
             exit: watch::channel(None).0,
             coordinator_rx: Mutex::new(None),
             state,
+            logs,
         });
         broker.adopt(systemd::inherited());
         let settings = broker.settings();
@@ -293,6 +303,12 @@ impl Broker {
 
     pub fn app(&self) -> &str {
         &self.app
+    }
+
+    /// Lines of the instances' output lost since the broker started (see
+    /// [`crate::app_logs`]).
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.logs.dropped()
     }
 
     pub fn state(&self) -> &State {
@@ -399,6 +415,7 @@ impl Broker {
                         .then(|| (i.id, tracked.reported.clone()))
                 })
                 .collect(),
+            log_lines_dropped: self.logs.dropped(),
         }
     }
 
@@ -499,6 +516,8 @@ impl Settings {
             environment: config.environment.clone(),
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
             ..launch
         };
         Ok(Settings {

@@ -56,6 +56,8 @@ pub struct RawConfig {
     pub ready_delay: Option<Spanned<DurationText>>,
     pub ready_probe: Option<Spanned<Command>>,
     pub watchdog: Option<Spanned<DurationText>>,
+    pub stdout: Option<Spanned<Text<OutputName>>>,
+    pub stderr: Option<Spanned<Text<OutputName>>>,
 }
 
 /// A `[[listen]]` entry.
@@ -112,6 +114,7 @@ expected! {
     SignalName => r#"a signal name like "SIGTERM", "TERM" or "SIGUSR2""#;
     RestartName => r#""on-failure", "always" or "never""#;
     PriorityName => r#""normal" or "idle""#;
+    OutputName => r#""journal" or "inherit""#;
     SocketsName => r#""dbus" or "listen-fds""#;
     ReadyName => r#""dbus", "notify", "delay" or "probe""#;
     FdName => r#"a name for LISTEN_FDNAMES like "http""#;
