@@ -349,6 +349,7 @@ fn a_journal_that_reads_nothing_never_blocks_the_app_and_every_lost_line_is_coun
     eprintln!("received {received}, dropped {dropped}");
     assert_eq!(BURST - received, dropped);
     let table = stdout_of(&broker.ally(&["status", "logs"]));
+    eprintln!("$ ally status logs\n{table}");
     assert!(
         table.contains(&format!("output lines: {dropped} dropped")),
         "{table}"

@@ -773,17 +773,14 @@ fn journal_by_generation_under_systemd() {
     for generation in 1..=3 {
         let expected =
             format!("hello from generation {generation}\ntrouble in generation {generation}\n");
-        let mut lines = String::new();
         wait_until(
             &format!("generation {generation}'s lines in the journal"),
             Duration::from_secs(10),
-            || {
-                lines = query(generation, "cat");
-                lines.lines().count() >= 2
-            },
+            || query(generation, "cat").lines().count() >= 2,
         );
         std::thread::sleep(Duration::from_millis(300));
-        let mut sorted: Vec<&str> = query(generation, "cat").lines().collect::<Vec<_>>();
+        let lines = query(generation, "cat");
+        let mut sorted: Vec<&str> = lines.lines().collect();
         sorted.sort();
         assert_eq!(
             sorted.join("\n") + "\n",
