@@ -172,6 +172,12 @@ pub fn render(status: &Status) -> String {
     if !status.watch_last.is_empty() {
         line(format!("    last watch: {}", status.watch_last));
     }
+    if status.log_lines_dropped > 0 {
+        line(format!(
+            "  output lines: {} dropped (journald too slow or stopped)",
+            status.log_lines_dropped
+        ));
+    }
     if status.restart_attempt > 0 {
         line(format!(
             "       restart: attempt {}, {}",

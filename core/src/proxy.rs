@@ -180,6 +180,10 @@ pub struct Status {
     /// The last change the watch reloaded for, and what came of it.
     #[serde(default)]
     pub watch_last: String,
+    /// Lines of the instances' stdout and stderr lost since the broker started
+    /// (journald too slow or stopped, the broker's queue full).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 impl Status {
@@ -206,6 +210,7 @@ impl Status {
                 "instance_reports" => status.instance_reports = field(&key, value)?,
                 "watch" => status.watch = field(&key, value)?,
                 "watch_last" => status.watch_last = field(&key, value)?,
+                "log_lines_dropped" => status.log_lines_dropped = field(&key, value)?,
                 _ => {}
             }
         }

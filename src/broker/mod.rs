@@ -29,6 +29,7 @@ use std::time::{Instant, SystemTime};
 use ally_core::net::{ListenAddr, ListenOptions};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::app_logs::AppLogs;
 use crate::config::revision::Revision;
 use crate::config::{Config, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
@@ -112,6 +113,8 @@ pub struct Status {
     pub reported: Vec<(InstanceId, Reported)>,
     /// `watch`: the watched paths and the last change acted on.
     pub watch: release::Shown,
+    /// Lines of the instances' output lost since the broker started.
+    pub log_lines_dropped: u64,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -212,6 +215,8 @@ pub struct Broker {
     state: State,
     /// `watch`: reloads on a new release.
     release_watch: release::ReleaseWatch,
+    /// The instances' stdout and stderr, with `stdout`/`stderr = "journal"`.
+    logs: AppLogs,
 }
 
 impl Broker {
@@ -236,7 +241,11 @@ impl Broker {
             state_address,
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
         };
+        let logs = AppLogs::start(AppLogs::journal_path(), crate::app_logs::QUEUE_BYTES)
+            .map_err(|e| Error::io("cannot start the thread that writes the app's output", e))?;
         let state = State::new(&config.limits);
         let revision = Revision::first(source.text.as_deref());
         let settings = Settings::new(config, launch, revision)?;
@@ -266,6 +275,7 @@ impl Broker {
             coordinator_rx: Mutex::new(None),
             state,
             release_watch: release::ReleaseWatch::new(),
+            logs,
         });
         broker.adopt(systemd::inherited());
         let settings = broker.settings();
@@ -301,6 +311,12 @@ impl Broker {
 
     pub fn app(&self) -> &str {
         &self.app
+    }
+
+    /// Lines of the instances' output lost since the broker started (see
+    /// [`crate::app_logs`]).
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.logs.dropped()
     }
 
     pub fn state(&self) -> &State {
@@ -409,6 +425,7 @@ impl Broker {
                 })
                 .collect(),
             watch: self.release_watch.shown(),
+            log_lines_dropped: self.logs.dropped(),
         }
     }
 
@@ -509,6 +526,8 @@ impl Settings {
             environment: config.environment.clone(),
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
             ..launch
         };
         Ok(Settings {

@@ -69,6 +69,8 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("sockets", old.sockets != new.sockets);
     key("ready", old.ready != new.ready);
     key("watchdog", old.watchdog != new.watchdog);
+    key("stdout", old.stdout != new.stdout);
+    key("stderr", old.stderr != new.stderr);
     key("listen", old.listen != new.listen);
     key("check", old.check != new.check);
     key("check_timeout", old.check_timeout != new.check_timeout);

@@ -161,6 +161,10 @@ pub struct Config {
     /// With `ready = "notify"`: an instance that sends no `WATCHDOG=1` for this
     /// long is killed and, if it was the serving one, restarted per `restart`.
     pub watchdog: Option<Duration>,
+    /// Where the instances' stdout goes.
+    pub stdout: Output,
+    /// Where the instances' stderr goes.
+    pub stderr: Output,
     /// Run before every reload, as the instances run; a failure refuses the reload.
     pub check: Option<Vec<String>>,
     /// How long `check` may run before it is killed and the reload refused.
@@ -442,6 +446,43 @@ impl FromStr for StartPriority {
     }
 }
 
+/// Where an instance's stdout or stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Output {
+    /// Line by line to journald, with the instance's generation (see
+    /// [`crate::app_logs`]); to the broker's stderr without journald.
+    #[default]
+    Journal,
+    /// The broker's own stdout or stderr, as the instance's.
+    Inherit,
+}
+
+impl Output {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Output::Journal => "journal",
+            Output::Inherit => "inherit",
+        }
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Output {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Output::Journal, Output::Inherit]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| format!(r#"invalid output {s:?}: expected "journal" or "inherit""#))
+    }
+}
+
 impl Config {
     /// The embedded defaults, for `ally run <app> -- COMMAND...` without a config file.
     pub fn defaults(command: Vec<String>) -> Config {
@@ -472,6 +513,8 @@ impl Config {
             check: None,
             check_timeout: DEFAULT_CHECK_TIMEOUT,
             watch: Watch::Off,
+            stdout: Output::default(),
+            stderr: Output::default(),
         }
     }
 

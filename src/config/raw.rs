@@ -59,6 +59,8 @@ pub struct RawConfig {
     pub check: Option<Spanned<Command>>,
     pub check_timeout: Option<Spanned<DurationText>>,
     pub watch: Option<Spanned<WatchValue>>,
+    pub stdout: Option<Spanned<Text<OutputName>>>,
+    pub stderr: Option<Spanned<Text<OutputName>>>,
 }
 
 /// A `[[listen]]` entry.
@@ -115,6 +117,7 @@ expected! {
     SignalName => r#"a signal name like "SIGTERM", "TERM" or "SIGUSR2""#;
     RestartName => r#""on-failure", "always" or "never""#;
     PriorityName => r#""normal" or "idle""#;
+    OutputName => r#""journal" or "inherit""#;
     SocketsName => r#""dbus" or "listen-fds""#;
     ReadyName => r#""dbus", "notify", "delay" or "probe""#;
     FdName => r#"a name for LISTEN_FDNAMES like "http""#;
