@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/godbus/dbus/v5"
 )
 
 // testReport runs in the suite: in simulate mode the values are kept; under a broker
@@ -51,12 +53,15 @@ func brokerReport(t *testing.T) map[string]interface{} {
 	t.Helper()
 	c, err := self().call(context.Background(), "Status")
 	must(t, err)
-	var status map[string]interface{}
+	var status map[string]dbus.Variant
 	must(t, c.Store(&status))
 	got := map[string]interface{}{}
-	all, _ := status["instance_app_reports"].(map[uint64]map[string]interface{})
+	all, ok := status["instance_app_reports"].Value().(map[uint64]map[string]dbus.Variant)
+	if !ok {
+		t.Fatalf("instance_app_reports is %s", status["instance_app_reports"].Signature())
+	}
 	for key, value := range all[ID()] {
-		got[key] = value
+		got[key] = value.Value()
 	}
 	return got
 }
