@@ -79,6 +79,18 @@ fn a_draining_generation_s_tasks_count_down_in_status() {
     );
     assert!(row.contains("1.0.0 (0123456789ab)"), "{row}");
     assert!(row.contains("requests take 2000 ms"), "{row}");
+    // An admin's client (root, not an instance) may not report.
+    let admin = ally_client::blocking::Ally::connect(&broker.address()).unwrap();
+    let err = admin
+        .report(ally_client::Report::new().version("2"))
+        .unwrap_err();
+    assert_eq!(err.kind(), ally_client::ErrorKind::AccessDenied, "{err}");
+    assert!(
+        err.to_string()
+            .contains("Report is for instances of drainer: the caller is an admin"),
+        "{err}"
+    );
+    assert_eq!(admin.reported(), ally_client::Report::new(), "nothing kept");
 
     // Three requests that end 1.5 s apart.
     let requests: Vec<TcpStream> = [1500, 3000, 4500]
