@@ -125,6 +125,28 @@ impl Ally {
         self.runtime.block_on(self.inner.ready())
     }
 
+    /// See [`crate::Ally::report`].
+    pub fn report(&self, report: crate::Report) -> Result<()> {
+        self.runtime.block_on(self.inner.report(report))
+    }
+
+    pub fn reported(&self) -> crate::Report {
+        self.inner.reported()
+    }
+
+    /// See [`crate::Ally::task`]: counts are sent by this client's runtime.
+    pub fn task(&self) -> crate::Task {
+        self.inner.task()
+    }
+
+    pub fn set_tasks(&self, tasks: u32) {
+        self.inner.set_tasks(tasks)
+    }
+
+    pub fn tasks(&self) -> u32 {
+        self.inner.tasks()
+    }
+
     pub fn reload(&self) -> Result<u64> {
         self.runtime.block_on(self.inner.reload())
     }

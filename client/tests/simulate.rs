@@ -363,3 +363,35 @@ fn blocking_client_hands_out_std_types() {
     assert!(ally.is_stopping());
     ally.wait_stopped();
 }
+
+#[tokio::test]
+async fn reports_and_task_counts_are_kept_without_a_broker() {
+    let ally = simulate().await;
+    ally.report(ally_client::Report::new().version("1.4.2").commit("abc"))
+        .await
+        .unwrap();
+    ally.report(ally_client::Report::new().description("warm"))
+        .await
+        .unwrap();
+    let first = ally.task();
+    let second = ally.clone().task();
+    assert_eq!(ally.tasks(), 2);
+    drop(first);
+    assert_eq!(ally.tasks(), 1);
+    let reported = ally.reported();
+    assert_eq!(reported.version.as_deref(), Some("1.4.2"));
+    assert_eq!(reported.commit.as_deref(), Some("abc"));
+    assert_eq!(reported.description.as_deref(), Some("warm"));
+    assert_eq!(reported.tasks, Some(1));
+    drop(second);
+    ally.set_tasks(7);
+    assert_eq!(ally.reported().tasks, Some(7));
+
+    let err = ally
+        .report(ally_client::Report::new().version("v".repeat(257)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::LimitExceeded, "{err}");
+    assert!(err.to_string().contains("at most 256 bytes"), "{err}");
+    assert_eq!(ally.reported().version.as_deref(), Some("1.4.2"));
+}

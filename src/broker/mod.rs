@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use ally_core::net::{ListenAddr, ListenOptions};
+use ally_core::report::AppReport;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::app_logs::AppLogs;
@@ -82,6 +83,12 @@ pub enum Event {
         id: InstanceId,
         state: InstanceState,
     },
+    /// An instance's `Report` changed what it reports; `report` is all of it.
+    InstanceReported {
+        id: InstanceId,
+        generation: Generation,
+        report: AppReport,
+    },
 }
 
 /// A crash restart waiting for its back-off.
@@ -115,6 +122,8 @@ pub struct Status {
     pub watch: release::Shown,
     /// Lines of the instances' output lost since the broker started.
     pub log_lines_dropped: u64,
+    /// What instances said with `Report`, for those that did.
+    pub app_reports: Vec<(InstanceId, AppReport)>,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -132,6 +141,8 @@ struct Tracked {
     settings: Arc<Settings>,
     /// What it said on its notification socket.
     reported: Reported,
+    /// What it said with `Report`.
+    app_report: AppReport,
     /// Until when `EXTEND_TIMEOUT_USEC=` let its start run.
     extended: watch::Sender<Option<tokio::time::Instant>>,
     /// Its watchdog, with `watchdog` configured.
@@ -426,7 +437,46 @@ impl Broker {
                 .collect(),
             watch: self.release_watch.shown(),
             log_lines_dropped: self.logs.dropped(),
+            app_reports: app_reports(&shared)
+                .map(|(id, _, report)| (id, report.clone()))
+                .collect(),
         }
+    }
+
+    /// What each instance not yet reaped reported with `Report`, for those
+    /// that did, in the instance table's order: `(id, generation, report)`.
+    pub fn instance_app_reports(&self) -> Vec<(InstanceId, Generation, AppReport)> {
+        app_reports(&self.lock())
+            .map(|(id, generation, report)| (id, generation, report.clone()))
+            .collect()
+    }
+
+    /// Replaces the keys `update` names in what `instance` reports, and tells
+    /// every subscriber when that changed anything.
+    pub fn report(&self, instance: InstanceId, update: AppReport) -> Result<(), Error> {
+        let mut shared = self.lock();
+        let generation = shared
+            .table
+            .get(instance)
+            .map(|i| i.generation)
+            .ok_or_else(|| Error::invalid_argument(format!("instance {instance} has exited")))?;
+        let Some(tracked) = shared.tracked.get_mut(&instance) else {
+            return Err(Error::invalid_argument(format!(
+                "instance {instance} has exited"
+            )));
+        };
+        if !tracked.app_report.merge(update) {
+            return Ok(());
+        }
+        let report = tracked.app_report.clone();
+        // Sent under the lock, so subscribers see changes in the order they were made.
+        self.emit(Event::InstanceReported {
+            id: instance,
+            generation,
+            report,
+        });
+        drop(shared);
+        Ok(())
     }
 
     /// Instance ids by main pid, for telling callers apart.
@@ -537,6 +587,14 @@ impl Settings {
             revision,
         })
     }
+}
+
+/// What each instance not yet reaped reported, for those that did.
+fn app_reports(shared: &Shared) -> impl Iterator<Item = (InstanceId, Generation, &AppReport)> {
+    shared.table.iter().filter_map(|i| {
+        let report = &shared.tracked.get(&i.id)?.app_report;
+        (!report.is_empty()).then_some((i.id, i.generation, report))
+    })
 }
 
 fn signal_stream(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {
