@@ -40,8 +40,8 @@ fn main() {
         return;
     }
     let goserver = go::build_goserver();
-    let ally = std::env::var_os("ALLY_BENCH_ALLY")
-        .map_or_else(ally_testkit::build_ally, PathBuf::from);
+    let ally =
+        std::env::var_os("ALLY_BENCH_ALLY").map_or_else(ally_testkit::build_ally, PathBuf::from);
     let only = std::env::var("ALLY_BENCH_ONLY").unwrap_or_default();
     if only.is_empty() || only == "upgrades" {
         upgrades(&ally, &goserver, quick);
@@ -81,7 +81,10 @@ fn upgrades(ally: &Path, goserver: &Path, quick: bool) {
         if let Load::Tool(tool) = load
             && !tool.is_installed()
         {
-            eprintln!("go: skipping {load}: `{}` is not installed (apt install apache2-utils)", tool.program());
+            eprintln!(
+                "go: skipping {load}: `{}` is not installed (apt install apache2-utils)",
+                tool.program()
+            );
             continue;
         }
         for mechanism in Mechanism::ALL {
@@ -91,9 +94,12 @@ fn upgrades(ally: &Path, goserver: &Path, quick: bool) {
                 "  {} requests, {} failed{}{}",
                 row.requests,
                 row.failed,
-                row.retried.map_or(String::new(), |n| format!(", {n} retried")),
-                row.gave_up_after
-                    .map_or(String::new(), |n| format!(", {} gave up by upgrade {n}", Tool::Ab)),
+                row.retried
+                    .map_or(String::new(), |n| format!(", {n} retried")),
+                row.gave_up_after.map_or(String::new(), |n| format!(
+                    ", {} gave up by upgrade {n}",
+                    Tool::Ab
+                )),
             );
             rows.push(row);
         }
@@ -119,7 +125,10 @@ impl GoCaller {
         let mut child = Command::new(goserver)
             .arg("state")
             .env("ALLY_ADDRESS", broker.address())
-            .env("ALLY_STATE_ADDRESS", format!("unix:path={}", state.display()))
+            .env(
+                "ALLY_STATE_ADDRESS",
+                format!("unix:path={}", state.display()),
+            )
             .env("ALLY_APP", app)
             .env_remove("ALLY_INSTANCE")
             .stdin(Stdio::piped())
@@ -234,7 +243,9 @@ fn state_calls(ally: &Path, goserver: &Path, quick: bool) {
         "One sequential caller against the same broker: {runs} slices of {secs} s each, Go and Rust alternately; medians"
     );
     println!();
-    println!("| call | Go package (godbus, state socket) ops/s | Rust blocking client ops/s | Go / Rust |");
+    println!(
+        "| call | Go package (godbus, state socket) ops/s | Rust blocking client ops/s | Go / Rust |"
+    );
     println!("| --- | ---: | ---: | ---: |");
     for op in [Op::Add, Op::Get, Op::Set] {
         // Warm both up.

@@ -98,8 +98,8 @@ pub struct Settings {
     pub goserver: PathBuf,
 }
 
-/// After an upgrade is complete, requests that overlap this tail still count as
-/// in its window (as in the other benchmarks).
+/// Requests that overlap this tail after the new version answered still count as
+/// in the upgrade's window (as in the other benchmarks).
 const WINDOW_TAIL: Duration = Duration::from_millis(100);
 
 /// What one mechanism measured under one load.
@@ -135,7 +135,10 @@ pub fn missing() -> Option<String> {
         return Some("`go` is not installed (apt install golang-go)".into());
     }
     for (dir, package) in [
-        ("github.com/cloudflare/tableflip", "golang-github-cloudflare-tableflip-dev"),
+        (
+            "github.com/cloudflare/tableflip",
+            "golang-github-cloudflare-tableflip-dev",
+        ),
         ("github.com/godbus/dbus", "golang-dbus-dev"),
     ] {
         if !Path::new("/usr/share/gocode/src").join(dir).is_dir() {
@@ -243,11 +246,20 @@ impl Running {
 
     fn spawn(&mut self) {
         let mut cmd = Command::new(&self.goserver);
-        cmd.args([self.mechanism.mode(), "--listen", &addr(self.port).to_string()]);
+        cmd.args([
+            self.mechanism.mode(),
+            "--listen",
+            &addr(self.port).to_string(),
+        ]);
         if self.mechanism == Mechanism::Tableflip {
             cmd.arg("--pid-file").arg(self.pid_file());
         }
-        for name in ["ALLY_ADDRESS", "ALLY_STATE_ADDRESS", "LISTEN_FDS", "LISTEN_PID"] {
+        for name in [
+            "ALLY_ADDRESS",
+            "ALLY_STATE_ADDRESS",
+            "LISTEN_FDS",
+            "LISTEN_PID",
+        ] {
             cmd.env_remove(name);
         }
         let child = cmd
@@ -348,7 +360,11 @@ impl Running {
                     "tableflip's new pid in its pid file",
                     Duration::from_secs(30),
                     || {
-                        let pid: u32 = std::fs::read_to_string(&pid_file).ok()?.trim().parse().ok()?;
+                        let pid: u32 = std::fs::read_to_string(&pid_file)
+                            .ok()?
+                            .trim()
+                            .parse()
+                            .ok()?;
                         (pid != old).then_some(pid)
                     },
                 );
@@ -439,14 +455,14 @@ pub fn run(
         load: load.to_string(),
         ..Row::default()
     };
-    let mut windows = Vec::new();
+    let (mut switches, mut whole) = (Vec::new(), Vec::new());
+    let micros = |t: Instant| (t - start).as_micros() as u64;
     for n in 1..=settings.upgrades {
         let (t0, answers, gone) = running.upgrade(n);
-        windows.push((
-            (t0 - start).as_micros() as u64,
-            (answers.max(gone) + WINDOW_TAIL - start).as_micros() as u64,
-        ));
-        row.new_answers_ms.push((answers - t0).as_secs_f64() * 1000.0);
+        switches.push((micros(t0), micros(answers + WINDOW_TAIL)));
+        whole.push((micros(t0), micros(answers.max(gone) + WINDOW_TAIL)));
+        row.new_answers_ms
+            .push((answers - t0).as_secs_f64() * 1000.0);
         row.old_gone_ms.push((gone - t0).as_secs_f64() * 1000.0);
         std::thread::sleep(settings.gap);
         if let LoadRun::Tool(g) = &mut generator
@@ -470,13 +486,19 @@ pub fn run(
         LoadRun::Ours { stop, task } => {
             stop.stop();
             let result = runtime.block_on(task).expect("the load task");
-            let summary =
-                stats::summarise(&result.samples, &Windows::new(windows), result.duration_us);
-            row.requests = summary.requests;
-            row.failed = summary.failed;
+            // Steady: outside every upgrade, the old version's drain included.
+            // In the window: from the trigger until the new version answered, the
+            // same span for every mechanism (a drain of a second would otherwise
+            // dilute one mechanism's p99 and not another's).
+            let outside =
+                stats::summarise(&result.samples, &Windows::new(whole), result.duration_us);
+            let inside =
+                stats::summarise(&result.samples, &Windows::new(switches), result.duration_us);
+            row.requests = outside.requests;
+            row.failed = outside.failed;
             row.retried = Some(result.retried);
-            row.steady = Some(summary.steady);
-            row.window = Some(summary.reload);
+            row.steady = Some(outside.steady);
+            row.window = Some(inside.reload);
             row.detail = result
                 .errors
                 .iter()
@@ -499,7 +521,9 @@ fn max_ms(values: &[f64]) -> f64 {
 }
 
 fn p99_ms(latency: Option<Latency>) -> String {
-    latency.map_or("–".into(), |l| format!("{:.1}", f64::from(l.p99) / 1000.0))
+    latency.map_or("–".into(), |l| {
+        format!("{:.1}", f64::from(l.p99) / 1000.0)
+    })
 }
 
 /// The rows as a markdown table.
@@ -538,7 +562,10 @@ pub fn table(rows: &[Row]) -> String {
 /// retried), one line per row that had any.
 pub fn failure_details(rows: &[Row]) -> String {
     let mut out = String::new();
-    for r in rows.iter().filter(|r| !r.detail.trim().is_empty()) {
+    for r in rows
+        .iter()
+        .filter(|r| r.failed > 0 || r.retried.is_some_and(|n| n > 0))
+    {
         let said: Vec<&str> = r
             .detail
             .lines()
@@ -558,7 +585,9 @@ mod tests {
     fn the_config_runs_the_go_server_under_the_package() {
         let c = ally_config(Path::new("/x/goserver"), 8123, Path::new("/v"));
         assert!(
-            c.starts_with("command = [\"/x/goserver\", \"ally\", \"--listen\", \"127.0.0.1:8123\"]\n"),
+            c.starts_with(
+                "command = [\"/x/goserver\", \"ally\", \"--listen\", \"127.0.0.1:8123\"]\n"
+            ),
             "{c}"
         );
         assert!(c.contains("APP_VERSION_FILE = \"/v\""), "{c}");
@@ -582,7 +611,9 @@ mod tests {
         let t = table(&[row]);
         assert_eq!(
             t.lines().nth(2),
-            Some("| plain | ab | 100 | **11** (gave up by upgrade 1) | – | – | – | 20 (30) | 2 (3) |")
+            Some(
+                "| plain | ab | 100 | **11** (gave up by upgrade 1) | – | – | – | 20 (30) | 2 (3) |"
+            )
         );
     }
 }
