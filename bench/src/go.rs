@@ -538,7 +538,7 @@ pub fn table(rows: &[Row]) -> String {
             "0".into()
         };
         if let Some(n) = r.gave_up_after {
-            let _ = write!(failed, " (gave up by upgrade {n})");
+            failed = format!("**≥ {}** (gave up by upgrade {n})", r.failed);
         }
         let _ = writeln!(
             t,
