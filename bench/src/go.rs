@@ -612,7 +612,7 @@ mod tests {
         assert_eq!(
             t.lines().nth(2),
             Some(
-                "| plain | ab | 100 | **11** (gave up by upgrade 1) | – | – | – | 20 (30) | 2 (3) |"
+                "| plain | ab | 100 | **≥ 11** (gave up by upgrade 1) | – | – | – | 20 (30) | 2 (3) |"
             )
         );
     }
