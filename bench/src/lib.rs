@@ -3,9 +3,11 @@
 //! (`bench-server`), and the driver that runs the scenarios side by side and
 //! writes `docs/benchmarks.md`; and [`frameworks`], real frameworks' apps
 //! reloaded under load generators that do not retry; and [`unmodified`], gunicorn
-//! and puma under `ally reload` beside their own reload mechanisms.
+//! and puma under `ally reload` beside their own reload mechanisms; and [`go`],
+//! one Go server under the Go package beside tableflip and a plain restart.
 
 pub mod frameworks;
+pub mod go;
 pub mod grpc;
 pub mod http;
 pub mod load;

@@ -109,7 +109,10 @@ impl Generator {
 
     /// Interrupts the generator and returns its report.
     pub fn finish(mut self) -> Report {
-        crate::process::signal(self.child.id(), Signal::SIGINT);
+        // Not once reaped (ab gives up by itself): its pid may be another's by now.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            crate::process::signal(self.child.id(), Signal::SIGINT);
+        }
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while self.child.try_wait().ok().flatten().is_none() {
             if std::time::Instant::now() > deadline {
@@ -154,6 +157,9 @@ pub fn parse_ab(text: &str) -> Result<Report, String> {
             .find_map(|l| l.trim().strip_prefix(key))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     };
+    if let Some(gave_up) = parse_ab_gave_up(text) {
+        return Ok(gave_up);
+    }
     let complete = number("Complete requests:").ok_or("no `Complete requests:`")?;
     let failed = number("Failed requests:").ok_or("no `Failed requests:`")?;
     let non_2xx = number("Non-2xx responses:").unwrap_or(0);
@@ -174,6 +180,31 @@ pub fn parse_ab(text: &str) -> Result<Report, String> {
         requests: complete.saturating_sub(failed),
         failed: failed + non_2xx,
         detail,
+    })
+}
+
+/// ab's words when it gave up: after more than 10 failed connects in a run
+/// (refused, reset) it exits with `Test aborted after 10 failures` and no
+/// report, only `Total of N requests completed` (the last multiple of 10% of
+/// `-n` or a progress line). At least 11 requests failed.
+fn parse_ab_gave_up(text: &str) -> Option<Report> {
+    let aborted = text.lines().find(|l| l.contains("Test aborted after"))?;
+    let requests = text
+        .split("Total of ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    let detail: Vec<&str> = std::iter::once(aborted.trim())
+        .chain(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| l.starts_with("apr_")),
+        )
+        .collect();
+    Some(Report {
+        requests,
+        failed: 11,
+        detail: detail.join("\n"),
     })
 }
 
@@ -358,6 +389,17 @@ mod tests {
         assert_eq!((r.requests, r.failed), (1038, 5));
         assert!(r.detail.contains("Receive: 2"), "{}", r.detail);
         assert!(parse_ab("Benchmarking 127.0.0.1").is_err());
+    }
+
+    #[test]
+    fn reads_that_ab_gave_up() {
+        let text = "Benchmarking 127.0.0.1 (be patient)...Total of 32771 requests completed\n\nTest aborted after 10 failures\n\napr_socket_connect(): Connection reset by peer (104)\n";
+        let r = parse_ab(text).unwrap();
+        assert_eq!((r.requests, r.failed), (32771, 11));
+        assert_eq!(
+            r.detail,
+            "Test aborted after 10 failures\napr_socket_connect(): Connection reset by peer (104)"
+        );
     }
 
     #[test]
