@@ -158,6 +158,10 @@ pub struct Config {
     /// With `ready = "notify"`: an instance that sends no `WATCHDOG=1` for this
     /// long is killed and, if it was the serving one, restarted per `restart`.
     pub watchdog: Option<Duration>,
+    /// How many reloads and restarts `History()` keeps.
+    pub history: usize,
+    /// Where `GET /metrics` is served over HTTP, if anywhere.
+    pub metrics_address: Option<std::net::SocketAddr>,
 }
 
 /// `sockets`: how an instance gets the `[[listen]]` sockets.
@@ -449,6 +453,8 @@ impl Config {
             sockets: Sockets::default(),
             ready: Readiness::default(),
             watchdog: None,
+            history: crate::history::DEFAULT_HISTORY,
+            metrics_address: None,
         }
     }
 

@@ -56,6 +56,8 @@ pub struct RawConfig {
     pub ready_delay: Option<Spanned<DurationText>>,
     pub ready_probe: Option<Spanned<Command>>,
     pub watchdog: Option<Spanned<DurationText>>,
+    pub history: Option<Spanned<Integer>>,
+    pub metrics_address: Option<Spanned<Text<MetricsAddress>>>,
 }
 
 /// A `[[listen]]` entry.
@@ -123,6 +125,7 @@ expected! {
     LimitsTable => "a table ([limits])";
     Mode => MODE_EXPECTED;
     Size => SIZE_EXPECTED;
+    MetricsAddress => r#"a TCP address like "127.0.0.1:9102""#;
 }
 
 /// A short rendering of a value for "found ..." in messages.
