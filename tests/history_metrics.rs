@@ -253,9 +253,9 @@ fn history_lists_reloads_and_a_restart_and_metrics_count_the_same() {
     let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n", "a".repeat(20_000));
     let (status, _, _) = http(metrics_addr, huge.as_bytes());
     assert_eq!(status, "HTTP/1.1 431 Request Header Fields Too Large");
-    // A client that sends nothing holds a slot only for the read timeout, and
-    // the others are served meanwhile.
-    let _idle: Vec<TcpStream> = (0..3)
+    // Clients that send nothing hold every slot, but only for the read
+    // timeout (5 s): then the next one is served.
+    let _idle: Vec<TcpStream> = (0..8)
         .map(|_| TcpStream::connect(metrics_addr).unwrap())
         .collect();
     let (status, _, body) = http(metrics_addr, b"GET /metrics HTTP/1.0\r\n\r\n");
@@ -338,4 +338,42 @@ fn history_shows_a_pending_crash_restart_last() {
                 && pending.contains("(in ")
         },
     );
+}
+
+#[test]
+fn state_calls_are_counted_by_interface_on_both_sockets() {
+    let broker = TestBroker::start("counted", "command = [\"sleep\", \"1000\"]\n");
+    // The private socket, through the CLI: one call each.
+    broker.ally(&["cache", "set", "counted", "ns", "k", "v"]);
+    broker.ally(&["atomic", "add", "counted", "n", "5"]);
+    broker.ally(&["lock", "release", "counted", "l"]);
+    // The state socket, with another client.
+    let state = broker.socket().with_file_name("state");
+    for call in [
+        &["org.ally.Atomic1", "Load", "s", "n"][..],
+        &["org.ally.Cache1", "Get", "ss", "ns", "k"][..],
+    ] {
+        let out = Command::new("busctl")
+            .arg(format!("--address=unix:path={}", state.display()))
+            .args(["call", "org.ally.counted", "/org/ally"])
+            .args(call)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{call:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let samples = parse_openmetrics(&stdout(&broker.ally(&["metrics", "counted"])));
+    let calls = |interface| {
+        sample(
+            &samples,
+            "ally_state_calls_total",
+            Some(("interface", interface)),
+        )
+    };
+    assert_eq!(calls("org.ally.Cache1"), 2.0);
+    assert_eq!(calls("org.ally.Atomic1"), 2.0);
+    assert_eq!(calls("org.ally.Locker1"), 1.0);
 }
