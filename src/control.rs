@@ -171,6 +171,12 @@ pub fn render(status: &Status) -> String {
             revision(status.config_revision, &status.config_digest)
         ));
     }
+    if status.log_lines_dropped > 0 {
+        line(format!(
+            "  output lines: {} dropped (journald too slow or stopped)",
+            status.log_lines_dropped
+        ));
+    }
     if status.restart_attempt > 0 {
         line(format!(
             "       restart: attempt {}, {}",

@@ -8,6 +8,7 @@ use std::process::Stdio;
 use nix::sys::signal::Signal;
 
 use crate::activation::{self, Activation};
+use crate::config::Output;
 use crate::generations::{Generation, InstanceId};
 use crate::identity::RunAs;
 
@@ -25,6 +26,10 @@ pub struct Launch {
     pub stop_signal: Signal,
     /// `ALLY_DRAIN_IDLE`, in whole milliseconds.
     pub drain_idle: std::time::Duration,
+    /// Where its stdout and stderr go: a pipe the broker reads
+    /// ([`crate::app_logs`]) or the broker's own.
+    pub stdout: Output,
+    pub stderr: Output,
 }
 
 /// What one instance is given besides its [`Launch`]: the sockets of
@@ -106,6 +111,8 @@ pub fn spawn(
             variables.iter().map(|(k, v)| (k.into(), v.into())),
         ))
         .stdin(Stdio::null())
+        .stdout(stdio(launch.stdout))
+        .stderr(stdio(launch.stderr))
         .process_group(0)
         .kill_on_drop(false);
     if let Some(dir) = &launch.working_directory {
@@ -165,6 +172,15 @@ pub fn spawn(
         ));
     }
     Ok(child)
+}
+
+/// A pipe for the broker to read (std makes it and moves it to fd 1 or 2 in
+/// the child with `dup2` alone), or the broker's own.
+fn stdio(output: Output) -> Stdio {
+    match output {
+        Output::Journal => Stdio::piped(),
+        Output::Inherit => Stdio::inherit(),
+    }
 }
 
 /// Makes `cmd`'s process run as `run_as`, if the broker switches users.

@@ -3,6 +3,7 @@
 
 pub mod activation;
 pub mod admission;
+pub mod app_logs;
 pub mod bind_as;
 pub mod broker;
 pub mod cli;

@@ -36,9 +36,9 @@ pub struct Gauges {
     /// Instances by state name (`starting`, `ready`, `draining`).
     pub instances: Vec<(&'static str, i64)>,
     pub listeners: i64,
-    /// Tasks the draining instances still report, once instances report them.
+    /// Tasks the draining instances last reported (`Report`'s `tasks`).
     pub draining_tasks: Option<i64>,
-    /// Lines of instances' output dropped so far, once the broker captures it.
+    /// Lines of instances' output dropped so far (journald too slow, queue full).
     pub log_lines_dropped: Option<u64>,
 }
 

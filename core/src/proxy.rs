@@ -205,6 +205,10 @@ pub struct Status {
     /// What instances said with `Report`, for those that did, by instance id.
     #[serde(default)]
     pub instance_app_reports: Vec<InstanceAppReport>,
+    /// Lines of the instances' stdout and stderr lost since the broker started
+    /// (journald too slow or stopped, the broker's queue full).
+    #[serde(default)]
+    pub log_lines_dropped: u64,
 }
 
 impl Status {
@@ -232,6 +236,7 @@ impl Status {
                 "instance_app_reports" => {
                     status.instance_app_reports = app_reports(field(&key, value)?)?
                 }
+                "log_lines_dropped" => status.log_lines_dropped = field(&key, value)?,
                 _ => {}
             }
         }

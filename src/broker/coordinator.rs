@@ -309,7 +309,7 @@ impl Broker {
         {
             let _ = std::fs::remove_file(path);
         }
-        let child = spawned.map_err(|e| {
+        let mut child = spawned.map_err(|e| {
             let outcome = if plan::cannot_execute(e.kind()) {
                 Outcome::NotExecutable
             } else {
@@ -321,6 +321,7 @@ impl Broker {
             )
         })?;
         let pid = child.id().unwrap_or(0);
+        self.capture_output(&mut child, generation, id, pid);
         let process = match Process::pin(pid) {
             Ok(process) => Arc::new(process),
             Err(e) => {

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 
 use super::{Broker, Event, Life, Phase, Request, plan};
+use crate::app_logs;
 use crate::config::RestartPolicy;
-use crate::generations::{InstanceId, InstanceState};
+use crate::generations::{Generation, InstanceId, InstanceState};
 use crate::instance;
 use crate::process::Process;
 use crate::systemd;
@@ -252,6 +253,39 @@ impl Broker {
                 tracing::error!("instances still running after stop_timeout and SIGKILL");
                 break;
             }
+        }
+        let logs = self.logs.clone();
+        let flushed =
+            tokio::task::spawn_blocking(move || logs.flush(app_logs::FLUSH_TIMEOUT)).await;
+        if !matches!(flushed, Ok(true)) {
+            tracing::warn!(
+                "the instances' last output was not all written within {}s",
+                app_logs::FLUSH_TIMEOUT.as_secs()
+            );
+        }
+    }
+
+    /// Reads the instance's stdout and stderr, where they are pipes, into the
+    /// journal with its generation.
+    pub(super) fn capture_output(
+        &self,
+        child: &mut tokio::process::Child,
+        generation: Generation,
+        instance: InstanceId,
+        pid: u32,
+    ) {
+        let origin = Arc::new(app_logs::Origin {
+            app: self.app.clone(),
+            generation,
+            instance,
+            pid,
+        });
+        if let Some(stdout) = child.stdout.take() {
+            self.logs
+                .capture(origin.clone(), app_logs::Stream::Stdout, stdout);
+        }
+        if let Some(stderr) = child.stderr.take() {
+            self.logs.capture(origin, app_logs::Stream::Stderr, stderr);
         }
     }
 }

@@ -28,6 +28,7 @@ use ally_core::net::{ListenAddr, ListenOptions};
 use ally_core::report::AppReport;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use crate::app_logs::AppLogs;
 use crate::config::revision::Revision;
 use crate::config::{Config, StartPriority};
 use crate::generations::{Generation, Instance, InstanceId, InstanceState, Table};
@@ -120,6 +121,8 @@ pub struct Status {
     pub reported: Vec<(InstanceId, Reported)>,
     /// What instances said with `Report`, for those that did.
     pub app_reports: Vec<(InstanceId, AppReport)>,
+    /// Lines of the instances' output lost since the broker started.
+    pub log_lines_dropped: u64,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -225,6 +228,8 @@ pub struct Broker {
     metrics: crate::metrics::Metrics,
     /// Who asked for the reloads not yet launched; the next launch takes them all.
     askers: Mutex<Vec<String>>,
+    /// The instances' stdout and stderr, with `stdout`/`stderr = "journal"`.
+    logs: AppLogs,
 }
 
 impl Broker {
@@ -249,7 +254,11 @@ impl Broker {
             state_address,
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
         };
+        let logs = AppLogs::start(AppLogs::journal_path(), crate::app_logs::QUEUE_BYTES)
+            .map_err(|e| Error::io("cannot start the thread that writes the app's output", e))?;
         let state = State::new(&config.limits);
         let history = crate::history::History::new(config.history);
         let revision = Revision::first(source.text.as_deref());
@@ -282,6 +291,7 @@ impl Broker {
             history: Mutex::new(history),
             metrics: crate::metrics::Metrics::new(),
             askers: Mutex::new(Vec::new()),
+            logs,
         });
         broker.adopt(systemd::inherited());
         let settings = broker.settings();
@@ -317,6 +327,12 @@ impl Broker {
 
     pub fn app(&self) -> &str {
         &self.app
+    }
+
+    /// Lines of the instances' output lost since the broker started (see
+    /// [`crate::app_logs`]).
+    pub fn log_lines_dropped(&self) -> u64 {
+        self.logs.dropped()
     }
 
     pub fn state(&self) -> &State {
@@ -452,8 +468,7 @@ impl Broker {
                         .map(i64::from)
                         .sum(),
                 ),
-                // Hook for obs-logs (dropped output lines): None until it lands.
-                log_lines_dropped: None,
+                log_lines_dropped: Some(self.logs.dropped()),
             }
         };
         self.metrics.render(&gauges)
@@ -496,6 +511,7 @@ impl Broker {
                 .into_iter()
                 .map(|(id, _, report)| (id, report))
                 .collect(),
+            log_lines_dropped: self.logs.dropped(),
         }
     }
 
@@ -638,6 +654,8 @@ impl Settings {
             environment: config.environment.clone(),
             stop_signal: config.stop_signal,
             drain_idle: config.drain_idle,
+            stdout: config.stdout,
+            stderr: config.stderr,
             ..launch
         };
         Ok(Settings {

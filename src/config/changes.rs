@@ -70,6 +70,8 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("ready", old.ready != new.ready);
     key("watchdog", old.watchdog != new.watchdog);
     key("history", old.history != new.history);
+    key("stdout", old.stdout != new.stdout);
+    key("stderr", old.stderr != new.stderr);
     key("listen", old.listen != new.listen);
     if old.limits != new.limits || old.connections != new.connections {
         changes.on_restart.push("limits");

@@ -162,6 +162,10 @@ pub struct Config {
     pub history: usize,
     /// Where `GET /metrics` is served over HTTP, if anywhere.
     pub metrics_address: Option<std::net::SocketAddr>,
+    /// Where the instances' stdout goes.
+    pub stdout: Output,
+    /// Where the instances' stderr goes.
+    pub stderr: Output,
 }
 
 /// `sockets`: how an instance gets the `[[listen]]` sockets.
@@ -426,6 +430,43 @@ impl FromStr for StartPriority {
     }
 }
 
+/// Where an instance's stdout or stderr goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Output {
+    /// Line by line to journald, with the instance's generation (see
+    /// [`crate::app_logs`]); to the broker's stderr without journald.
+    #[default]
+    Journal,
+    /// The broker's own stdout or stderr, as the instance's.
+    Inherit,
+}
+
+impl Output {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Output::Journal => "journal",
+            Output::Inherit => "inherit",
+        }
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Output {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        [Output::Journal, Output::Inherit]
+            .into_iter()
+            .find(|o| o.as_str() == s)
+            .ok_or_else(|| format!(r#"invalid output {s:?}: expected "journal" or "inherit""#))
+    }
+}
+
 impl Config {
     /// The embedded defaults, for `ally run <app> -- COMMAND...` without a config file.
     pub fn defaults(command: Vec<String>) -> Config {
@@ -455,6 +496,8 @@ impl Config {
             watchdog: None,
             history: crate::history::DEFAULT_HISTORY,
             metrics_address: None,
+            stdout: Output::default(),
+            stderr: Output::default(),
         }
     }
 

@@ -58,6 +58,8 @@ pub struct RawConfig {
     pub watchdog: Option<Spanned<DurationText>>,
     pub history: Option<Spanned<Integer>>,
     pub metrics_address: Option<Spanned<Text<MetricsAddress>>>,
+    pub stdout: Option<Spanned<Text<OutputName>>>,
+    pub stderr: Option<Spanned<Text<OutputName>>>,
 }
 
 /// A `[[listen]]` entry.
@@ -114,6 +116,7 @@ expected! {
     SignalName => r#"a signal name like "SIGTERM", "TERM" or "SIGUSR2""#;
     RestartName => r#""on-failure", "always" or "never""#;
     PriorityName => r#""normal" or "idle""#;
+    OutputName => r#""journal" or "inherit""#;
     SocketsName => r#""dbus" or "listen-fds""#;
     ReadyName => r#""dbus", "notify", "delay" or "probe""#;
     FdName => r#"a name for LISTEN_FDNAMES like "http""#;

@@ -148,6 +148,14 @@ impl Cx<'_> {
                 .parse()
                 .map_err(|e| self.invalid("start_priority", &v, e))?;
         }
+        for (key, value, output) in [
+            ("stdout", &raw.stdout, &mut config.stdout),
+            ("stderr", &raw.stderr, &mut config.stderr),
+        ] {
+            if let Some(v) = value {
+                *output = v.get_ref().0.parse().map_err(|e| self.invalid(key, v, e))?;
+            }
+        }
         if let Some(v) = raw.drain_idle {
             let d = self.duration("drain_idle", &v, false)?;
             if d > config.stop_timeout {

@@ -717,6 +717,10 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
             owned(status.last_reload.as_str())?,
         ),
         (
+            "log_lines_dropped".to_string(),
+            owned(status.log_lines_dropped)?,
+        ),
+        (
             "restart_attempt".to_string(),
             owned(status.pending_restart.map_or(0, |r| r.attempt))?,
         ),

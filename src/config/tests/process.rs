@@ -257,3 +257,27 @@ fn drain_idle_defaults_to_a_second_and_stays_within_stop_timeout() {
         "{m}"
     );
 }
+
+#[test]
+fn stdout_and_stderr_go_to_the_journal_or_are_inherited() {
+    let config = parse(&with_command("")).unwrap();
+    assert_eq!(
+        (config.stdout, config.stderr),
+        (Output::Journal, Output::Journal)
+    );
+    let config = parse(&with_command("stdout = \"inherit\"\nstderr = \"journal\"")).unwrap();
+    assert_eq!(
+        (config.stdout, config.stderr),
+        (Output::Inherit, Output::Journal)
+    );
+    let m = error(&with_command(r#"stderr = "syslog""#));
+    assert_eq!(
+        m,
+        r#"/etc/ally/web.toml:2:10: key `stderr`: invalid output "syslog": expected "journal" or "inherit""#
+    );
+    let m = error(&with_command("stdout = false"));
+    assert!(
+        m.contains(r#"key `stdout`: expected "journal" or "inherit", found boolean false"#),
+        "{m}"
+    );
+}
