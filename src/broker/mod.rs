@@ -506,10 +506,8 @@ impl Broker {
                         .then(|| (i.id, tracked.reported.clone()))
                 })
                 .collect(),
-            app_reports: self
-                .instance_app_reports()
-                .into_iter()
-                .map(|(id, _, report)| (id, report))
+            app_reports: app_reports(&shared)
+                .map(|(id, _, report)| (id, report.clone()))
                 .collect(),
             log_lines_dropped: self.logs.dropped(),
         }
@@ -518,14 +516,8 @@ impl Broker {
     /// What each instance not yet reaped reported with `Report`, for those
     /// that did, in the instance table's order: `(id, generation, report)`.
     pub fn instance_app_reports(&self) -> Vec<(InstanceId, Generation, AppReport)> {
-        let shared = self.lock();
-        shared
-            .table
-            .iter()
-            .filter_map(|i| {
-                let report = &shared.tracked.get(&i.id)?.app_report;
-                (!report.is_empty()).then(|| (i.id, i.generation, report.clone()))
-            })
+        app_reports(&self.lock())
+            .map(|(id, generation, report)| (id, generation, report.clone()))
             .collect()
     }
 
@@ -665,6 +657,14 @@ impl Settings {
             revision,
         })
     }
+}
+
+/// What each instance not yet reaped reported, for those that did.
+fn app_reports(shared: &Shared) -> impl Iterator<Item = (InstanceId, Generation, &AppReport)> {
+    shared.table.iter().filter_map(|i| {
+        let report = &shared.tracked.get(&i.id)?.app_report;
+        (!report.is_empty()).then_some((i.id, i.generation, report))
+    })
 }
 
 fn signal_stream(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {
