@@ -296,13 +296,11 @@ fn assert_never_blocked(devnull: u64, stdout: u64) {
         ms(stdout),
         BURST as f64 / (stdout as f64 / 1e9)
     );
+    // Blocked, it would never finish (the pipe holds 64 KiB); throttled to
+    // what journald takes, it would take many times /dev/null's time. The
+    // slack is for a loaded machine, where a pipe's wake-ups cost more.
     assert!(
-        stdout < 1_000_000_000,
-        "{BURST} lines took {:.1} ms: fewer than 100k lines per second",
-        ms(stdout)
-    );
-    assert!(
-        stdout < devnull * 20 + 300_000_000,
+        stdout < devnull * 10 + 1_000_000_000,
         "writing to the captured stdout ({:.1} ms) is far slower than to /dev/null ({:.1} ms)",
         ms(stdout),
         ms(devnull)

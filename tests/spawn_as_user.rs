@@ -139,6 +139,8 @@ async fn spawning_as_a_user_does_not_hang_while_other_threads_read_the_user_data
         state_address: String::new(),
         stop_signal: Signal::SIGTERM,
         drain_idle: ally::config::DEFAULT_DRAIN_IDLE,
+        stdout: ally::config::Output::Inherit,
+        stderr: ally::config::Output::Inherit,
     };
     let plain = Launch {
         command: vec!["/bin/true".into()],

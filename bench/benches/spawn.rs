@@ -36,6 +36,8 @@ fn main() {
         state_address: String::new(),
         stop_signal: nix::sys::signal::Signal::SIGTERM,
         drain_idle: Duration::from_secs(1),
+        stdout: ally::config::Output::Inherit,
+        stderr: ally::config::Output::Inherit,
     };
     let plain = launch(&["/bin/true"]);
     let trampoline = launch(&["/usr/bin/env", "/bin/true"]);

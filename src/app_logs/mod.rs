@@ -33,6 +33,9 @@ pub const JOURNAL_SOCKET_VARIABLE: &str = "ALLY_JOURNAL_SOCKET";
 /// What the queue may hold, in bytes of text plus [`LINE_COST`] per line.
 pub const QUEUE_BYTES: usize = 4 * 1024 * 1024;
 
+/// What the writer takes from the queue at once, at most (plus one line).
+const BATCH_BYTES: usize = 256 * 1024;
+
 /// The bookkeeping of a queued line, counted against [`QUEUE_BYTES`].
 const LINE_COST: usize = 128;
 
@@ -195,19 +198,25 @@ impl Queue {
         }
     }
 
-    /// The next line, waiting for one; the line before it is written.
-    fn next(&self) -> Line {
+    /// Moves the next lines, up to [`BATCH_BYTES`] of them, into `batch`,
+    /// waiting for one; the batch before them is written.
+    fn next_batch(&self, batch: &mut Vec<Line>) {
         let mut state = self.lock();
         state.writing = false;
-        loop {
-            if let Some(line) = state.lines.pop_front() {
-                state.bytes -= line.text.len() + LINE_COST;
-                state.writing = true;
-                return line;
-            }
+        while state.lines.is_empty() {
             self.changed.notify_all();
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+        let mut taken = 0;
+        while taken < BATCH_BYTES
+            && let Some(line) = state.lines.pop_front()
+        {
+            let cost = line.text.len() + LINE_COST;
+            state.bytes -= cost;
+            taken += cost;
+            batch.push(line);
+        }
+        state.writing = true;
     }
 }
 
@@ -222,24 +231,36 @@ struct Writer {
 
 impl Writer {
     fn run(mut self) {
+        let mut batch = Vec::new();
+        let mut to_stderr = Vec::new();
         loop {
-            let line = self.queue.next();
-            self.write(&line);
+            self.queue.next_batch(&mut batch);
+            for line in batch.drain(..) {
+                if !self.send(&line) {
+                    to_stderr.extend_from_slice(&line.stderr_line());
+                }
+            }
+            if !to_stderr.is_empty() {
+                // Whole lines in one write: never mixed with the broker's own.
+                let _ = io::stderr().lock().write_all(&to_stderr);
+                to_stderr.clear();
+            }
         }
     }
 
-    fn write(&mut self, line: &Line) {
+    /// Sends the line to journald; false if journald cannot be reached.
+    fn send(&mut self, line: &Line) -> bool {
         let entry = line.journal_entry();
         let mut reconnected = false;
         while let Some(socket) = self.connected() {
             match socket.send(&entry) {
-                Ok(_) => return,
+                Ok(_) => return true,
                 // journald is slow or stopped: wait for it while the queue
                 // takes (or drops) what comes meanwhile.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_writable(socket),
                 Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
                     self.queue.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
+                    return true;
                 }
                 // Gone (restarted, or stopped for good): connect again, once.
                 Err(_) if !reconnected => {
@@ -253,7 +274,7 @@ impl Writer {
             }
         }
         self.unreachable_until = Some(Instant::now() + RETRY_JOURNAL);
-        let _ = io::stderr().lock().write_all(&line.stderr_line());
+        false
     }
 
     fn connected(&mut self) -> Option<&UnixDatagram> {

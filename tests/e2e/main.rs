@@ -731,3 +731,93 @@ address = "127.0.0.1:{port}"
         stdout(&left)
     );
 }
+
+/// An app whose every line names its generation, on stdout and stderr.
+const TALKER: &str = r#"#!/bin/sh
+echo "hello from generation $ALLY_GENERATION"
+echo "<3>trouble in generation $ALLY_GENERATION" >&2
+exec sleep 1000
+"#;
+
+#[test]
+#[ignore = "needs root, the built .deb package and boots a throwaway systemd; run by .ci/run"]
+fn journal_by_generation_under_systemd() {
+    assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
+    let deb = package("ALLY_E2E_DEB");
+    let sandbox = Sandbox::boot();
+    sandbox.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    sandbox.copy_in(&deb, "/root/ally.deb", "644");
+    sandbox.ok(&["dpkg", "-i", "/root/ally.deb"]);
+
+    sandbox.write("/srv/web/talk", TALKER);
+    sandbox.ok(&["chmod", "755", "/srv/web/talk"]);
+    sandbox.write(
+        "/etc/ally/web.toml",
+        "command = [\"/srv/web/talk\"]\nready = \"delay\"\nready_delay = \"200ms\"\nstop_timeout = \"5s\"\n",
+    );
+    sandbox.ok(&["systemctl", "start", "ally@web"]);
+    sandbox.ok(&["systemctl", "reload", "ally@web"]);
+    sandbox.ok(&["systemctl", "reload", "ally@web"]);
+
+    let query = |generation: u32, format: &str| {
+        sandbox.ok(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            format,
+            "-u",
+            "ally@web",
+            &format!("ALLY_GENERATION={generation}"),
+        ])
+    };
+    for generation in 1..=3 {
+        let expected =
+            format!("hello from generation {generation}\ntrouble in generation {generation}\n");
+        let mut lines = String::new();
+        wait_until(
+            &format!("generation {generation}'s lines in the journal"),
+            Duration::from_secs(10),
+            || {
+                lines = query(generation, "cat");
+                lines.lines().count() >= 2
+            },
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let mut sorted: Vec<&str> = query(generation, "cat").lines().collect::<Vec<_>>();
+        sorted.sort();
+        assert_eq!(
+            sorted.join("\n") + "\n",
+            expected,
+            "exactly generation {generation}'s lines"
+        );
+        let fields = query(generation, "verbose");
+        assert!(
+            fields.contains("PRIORITY=3") && fields.contains("PRIORITY=6"),
+            "{fields}"
+        );
+        assert!(
+            fields.contains("_SYSTEMD_UNIT=ally@web.service"),
+            "{fields}"
+        );
+        assert!(fields.contains("SYSLOG_IDENTIFIER=web"), "{fields}");
+    }
+    eprintln!(
+        "$ journalctl -u ally@web ALLY_GENERATION=2\n{}",
+        sandbox.ok(&[
+            "journalctl",
+            "--no-pager",
+            "-u",
+            "ally@web",
+            "ALLY_GENERATION=2"
+        ])
+    );
+    eprintln!(
+        "$ journalctl -u ally@web ALLY_GENERATION=3 -o verbose\n{}",
+        query(3, "verbose")
+    );
+    eprintln!(
+        "$ ally status web\n{}",
+        sandbox.ok(&["ally", "status", "web"])
+    );
+    sandbox.ok(&["systemctl", "stop", "ally@web"]);
+}
