@@ -29,6 +29,7 @@ func runSuite(t *testing.T) {
 	t.Run("Locker", testLocker)
 	t.Run("LockerFIFO", testLockerFIFO)
 	t.Run("LockContextCancelLeaksNothing", testLockContextCancel)
+	t.Run("Report", testReport)
 	// Last: the stop cannot be undone.
 	t.Run("Stopping", testStopping)
 }

@@ -10,6 +10,7 @@ use nix::sys::signal::Signal;
 use crate::direct::{Direct, StateSocket};
 use crate::error::{Error, ErrorKind, Result};
 use crate::listen::simulated;
+use crate::report::{Report, Reporter, Task};
 use crate::shared::{Atomic, Backend, Cache, Locker, Simulation};
 use crate::status::{InstanceStatus, ListenerStatus, Status};
 use crate::stop::{StopHandle, parse_signal};
@@ -35,6 +36,7 @@ struct Inner {
     /// 0 until `ready()`.
     ready_usec: AtomicU64,
     state: Backend,
+    report: Reporter,
 }
 
 impl Ally {
@@ -130,6 +132,7 @@ impl Ally {
                 started_usec: now_usec(),
                 ready_usec: AtomicU64::new(0),
                 state,
+                report: Reporter::new(),
             }),
         })
     }
@@ -217,6 +220,59 @@ impl Ally {
             Ordering::SeqCst,
         );
         Ok(())
+    }
+
+    /// Tells the broker what this instance is: the keys `report` names replace
+    /// those reported before (`ally status` shows them). In simulate mode it only
+    /// keeps them, for [`reported`](Self::reported).
+    ///
+    /// Fails with [`ErrorKind::InvalidArgument`] or [`ErrorKind::LimitExceeded`]
+    /// when a string is too long (256 bytes for `version` and `commit`, 1 KiB for
+    /// `description`), before anything is sent.
+    pub async fn report(&self, report: Report) -> Result<()> {
+        let checked = Report::parse(
+            crate::report::dict(&report)
+                .iter()
+                .map(|(key, value)| (*key, ally_core::report::Reported::from_value(value))),
+        )
+        .map_err(|e| Error::local(e.kind(), format!("Report failed: {}", e.message())))?;
+        if let Some(broker) = &self.inner.broker {
+            broker
+                .report(crate::report::dict(&checked))
+                .await
+                .map_err(|e| Error::call("Report", e))?;
+        }
+        self.inner.report.record(&checked);
+        Ok(())
+    }
+
+    /// Everything this instance reported so far, the task count included.
+    pub fn reported(&self) -> Report {
+        self.inner.report.reported()
+    }
+
+    /// Counts one task (a request, a job) until the guard is dropped, and keeps
+    /// the broker's `tasks` up to date: while this instance drains after a
+    /// reload, `ally status` shows the tasks it has left. Counts are sent in
+    /// the background, the latest one winning (see [`crate::report`]).
+    pub fn task(&self) -> Task {
+        Task::start(self)
+    }
+
+    /// Sets the task count, for an app that counts its own work.
+    pub fn set_tasks(&self, tasks: u32) {
+        self.inner
+            .report
+            .change_tasks(self.broker_proxy(), |n| *n = tasks);
+    }
+
+    /// The tasks counted now.
+    pub fn tasks(&self) -> u32 {
+        self.inner.report.tasks()
+    }
+
+    pub(crate) fn reporter(&self) -> &Reporter {
+        &self.inner.report
     }
 
     /// Asks the broker for a reload and returns the new generation once it is ready.

@@ -49,6 +49,31 @@ pub enum Reported {
 }
 
 impl AppReport {
+    /// An empty report, to name keys with the builder methods.
+    pub fn new() -> AppReport {
+        AppReport::default()
+    }
+
+    pub fn version(mut self, version: impl Into<String>) -> AppReport {
+        self.version = Some(version.into());
+        self
+    }
+
+    pub fn commit(mut self, commit: impl Into<String>) -> AppReport {
+        self.commit = Some(commit.into());
+        self
+    }
+
+    pub fn tasks(mut self, tasks: u32) -> AppReport {
+        self.tasks = Some(tasks);
+        self
+    }
+
+    pub fn description(mut self, description: impl Into<String>) -> AppReport {
+        self.description = Some(description.into());
+        self
+    }
+
     /// Reads the keys of one `Report` call: every key must be known, of its
     /// type and within its bound. The result names only the keys given.
     pub fn parse<'a>(entries: impl IntoIterator<Item = (&'a str, Reported)>) -> Result<AppReport> {
