@@ -377,3 +377,53 @@ fn state_calls_are_counted_by_interface_on_both_sockets() {
     assert_eq!(calls("org.ally.Atomic1"), 2.0);
     assert_eq!(calls("org.ally.Locker1"), 1.0);
 }
+
+#[test]
+fn draining_tasks_are_what_the_draining_generation_reports() {
+    let port = free_port();
+    let config = |version: &str| {
+        format!(
+            "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\", \"--version\", {version:?}]\nstop_timeout = \"30s\"\nready_timeout = \"10s\"\n",
+            example("long_requests").display().to_string()
+        )
+    };
+    let broker = TestBroker::start("drainmetrics", &config("1"));
+    broker.wait_running(1);
+    let metrics = || parse_openmetrics(&stdout(&broker.ally(&["metrics", "drainmetrics"])));
+    let reported_tasks = || {
+        broker.status()["instance_app_reports"]
+            .as_array()
+            .and_then(|r| r.first().cloned())
+            .and_then(|r| r["tasks"].as_u64())
+    };
+    // Two requests, ending 2 s apart.
+    let _requests: Vec<TcpStream> = [2000, 4000]
+        .into_iter()
+        .map(|ms| {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            write!(stream, "GET /?ms={ms} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            stream
+        })
+        .collect();
+    wait_until("2 tasks reported", Duration::from_secs(10), || {
+        reported_tasks() == Some(2)
+    });
+    assert_eq!(sample(&metrics(), "ally_draining_tasks", None), 0.0);
+    std::fs::write(broker.config_path(), config("2")).unwrap();
+    assert!(broker.reload().status.success());
+    let mut seen = Vec::new();
+    wait_until(
+        "the old generation drained",
+        Duration::from_secs(20),
+        || {
+            let samples = metrics();
+            let tasks = sample(&samples, "ally_draining_tasks", None);
+            if seen.last() != Some(&tasks) {
+                seen.push(tasks);
+            }
+            sample(&samples, "ally_instances", Some(("state", "draining"))) == 0.0
+        },
+    );
+    assert!(seen.contains(&2.0) && seen.contains(&1.0), "{seen:?}");
+    assert_eq!(seen.last(), Some(&0.0), "{seen:?}");
+}
