@@ -33,6 +33,10 @@ pub enum Command {
     Status(StatusArgs),
     /// List the brokers that can be reached.
     List(ListArgs),
+    /// Show APP's last reloads and crash restarts, oldest first, and a pending restart.
+    History(HistoryArgs),
+    /// Print APP's metrics in the OpenMetrics text format.
+    Metrics(TargetArgs),
     /// Inspect and change APP's shared cache.
     #[command(subcommand)]
     Cache(CacheCommand),
@@ -204,6 +208,17 @@ pub struct TargetArgs {
 pub struct StatusArgs {
     /// Application name; every reachable broker when omitted.
     pub app: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// Application name.
+    pub app: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,

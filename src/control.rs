@@ -72,6 +72,10 @@ impl Target {
         Err(format!("no broker for {app} found ({})", tried.join("; ")))
     }
 
+    pub fn proxy(&self) -> &BrokerProxy<'static> {
+        &self.proxy
+    }
+
     pub fn connection(&self) -> &Connection {
         self.proxy.inner().connection()
     }
@@ -341,7 +345,7 @@ fn since(now: SystemTime, usec: u64) -> String {
 }
 
 /// "in 4s" until a pending restart runs.
-fn until(now: SystemTime, usec: u64) -> String {
+pub(crate) fn until(now: SystemTime, usec: u64) -> String {
     let then = UNIX_EPOCH + Duration::from_micros(usec);
     match then.duration_since(now) {
         Ok(left) => format!(
@@ -352,7 +356,7 @@ fn until(now: SystemTime, usec: u64) -> String {
     }
 }
 
-fn table<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
+pub(crate) fn table<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
     let widths: Vec<usize> = (0..N)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();

@@ -22,6 +22,8 @@ fn main() -> ExitCode {
             Command::Reload(args) => ally::control::reload(args).await,
             Command::Status(args) => ally::control::status(args).await,
             Command::List(args) => ally::control::list(args).await,
+            Command::History(args) => ally::observe_cli::history(args).await,
+            Command::Metrics(args) => ally::observe_cli::metrics(args).await,
             Command::Cache(cmd) => ally::state_cli::cache(cmd).await,
             Command::Atomic(cmd) => ally::state_cli::atomic(cmd).await,
             Command::Lock(cmd) => ally::state_cli::lock(cmd).await,

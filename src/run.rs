@@ -21,6 +21,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let run_as = RunAs::resolve(&config)?;
     let owner = config.user.is_some().then_some((run_as.uid, run_as.gid));
     let state_busy_poll = config.state_busy_poll;
+    let metrics_address = config.metrics_address;
     let gate = Gate::for_this_process(config.connections);
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
@@ -43,6 +44,11 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
         gate,
     )
     .map_err(|e| format!("cannot serve the state socket: {e}"))?;
+    if let Some(addr) = metrics_address {
+        let listener = crate::metrics_http::bind(addr)?;
+        crate::metrics_http::spawn(listener, broker.clone())?;
+        tracing::info!("serving GET /metrics on http://{addr}/metrics (metrics_address)");
+    }
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await

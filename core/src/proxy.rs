@@ -209,13 +209,13 @@ pub struct Status {
     /// The last change the watch reloaded for, and what came of it.
     #[serde(default)]
     pub watch_last: String,
+    /// What instances said with `Report`, for those that did, by instance id.
+    #[serde(default)]
+    pub instance_app_reports: Vec<InstanceAppReport>,
     /// Lines of the instances' stdout and stderr lost since the broker started
     /// (journald too slow or stopped, the broker's queue full).
     #[serde(default)]
     pub log_lines_dropped: u64,
-    /// What instances said with `Report`, for those that did, by instance id.
-    #[serde(default)]
-    pub instance_app_reports: Vec<InstanceAppReport>,
 }
 
 impl Status {

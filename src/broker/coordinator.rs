@@ -54,6 +54,7 @@ impl Broker {
                     continue;
                 }
                 Step::AnswerServing(generation) => {
+                    self.take_askers();
                     answer(pending.drain(..), Ok(generation));
                     continue;
                 }
@@ -78,6 +79,15 @@ impl Broker {
                     pending.push(request);
                 }
             }
+            let began = (SystemTime::now(), Instant::now());
+            let requested_by = match launch {
+                Launch::Start => String::new(),
+                Launch::Reload => self.take_askers(),
+                Launch::Restart => match restart {
+                    Some(r) => format!("crash (attempt {})", r.attempt),
+                    None => "crash".to_string(),
+                },
+            };
             // A reload reads the config again; its generation starts with it.
             let prepared = match launch {
                 Launch::Reload => self.reconfigure_and_check().await,
@@ -101,6 +111,11 @@ impl Broker {
             if let Some(prepared) = prepared {
                 if launched.is_ok() {
                     self.commit(prepared, &mut plan);
+                    let keep = self.settings().config.history;
+                    self.history
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .set_capacity(keep);
                 } else {
                     self.abandon(prepared);
                 }
@@ -110,6 +125,23 @@ impl Broker {
                 .err()
                 .map_or(Outcome::Ready, |f| f.outcome);
             let after = plan.finished(launch, outcome, self.facts());
+            let (generation, success, message) = match &launched {
+                Ok((generation, message)) => (*generation, true, message.clone()),
+                Err(f) => (f.generation.unwrap_or(0), false, f.message.clone()),
+            };
+            self.record_history(crate::history::Record {
+                kind: match launch {
+                    Launch::Start => crate::history::Kind::FirstStart,
+                    Launch::Reload => crate::history::Kind::Reload,
+                    Launch::Restart => crate::history::Kind::Restart,
+                },
+                generation,
+                started: began.0,
+                duration: began.1.elapsed(),
+                success,
+                message,
+                requested_by,
+            });
             let result = match launched {
                 Ok((generation, message)) => {
                     self.finish(generation, Ok(message));

@@ -91,6 +91,10 @@ pub enum Event {
     },
 }
 
+/// Distinct askers remembered for one launch: many callers asking at once are
+/// answered by one reload, and its history entry names the first ones.
+const MAX_ASKERS: usize = 8;
+
 /// A crash restart waiting for its back-off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingRestart {
@@ -226,6 +230,11 @@ pub struct Broker {
     state: State,
     /// `watch`: reloads on a new release.
     release_watch: release::ReleaseWatch,
+    /// The last reloads and restarts (config `history`).
+    history: Mutex<crate::history::History>,
+    metrics: crate::metrics::Metrics,
+    /// Who asked for the reloads not yet launched; the next launch takes them all.
+    askers: Mutex<Vec<String>>,
     /// The instances' stdout and stderr, with `stdout`/`stderr = "journal"`.
     logs: AppLogs,
 }
@@ -258,6 +267,7 @@ impl Broker {
         let logs = AppLogs::start(AppLogs::journal_path(), crate::app_logs::QUEUE_BYTES)
             .map_err(|e| Error::io("cannot start the thread that writes the app's output", e))?;
         let state = State::new(&config.limits);
+        let history = crate::history::History::new(config.history);
         let revision = Revision::first(source.text.as_deref());
         let settings = Settings::new(config, launch, revision)?;
         let broker = Arc::new(Broker {
@@ -286,6 +296,9 @@ impl Broker {
             coordinator_rx: Mutex::new(None),
             state,
             release_watch: release::ReleaseWatch::new(),
+            history: Mutex::new(history),
+            metrics: crate::metrics::Metrics::new(),
+            askers: Mutex::new(Vec::new()),
             logs,
         });
         broker.adopt(systemd::inherited());
@@ -372,7 +385,7 @@ impl Broker {
                 _ = sigint.recv() => break Ok(0),
                 _ = sighup.recv() => {
                     tracing::info!("SIGHUP: reloading");
-                    let reload = self.reload();
+                    let reload = self.reload_by("SIGHUP".to_string());
                     tokio::spawn(async move { let _ = reload.await; });
                 }
                 Ok(done) = exit.wait_for(Option::is_some) => {
@@ -401,6 +414,73 @@ impl Broker {
             rx.await
                 .unwrap_or_else(|_| Err(coordinator::stopping_error()))
         }
+    }
+
+    /// [`Broker::reload`], recording in the history who asked.
+    pub fn reload_by(
+        &self,
+        who: String,
+    ) -> impl Future<Output = Result<Generation, Error>> + use<> {
+        let mut askers = self.askers.lock().unwrap_or_else(|p| p.into_inner());
+        if !askers.contains(&who) && askers.len() < MAX_ASKERS {
+            askers.push(who);
+        }
+        drop(askers);
+        self.reload()
+    }
+
+    /// Who asked for the launch that starts now, joined.
+    fn take_askers(&self) -> String {
+        std::mem::take(&mut *self.askers.lock().unwrap_or_else(|p| p.into_inner())).join(", ")
+    }
+
+    /// The last reloads and restarts, oldest first.
+    pub fn history(&self) -> Vec<crate::history::Entry> {
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        history.entries().cloned().collect()
+    }
+
+    fn record_history(&self, record: crate::history::Record) {
+        self.metrics
+            .record(record.kind, record.success, record.duration);
+        self.history
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(record);
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The OpenMetrics text of `Metrics()` and `metrics_address`.
+    pub fn metrics_text(&self) -> String {
+        let gauges = {
+            let shared = self.lock();
+            let states = [
+                InstanceState::Starting,
+                InstanceState::Ready,
+                InstanceState::Draining,
+            ];
+            crate::metrics::Gauges {
+                instances: states
+                    .iter()
+                    .map(|&s| (s.as_str(), shared.table.count(s) as i64))
+                    .collect(),
+                listeners: shared.listeners.list().len() as i64,
+                draining_tasks: Some(
+                    shared
+                        .table
+                        .iter()
+                        .filter(|i| i.state == InstanceState::Draining)
+                        .filter_map(|i| shared.tracked.get(&i.id)?.app_report.tasks)
+                        .map(i64::from)
+                        .sum(),
+                ),
+                log_lines_dropped: Some(self.logs.dropped()),
+            }
+        };
+        self.metrics.render(&gauges)
     }
 
     pub fn status(&self) -> Status {

@@ -69,6 +69,7 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("sockets", old.sockets != new.sockets);
     key("ready", old.ready != new.ready);
     key("watchdog", old.watchdog != new.watchdog);
+    key("history", old.history != new.history);
     key("stdout", old.stdout != new.stdout);
     key("stderr", old.stderr != new.stderr);
     key("listen", old.listen != new.listen);
@@ -77,6 +78,9 @@ pub fn between(old: &Config, new: &Config) -> Changes {
     key("watch", old.watch != new.watch);
     if old.limits != new.limits || old.connections != new.connections {
         changes.on_restart.push("limits");
+    }
+    if old.metrics_address != new.metrics_address {
+        changes.on_restart.push("metrics_address");
     }
     if old.state_busy_poll != new.state_busy_poll {
         changes.on_restart.push("state_busy_poll");
@@ -105,6 +109,7 @@ pub fn effective(old: &Config, mut new: Config) -> Config {
     new.limits = old.limits;
     new.connections = old.connections;
     new.state_busy_poll = old.state_busy_poll;
+    new.metrics_address = old.metrics_address;
     new
 }
 

@@ -161,6 +161,10 @@ pub struct Config {
     /// With `ready = "notify"`: an instance that sends no `WATCHDOG=1` for this
     /// long is killed and, if it was the serving one, restarted per `restart`.
     pub watchdog: Option<Duration>,
+    /// How many reloads and restarts `History()` keeps.
+    pub history: usize,
+    /// Where `GET /metrics` is served over HTTP, if anywhere.
+    pub metrics_address: Option<std::net::SocketAddr>,
     /// Where the instances' stdout goes.
     pub stdout: Output,
     /// Where the instances' stderr goes.
@@ -513,6 +517,8 @@ impl Config {
             check: None,
             check_timeout: DEFAULT_CHECK_TIMEOUT,
             watch: Watch::Off,
+            history: crate::history::DEFAULT_HISTORY,
+            metrics_address: None,
             stdout: Output::default(),
             stderr: Output::default(),
         }

@@ -59,6 +59,8 @@ pub struct RawConfig {
     pub check: Option<Spanned<Command>>,
     pub check_timeout: Option<Spanned<DurationText>>,
     pub watch: Option<Spanned<WatchValue>>,
+    pub history: Option<Spanned<Integer>>,
+    pub metrics_address: Option<Spanned<Text<MetricsAddress>>>,
     pub stdout: Option<Spanned<Text<OutputName>>>,
     pub stderr: Option<Spanned<Text<OutputName>>>,
 }
@@ -129,6 +131,7 @@ expected! {
     LimitsTable => "a table ([limits])";
     Mode => MODE_EXPECTED;
     Size => SIZE_EXPECTED;
+    MetricsAddress => r#"a TCP address like "127.0.0.1:9102""#;
 }
 
 /// A short rendering of a value for "found ..." in messages.

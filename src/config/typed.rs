@@ -171,6 +171,25 @@ impl Cx<'_> {
             }
             config.drain_idle = d;
         }
+        if let Some(v) = raw.history {
+            let n = v.get_ref().0;
+            config.history = usize::try_from(n)
+                .ok()
+                .filter(|&n| n <= crate::history::MAX_HISTORY)
+                .ok_or_else(|| {
+                    self.invalid(
+                        "history",
+                        &v,
+                        format!(
+                            "{n} is too large: expected at most {} reloads and restarts kept",
+                            crate::history::MAX_HISTORY
+                        ),
+                    )
+                })?;
+        }
+        if let Some(v) = raw.metrics_address {
+            config.metrics_address = Some(self.metrics_address(&v)?);
+        }
         self.activation(&raw_activation, &mut config)?;
         if let Some(v) = raw.check {
             config.check = Some(self.command_at("check", &v)?);
@@ -182,6 +201,32 @@ impl Cx<'_> {
             config.watch = self.watch(&v)?;
         }
         Ok(config)
+    }
+
+    /// `metrics_address`: an IP address and port, no host name (nothing to
+    /// resolve) and no path (nothing to follow).
+    fn metrics_address(
+        &self,
+        v: &Spanned<raw::Text<raw::MetricsAddress>>,
+    ) -> Result<std::net::SocketAddr, ConfigError> {
+        let text = v.get_ref().0.trim();
+        let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+            self.invalid(
+                "metrics_address",
+                v,
+                format!(
+                    "{text:?} is not an IP address and port: expected a TCP address like \"127.0.0.1:9102\" or \"[::1]:9102\""
+                ),
+            )
+        })?;
+        if addr.port() == 0 {
+            return Err(self.invalid(
+                "metrics_address",
+                v,
+                format!("{text:?} has port 0: expected a fixed port, like \"127.0.0.1:9102\""),
+            ));
+        }
+        Ok(addr)
     }
 
     /// `sockets`, `ready` with `ready_delay` / `ready_probe`, and `watchdog`:

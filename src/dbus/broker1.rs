@@ -20,6 +20,9 @@ use crate::generations::{Instance, InstanceId};
 
 pub type InstanceEntry = (u64, u64, u32, String, u64, u64);
 pub type ListenerEntry = (String, String, u32);
+/// `(sequence, kind, generation, started_usec, duration_usec, success, message,
+/// requested_by)`: `History()`'s `a(tstttbss)`.
+pub type HistoryEntry = (u64, String, u64, u64, u64, bool, String, String);
 
 /// Who is on the other end of a connection.
 #[derive(Debug)]
@@ -281,6 +284,25 @@ impl Access {
         })
     }
 
+    /// Who made a call, for the history: the role, and the process or bus name.
+    pub fn describe_caller(&self, role: Role, header: &Header<'_>) -> String {
+        let role = match role {
+            Role::Instance(id) => format!("instance {id}"),
+            Role::Admin => "admin".to_string(),
+            Role::Reader => "reader".to_string(),
+            Role::Denied => "denied".to_string(),
+        };
+        match &self.peer {
+            Peer::Private { identity, .. } => {
+                format!("D-Bus: {role}, uid {} pid {}", identity.uid, identity.pid)
+            }
+            Peer::Bus => match header.sender() {
+                Some(sender) => format!("D-Bus: {role}, bus name {sender}"),
+                None => format!("D-Bus: {role}"),
+            },
+        }
+    }
+
     fn denied(&self, what: &str) -> Error {
         Error::access_denied(format!(
             "{what} denied: the caller is neither root, the broker's user, nor an instance of {}",
@@ -394,10 +416,38 @@ impl Broker1 {
         #[zbus(header)] header: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<u64> {
-        self.access
+        let role = self
+            .access
             .require_admin(Some(&header), conn, "Reload")
             .await?;
-        self.broker.reload().await
+        let who = self.access.describe_caller(role, &header);
+        self.broker.reload_by(who).await
+    }
+
+    /// The last reloads and restarts, oldest first (config `history`).
+    #[zbus(out_args("history"))]
+    async fn history(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<Vec<HistoryEntry>> {
+        self.access
+            .require_reader(Some(&header), conn, "History")
+            .await?;
+        Ok(history_entries(&self.broker.history()))
+    }
+
+    /// The OpenMetrics text exposition of the broker's metrics.
+    #[zbus(out_args("metrics"))]
+    async fn metrics(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<String> {
+        self.access
+            .require_admin(Some(&header), conn, "Metrics")
+            .await?;
+        Ok(self.broker.metrics_text())
     }
 
     #[zbus(out_args("status"))]
@@ -601,6 +651,24 @@ fn instance_reports(status: &Status) -> Vec<(u64, String, bool, i32, u32)> {
                 r.stopping,
                 r.errno.unwrap_or(-1),
                 r.main_pid.unwrap_or(0),
+            )
+        })
+        .collect()
+}
+
+pub fn history_entries(entries: &[crate::history::Entry]) -> Vec<HistoryEntry> {
+    entries
+        .iter()
+        .map(|e| {
+            (
+                e.sequence,
+                e.kind.as_str().to_string(),
+                e.generation,
+                usec(Some(e.started)),
+                e.duration.as_micros() as u64,
+                e.success,
+                e.message.clone(),
+                e.requested_by.clone(),
             )
         })
         .collect()

@@ -122,6 +122,7 @@ impl<I: StateInterface> Served<I> {
         call: &Message,
     ) -> Result<Message, Refusal> {
         let header = call.header();
+        self.access.broker().metrics().state_call(I::NAME);
         let store = &self.access.broker().state().store;
         match entry.answer {
             Answer::Now(answer) => {

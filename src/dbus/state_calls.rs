@@ -100,6 +100,7 @@ impl StateCalls {
         else {
             return Err(unknown(Some(interface), member));
         };
+        self.access.broker().metrics().state_call(interface);
         self.access.admit(self.role()?, *requires, member)?;
         Ok(answer(&self.access.broker().state().store, message)?)
     }

@@ -8,6 +8,7 @@ mod documents;
 mod errors;
 mod limits;
 mod listen;
+mod observe;
 mod process;
 mod release;
 
