@@ -239,7 +239,7 @@ impl Broker {
         tracing::info!("{why}: reloading");
         self.release_watch
             .show(|s| s.last = format!("{why}: reloading"));
-        let reload = self.reload();
+        let reload = self.reload_by(why.clone());
         let broker = self.clone();
         tokio::spawn(async move {
             let last = match reload.await {
