@@ -82,6 +82,16 @@ pub trait Broker {
     /// An instance changed state.
     #[zbus(signal)]
     fn instance_state_changed(&self, id: u64, state: String) -> zbus::Result<()>;
+
+    /// A phase of generation `generation`'s launch: `started`, `listening`, `status`,
+    /// `ready`, `draining`, `done` (see docs/dbus-api.md for each detail's keys).
+    #[zbus(signal)]
+    fn reload_progress(
+        &self,
+        generation: u64,
+        phase: String,
+        detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
 }
 
 /// One entry of the `Instances` property, D-Bus type `(ttustt)`.

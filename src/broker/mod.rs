@@ -35,6 +35,7 @@ use crate::instance::Launch;
 use crate::listeners::{ListenerInfo, Registry};
 use crate::priority::Policy;
 use crate::process::Process;
+use crate::progress::Progress;
 use crate::state::State;
 use crate::systemd;
 
@@ -77,6 +78,11 @@ pub enum Event {
     InstanceStateChanged {
         id: InstanceId,
         state: InstanceState,
+    },
+    /// A phase of generation `generation`'s launch (`ReloadProgress`).
+    ReloadProgress {
+        generation: Generation,
+        progress: Progress,
     },
 }
 
@@ -307,6 +313,13 @@ impl Broker {
         let _ = self.events.send(event);
     }
 
+    fn progress(&self, generation: Generation, progress: Progress) {
+        self.emit(Event::ReloadProgress {
+            generation,
+            progress,
+        });
+    }
+
     /// Runs the application until the broker is told to stop (SIGTERM, SIGINT)
     /// or the application is gone for good. Returns the process exit code, or
     /// the one-line reason the application could not be started at all.
@@ -436,6 +449,11 @@ impl Broker {
                 "instance {instance} has exited"
             )));
         }
+        let starting = shared
+            .table
+            .get(instance)
+            .filter(|i| i.state == InstanceState::Starting)
+            .map(|i| i.generation);
         let fd = match shared.listeners.get(addr) {
             Some(held) => sockets::dup(&held.fd)?,
             None => {
@@ -446,6 +464,10 @@ impl Broker {
             }
         };
         shared.listeners.add_ref(addr, instance);
+        drop(shared);
+        if let Some(generation) = starting {
+            self.progress(generation, listening(addr));
+        }
         Ok(fd)
     }
 
@@ -462,6 +484,12 @@ impl Broker {
                 "instance {instance} holds no reference to {addr}"
             )))
         }
+    }
+
+    /// The tasks instance `id` last reported with `Report`, for the `draining`
+    /// phase. None until the reports are stored with the instance (obs-report).
+    fn reported_tasks(&self, _shared: &Shared, _id: InstanceId) -> Option<u32> {
+        None
     }
 
     /// Records that an instance serves.
@@ -507,6 +535,14 @@ impl Settings {
             raise_to,
             revision,
         })
+    }
+}
+
+/// The `listening` phase for a socket taken.
+fn listening(addr: &ListenAddr) -> Progress {
+    Progress::Listening {
+        network: addr.network.as_str().to_string(),
+        address: addr.endpoint.to_string(),
     }
 }
 

@@ -454,6 +454,14 @@ impl Broker1 {
         id: u64,
         state: &str,
     ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn reload_progress(
+        emitter: &SignalEmitter<'_>,
+        generation: u64,
+        phase: &str,
+        detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
 }
 
 impl Broker1 {
