@@ -185,11 +185,9 @@ impl Progress {
     }
 
     /// One `--json` line's object: phase, generation, the detail's fields and
-    /// `time` (seconds since the Unix epoch).
-    pub fn json(&self, generation: u64, time: Duration) -> serde_json::Value {
+    /// `time` (seconds since the Unix epoch), in this order.
+    pub fn json(&self, generation: u64, time: Duration) -> JsonEvent {
         let mut o = serde_json::Map::new();
-        o.insert("phase".into(), self.phase().into());
-        o.insert("generation".into(), generation.into());
         match self {
             Progress::Started { pid, reason } => {
                 o.insert("pid".into(), (*pid).into());
@@ -221,8 +219,29 @@ impl Progress {
                 o.insert("message".into(), message.as_str().into());
             }
         }
-        o.insert("time".into(), time.as_secs_f64().into());
-        serde_json::Value::Object(o)
+        JsonEvent {
+            phase: self.phase(),
+            generation,
+            fields: o,
+            time: time.as_secs_f64(),
+        }
+    }
+}
+
+/// A phase as `ally reload --json` prints it.
+#[derive(Debug, serde::Serialize)]
+pub struct JsonEvent {
+    pub phase: &'static str,
+    pub generation: u64,
+    #[serde(flatten)]
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    pub time: f64,
+}
+
+impl std::fmt::Display for JsonEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let line = serde_json::to_string(self).map_err(|_| std::fmt::Error)?;
+        f.write_str(&line)
     }
 }
 
@@ -378,8 +397,13 @@ mod tests {
     #[test]
     fn json_has_phase_generation_fields_and_time() {
         let j = every_phase()[4].json(8, Duration::from_millis(1500));
+        assert!(
+            j.to_string()
+                .starts_with(r#"{"phase":"draining","generation":8,"#)
+        );
+        assert!(j.to_string().ends_with(r#","time":1.5}"#));
         assert_eq!(
-            j,
+            serde_json::to_value(&j).unwrap(),
             serde_json::json!({
                 "phase": "draining", "generation": 8, "draining_generation": 7,
                 "instance": 7, "pid": 4100, "tasks": 3, "time": 1.5

@@ -14,7 +14,7 @@ use zbus::{MatchRule, Message, MessageStream, OwnedVariant};
 use crate::cli::ReloadArgs;
 use crate::control::{Target, reload_result};
 use crate::follow::{Follow, Input};
-use crate::progress::Progress;
+use crate::progress::{JsonEvent, Progress};
 
 /// How long a reload's `done` may lag behind `Reload`'s answer before it is
 /// given up on: both are sent at once, on one connection.
@@ -51,13 +51,15 @@ pub async fn reload(args: ReloadArgs) -> Result<i32, String> {
                 Ok(m) => (true, m),
                 Err(m) => (false, m),
             };
-            let object = serde_json::json!({
-                "phase": "result",
-                "success": success,
-                "generation": result.as_ref().map_or(0, |g| *g),
-                "message": message,
-                "time": now().as_secs_f64(),
-            });
+            let mut fields = serde_json::Map::new();
+            fields.insert("success".into(), success.into());
+            fields.insert("message".into(), message.as_str().into());
+            let object = JsonEvent {
+                phase: "result",
+                generation: result.as_ref().map_or(0, |g| *g),
+                fields,
+                time: now().as_secs_f64(),
+            };
             println!("{object}");
         }
         Output::Result | Output::Lines => {
