@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ally_core::proxy::{self, BrokerProxy, Status};
+use ally_core::report::AppReport;
 use zbus::Connection;
 
 use crate::cli::{ConnectArgs, ListArgs, ReloadArgs, StatusArgs};
@@ -187,6 +188,8 @@ pub fn render(status: &Status) -> String {
         "UPTIME".into(),
         "READY FOR".into(),
         "CONFIG".into(),
+        "VERSION".into(),
+        "TASKS".into(),
         "STATUS".into(),
     ]];
     for i in &status.instances {
@@ -195,15 +198,28 @@ pub fn render(status: &Status) -> String {
             .iter()
             .find(|c| c.id == i.id)
             .map_or_else(|| "-".into(), |c| revision(c.revision, &c.digest));
+        let app = status
+            .instance_app_reports
+            .iter()
+            .find(|r| r.id == i.id)
+            .map(|r| &r.report);
+        let said = [reported(status, i.id), app_description(app)]
+            .into_iter()
+            .filter(|s| !s.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         rows.push([
             i.id.to_string(),
             i.generation.to_string(),
             i.pid.to_string(),
-            i.state.clone(),
+            instance_state(&i.state, app),
             since(now, i.started_usec),
             since(now, i.ready_usec),
             config,
-            reported(status, i.id),
+            app_version(app),
+            app.and_then(|r| r.tasks)
+                .map_or_else(|| "-".into(), |n| n.to_string()),
+            said,
         ]);
     }
     for row in table(&rows) {
@@ -243,6 +259,59 @@ fn reported(status: &Status, id: u64) -> String {
         parts.push(format!("(main pid {})", r.main_pid));
     }
     parts.join(" ")
+}
+
+/// "draining (3 tasks left)": a draining instance's state with the tasks it
+/// reported it still has.
+fn instance_state(state: &str, report: Option<&AppReport>) -> String {
+    match report.and_then(|r| r.tasks) {
+        Some(1) if state == "draining" => "draining (1 task left)".into(),
+        Some(n) if state == "draining" => format!("draining ({n} tasks left)"),
+        _ => state.to_string(),
+    }
+}
+
+/// "1.4.2 (3f1c0a9be2d4)": the version an instance reported, and the start of its commit.
+fn app_version(report: Option<&AppReport>) -> String {
+    let Some(r) = report else {
+        return "-".into();
+    };
+    let version = r.version.as_deref().filter(|v| !v.is_empty());
+    let commit = r
+        .commit
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(|c| c.chars().take(12).collect::<String>());
+    match (version, commit) {
+        (Some(v), Some(c)) => format!("{} ({c})", clip(v, 24)),
+        (Some(v), None) => clip(v, 24),
+        (None, Some(c)) => c,
+        (None, None) => "-".into(),
+    }
+}
+
+fn app_description(report: Option<&AppReport>) -> String {
+    report
+        .and_then(|r| r.description.as_deref())
+        .map(|d| clip(d, 60))
+        .unwrap_or_default()
+}
+
+/// At most `max` characters of the first line of what an instance reported,
+/// "…" marking a cut; control characters (a terminal's escapes) shown as "�".
+fn clip(text: &str, max: usize) -> String {
+    let line = text.lines().next().unwrap_or("");
+    let shown = |c: char| if c.is_control() { '\u{fffd}' } else { c };
+    if line.chars().count() <= max && line.len() == text.len() {
+        return line.chars().map(shown).collect();
+    }
+    let mut clipped: String = line
+        .chars()
+        .take(max.saturating_sub(1))
+        .map(shown)
+        .collect();
+    clipped.push('…');
+    clipped
 }
 
 /// "2 (3f1c0a9be2d4)": a config revision and the start of its digest.
@@ -382,4 +451,62 @@ pub async fn list(args: ListArgs) -> Result<i32, String> {
         }
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(version: Option<&str>, commit: Option<&str>, tasks: Option<u32>) -> AppReport {
+        AppReport {
+            version: version.map(Into::into),
+            commit: commit.map(Into::into),
+            tasks,
+            description: None,
+        }
+    }
+
+    #[test]
+    fn a_draining_instance_shows_its_tasks_left() {
+        let three = report(None, None, Some(3));
+        assert_eq!(
+            instance_state("draining", Some(&three)),
+            "draining (3 tasks left)"
+        );
+        let one = report(None, None, Some(1));
+        assert_eq!(
+            instance_state("draining", Some(&one)),
+            "draining (1 task left)"
+        );
+        assert_eq!(instance_state("ready", Some(&three)), "ready");
+        assert_eq!(instance_state("draining", None), "draining");
+        assert_eq!(
+            instance_state("draining", Some(&report(Some("1"), None, None))),
+            "draining"
+        );
+    }
+
+    #[test]
+    fn versions_show_the_start_of_the_commit() {
+        let full = report(Some("1.4.2"), Some("3f1c0a9be2d4c0ffee"), None);
+        assert_eq!(app_version(Some(&full)), "1.4.2 (3f1c0a9be2d4)");
+        assert_eq!(app_version(Some(&report(None, Some("abc"), None))), "abc");
+        assert_eq!(app_version(Some(&report(Some(""), None, Some(2)))), "-");
+        assert_eq!(app_version(None), "-");
+        let long = "v".repeat(100);
+        assert_eq!(
+            app_version(Some(&report(Some(&long), None, None)))
+                .chars()
+                .count(),
+            24
+        );
+    }
+
+    #[test]
+    fn reported_text_cannot_drive_the_terminal() {
+        assert_eq!(clip("ok\x1b[2Jgone", 60), "ok\u{fffd}[2Jgone");
+        assert_eq!(clip("two\nlines", 60), "two…");
+        assert_eq!(clip("abcdef", 4), "abc…");
+        assert_eq!(clip("abcd", 4), "abcd");
+    }
 }

@@ -185,6 +185,68 @@ fn a_terminal_sees_the_status_a_notify_app_sends_before_it_is_ready() {
     assert_eq!(lines.len(), 6, "one line a phase: {lines:?}");
 }
 
+/// An app (dbus-python) that reports 3 tasks, and once asked to stop
+/// finishes them one by one, reporting each, then exits.
+fn reporting_app(dir: &Path, port: u16) -> String {
+    let script = dir.join("reporting.py");
+    std::fs::write(
+        &script,
+        r#"import os, signal, socket, sys, time
+import dbus
+bus = dbus.connection.Connection(os.environ["ALLY_ADDRESS"])
+def call(method, signature="", args=()):
+    return bus.call_blocking(None, "/org/ally", "org.ally.Broker1", method, signature, list(args))
+listener = socket.socket(fileno=call("Listen", "ss", ["tcp", sys.argv[1]]).take())
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(1))
+call("Report", "a{sv}", [{"tasks": dbus.UInt32(3)}])
+call("Ready")
+while not stopping:
+    time.sleep(0.05)
+for left in (2, 1, 0):
+    time.sleep(0.3)
+    call("Report", "a{sv}", [{"tasks": dbus.UInt32(left)}])
+"#,
+    )
+    .unwrap();
+    // Debian's python3, which has python3-dbus (a python3 earlier on PATH may not).
+    format!(
+        "command = [\"/usr/bin/python3\", {script:?}, \"127.0.0.1:{port}\"]\nready_timeout = \"10s\"\nstop_timeout = \"10s\"\n",
+        script = script.display().to_string(),
+    )
+}
+
+#[test]
+fn a_terminal_sees_the_old_generations_tasks_count_down_until_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let broker = TestBroker::start("web", &reporting_app(dir.path(), port));
+    broker.wait_running(1);
+    let old = broker.pids("ready")[0];
+
+    let (ok, lines) = on_terminal(&broker, &["reload", "web"]);
+    assert!(ok, "{lines:?}");
+    let new = broker.pids("ready")[0];
+    let draining = format!("  generation 1 (pid {old}) draining: ");
+    in_order(
+        &lines,
+        &[
+            &format!("generation 2 started (pid {new})"),
+            &format!("  listening on tcp 127.0.0.1:{port}"),
+            "  ready after *s",
+            &format!("{draining}3 tasks left"),
+            &format!("{draining}2 tasks left"),
+            &format!("{draining}1 task left"),
+            &format!("{draining}0 tasks left"),
+            "web: reloaded to generation 2",
+        ],
+    );
+    assert!(
+        !pid_alive(old),
+        "the result comes once generation 1 has exited"
+    );
+}
+
 #[test]
 fn json_gives_one_parseable_event_a_line_in_order_then_the_result() {
     let dir = tempfile::tempdir().unwrap();

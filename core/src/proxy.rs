@@ -17,6 +17,7 @@ use zbus::{OwnedVariant, Type, Variant};
 
 use zbus::Result;
 
+use crate::report::AppReport;
 use crate::state::calls::Call;
 
 /// Object path the broker serves.
@@ -49,6 +50,10 @@ pub trait Broker {
     /// The calling instance serves.
     fn ready(&self) -> zbus::Result<()>;
 
+    /// What the calling instance says about itself: `version` (s), `commit` (s),
+    /// `tasks` (u), `description` (s); each call replaces the keys it names.
+    fn report(&self, report: HashMap<&str, Variant<'_>>) -> zbus::Result<()>;
+
     /// Starts a new generation; returns its number once it is ready.
     fn reload(&self) -> zbus::Result<u64>;
 
@@ -75,6 +80,10 @@ pub trait Broker {
     #[zbus(property)]
     fn listeners(&self) -> zbus::Result<Vec<Listener>>;
 
+    /// What each instance reported with `Report`, by instance id.
+    #[zbus(property)]
+    fn reports(&self) -> zbus::Result<HashMap<u64, HashMap<String, OwnedVariant>>>;
+
     /// A reload or crash restart ended.
     #[zbus(signal)]
     fn reload_finished(&self, generation: u64, success: bool, message: String) -> zbus::Result<()>;
@@ -91,6 +100,16 @@ pub trait Broker {
         generation: u64,
         phase: String,
         detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
+
+    /// An instance's `Report` changed what it reports; `report` holds every key it
+    /// reported so far.
+    #[zbus(signal)]
+    fn instance_reported(
+        &self,
+        id: u64,
+        generation: u64,
+        report: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()>;
 }
 
@@ -144,6 +163,16 @@ pub struct InstanceReport {
     pub main_pid: u32,
 }
 
+/// One entry of `Status()`'s `instance_app_reports` (D-Bus `a{ta{sv}}`, by instance
+/// id): what an instance said with `Report`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceAppReport {
+    /// The instance's id, as in [`Instance::id`].
+    pub id: u64,
+    #[serde(flatten)]
+    pub report: AppReport,
+}
+
 /// The reply of `Status()`, typed. Keys the broker does not send keep their default.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Status {
@@ -183,6 +212,9 @@ pub struct Status {
     /// What instances said on their notification sockets, for those that did.
     #[serde(default)]
     pub instance_reports: Vec<InstanceReport>,
+    /// What instances said with `Report`, for those that did, by instance id.
+    #[serde(default)]
+    pub instance_app_reports: Vec<InstanceAppReport>,
 }
 
 impl Status {
@@ -207,11 +239,30 @@ impl Status {
                 "config_digest" => status.config_digest = field(&key, value)?,
                 "instance_configs" => status.instance_configs = field(&key, value)?,
                 "instance_reports" => status.instance_reports = field(&key, value)?,
+                "instance_app_reports" => {
+                    status.instance_app_reports = app_reports(field(&key, value)?)?
+                }
                 _ => {}
             }
         }
         Ok(status)
     }
+}
+
+/// The reports of `instance_app_reports` or the `Reports` property, by instance id.
+pub fn app_reports(
+    by_id: HashMap<u64, HashMap<String, OwnedVariant>>,
+) -> Result<Vec<InstanceAppReport>> {
+    let mut reports = by_id
+        .into_iter()
+        .map(|(id, dict)| {
+            AppReport::from_broker(&dict)
+                .map(|report| InstanceAppReport { id, report })
+                .map_err(|e| zbus::Error::Failure(format!("instance {id}'s report: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    reports.sort_by_key(|r| r.id);
+    Ok(reports)
 }
 
 fn field<T>(key: &str, value: OwnedVariant) -> Result<T>
@@ -363,7 +414,23 @@ mod tests {
             Variant::from(configs.clone()),
         );
         put(&mut dict, "config_revision", Variant::from(2u64));
+        let report = AppReport {
+            version: Some("1.4".into()),
+            tasks: Some(3),
+            ..AppReport::default()
+        };
+        let mut newer = report.to_dict();
+        newer.insert("future".into(), Variant::from(1u8).try_into().unwrap());
+        put(
+            &mut dict,
+            "instance_app_reports",
+            Variant::from(HashMap::from([(7u64, newer)])),
+        );
         let status = Status::from_dict(dict).unwrap();
+        assert_eq!(
+            status.instance_app_reports,
+            vec![InstanceAppReport { id: 7, report }]
+        );
         assert_eq!(status.instance_configs, configs);
         assert_eq!(status.config_revision, 2);
         assert_eq!(status.app, "web");

@@ -483,6 +483,7 @@ impl Broker {
                 process,
                 settings,
                 reported: Default::default(),
+                app_report: Default::default(),
                 extended: watch::channel(None).0,
                 watchdog,
                 main: None,

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Instant, SystemTime};
 
 use ally_core::net::{ListenAddr, ListenOptions};
+use ally_core::report::AppReport;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use crate::config::revision::Revision;
@@ -84,6 +85,12 @@ pub enum Event {
         generation: Generation,
         progress: Progress,
     },
+    /// An instance's `Report` changed what it reports; `report` is all of it.
+    InstanceReported {
+        id: InstanceId,
+        generation: Generation,
+        report: AppReport,
+    },
 }
 
 /// A crash restart waiting for its back-off.
@@ -113,6 +120,8 @@ pub struct Status {
     pub pending_restart: Option<PendingRestart>,
     /// What instances said on their notification sockets, for those that did.
     pub reported: Vec<(InstanceId, Reported)>,
+    /// What instances said with `Report`, for those that did.
+    pub app_reports: Vec<(InstanceId, AppReport)>,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -130,6 +139,8 @@ struct Tracked {
     settings: Arc<Settings>,
     /// What it said on its notification socket.
     reported: Reported,
+    /// What it said with `Report`.
+    app_report: AppReport,
     /// Until when `EXTEND_TIMEOUT_USEC=` let its start run.
     extended: watch::Sender<Option<tokio::time::Instant>>,
     /// Its watchdog, with `watchdog` configured.
@@ -412,7 +423,54 @@ impl Broker {
                         .then(|| (i.id, tracked.reported.clone()))
                 })
                 .collect(),
+            app_reports: self
+                .instance_app_reports()
+                .into_iter()
+                .map(|(id, _, report)| (id, report))
+                .collect(),
         }
+    }
+
+    /// What each instance not yet reaped reported with `Report`, for those
+    /// that did, in the instance table's order: `(id, generation, report)`.
+    pub fn instance_app_reports(&self) -> Vec<(InstanceId, Generation, AppReport)> {
+        let shared = self.lock();
+        shared
+            .table
+            .iter()
+            .filter_map(|i| {
+                let report = &shared.tracked.get(&i.id)?.app_report;
+                (!report.is_empty()).then(|| (i.id, i.generation, report.clone()))
+            })
+            .collect()
+    }
+
+    /// Replaces the keys `update` names in what `instance` reports, and tells
+    /// every subscriber when that changed anything.
+    pub fn report(&self, instance: InstanceId, update: AppReport) -> Result<(), Error> {
+        let mut shared = self.lock();
+        let generation = shared
+            .table
+            .get(instance)
+            .map(|i| i.generation)
+            .ok_or_else(|| Error::invalid_argument(format!("instance {instance} has exited")))?;
+        let Some(tracked) = shared.tracked.get_mut(&instance) else {
+            return Err(Error::invalid_argument(format!(
+                "instance {instance} has exited"
+            )));
+        };
+        if !tracked.app_report.merge(update) {
+            return Ok(());
+        }
+        let report = tracked.app_report.clone();
+        // Sent under the lock, so subscribers see changes in the order they were made.
+        self.emit(Event::InstanceReported {
+            id: instance,
+            generation,
+            report,
+        });
+        drop(shared);
+        Ok(())
     }
 
     /// Instance ids by main pid, for telling callers apart.
@@ -486,10 +544,9 @@ impl Broker {
         }
     }
 
-    /// The tasks instance `id` last reported with `Report`, for the `draining`
-    /// phase. None until the reports are stored with the instance (obs-report).
-    fn reported_tasks(&self, _shared: &Shared, _id: InstanceId) -> Option<u32> {
-        None
+    /// The tasks instance `id` last reported with `Report`, for the `draining` phase.
+    fn reported_tasks(&self, shared: &Shared, id: InstanceId) -> Option<u32> {
+        shared.tracked.get(&id)?.app_report.tasks
     }
 
     /// Records that an instance serves.

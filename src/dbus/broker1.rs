@@ -6,6 +6,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use ally_core::net::{ListenAddr, ListenOptions};
+use ally_core::report::AppReport;
 use ally_core::state::calls::{CONNECTION_OWNER, Holder, Requires};
 use zbus::message::Header;
 use zbus::object_server::SignalEmitter;
@@ -371,6 +372,22 @@ impl Broker1 {
         self.broker.ready(instance)
     }
 
+    /// What the calling instance says about itself: `version`, `commit`,
+    /// `tasks`, `description` (see `ally_core::report`).
+    async fn report(
+        &self,
+        report: HashMap<String, OwnedVariant>,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<()> {
+        let instance = self
+            .access
+            .require_instance(Some(&header), conn, "Report")
+            .await?;
+        let update = AppReport::from_dict(&report)?;
+        self.broker.report(instance, update)
+    }
+
     #[zbus(out_args("generation"))]
     async fn reload(
         &self,
@@ -440,6 +457,17 @@ impl Broker1 {
         Ok(listener_entries(&self.broker.status()))
     }
 
+    /// What each instance reported with `Report`, by instance id: `a{ta{sv}}`.
+    #[zbus(property(emits_changed_signal = "false"))]
+    async fn reports(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> zbus::fdo::Result<HashMap<u64, HashMap<String, OwnedVariant>>> {
+        self.property_access(header.as_ref(), conn).await?;
+        Ok(app_reports(&self.broker.status()))
+    }
+
     #[zbus(signal)]
     pub async fn reload_finished(
         emitter: &SignalEmitter<'_>,
@@ -461,6 +489,14 @@ impl Broker1 {
         generation: u64,
         phase: &str,
         detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
+    pub async fn instance_reported(
+        emitter: &SignalEmitter<'_>,
+        id: u64,
+        generation: u64,
+        report: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()>;
 }
 
@@ -578,6 +614,16 @@ fn instance_reports(status: &Status) -> Vec<(u64, String, bool, i32, u32)> {
         .collect()
 }
 
+/// What each instance reported with `Report`, by id: `instance_app_reports`
+/// and the `Reports` property, `a{ta{sv}}`.
+fn app_reports(status: &Status) -> HashMap<u64, HashMap<String, OwnedVariant>> {
+    status
+        .app_reports
+        .iter()
+        .map(|(id, report)| (*id, report.to_dict()))
+        .collect()
+}
+
 fn listener_entries(status: &Status) -> Vec<ListenerEntry> {
     status
         .listeners
@@ -643,6 +689,10 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
         (
             "instance_reports".to_string(),
             owned(Variant::new(instance_reports(status)))?,
+        ),
+        (
+            "instance_app_reports".to_string(),
+            owned(Variant::new(app_reports(status)))?,
         ),
     ]))
 }

@@ -160,6 +160,9 @@ pub async fn forward_events(conn: &zbus::Connection, broker: &Broker) {
                     Ok(Event::ReloadProgress { generation, progress }) => {
                         emitter.reload_progress(generation, progress.phase(), progress.detail()).await
                     }
+                    Ok(Event::InstanceReported { id, generation, report }) => {
+                        emitter.instance_reported(id, generation, report.to_dict()).await
+                    }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Ok(()),
                     Err(_) => return,
                 };
