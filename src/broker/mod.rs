@@ -393,6 +393,12 @@ impl Broker {
 
     pub fn status(&self) -> Status {
         let settings = self.settings();
+        // Before the lock: it takes it.
+        let app_reports = self
+            .instance_app_reports()
+            .into_iter()
+            .map(|(id, _, report)| (id, report))
+            .collect();
         let shared = self.lock();
         Status {
             app: self.app.clone(),
@@ -423,11 +429,7 @@ impl Broker {
                         .then(|| (i.id, tracked.reported.clone()))
                 })
                 .collect(),
-            app_reports: self
-                .instance_app_reports()
-                .into_iter()
-                .map(|(id, _, report)| (id, report))
-                .collect(),
+            app_reports,
         }
     }
 
