@@ -28,7 +28,8 @@ pub enum Command {
     Run(RunArgs),
     /// Read APP's config again, start a new generation with it and wait until it is
     /// ready; fails if the config no longer reads or the generation is not ready.
-    Reload(TargetArgs),
+    /// On a terminal it shows each phase as it happens, then the result line.
+    Reload(ReloadArgs),
     /// Show APP's generations, instances and listeners (every broker without APP).
     Status(StatusArgs),
     /// List the brokers that can be reached.
@@ -200,6 +201,21 @@ pub struct RunArgs {
 pub struct TargetArgs {
     /// Application name.
     pub app: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReloadArgs {
+    /// Application name.
+    pub app: String,
+    /// Print nothing but errors.
+    #[arg(long, short = 'q', conflicts_with = "json")]
+    pub quiet: bool,
+    /// Print each phase as a JSON object, one a line, then the result's (whether or not
+    /// stdout is a terminal).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }

@@ -12,7 +12,7 @@ use ally_core::proxy::{self, BrokerProxy, Status};
 use ally_core::report::AppReport;
 use zbus::Connection;
 
-use crate::cli::{ConnectArgs, ListArgs, StatusArgs, TargetArgs};
+use crate::cli::{ConnectArgs, ListArgs, ReloadArgs, StatusArgs};
 use crate::runtime_dir;
 
 /// A connection to one broker.
@@ -132,14 +132,15 @@ pub fn describe_error(e: zbus::Error) -> String {
     }
 }
 
-pub async fn reload(args: TargetArgs) -> Result<i32, String> {
-    let target = Target::connect(&args.app, &args.connect).await?;
-    match target.reload().await {
-        Ok(generation) => {
-            println!("{}: reloaded to generation {generation}", args.app);
-            Ok(0)
-        }
-        Err(reason) => Err(format!("reload of {} failed: {reason}", args.app)),
+pub async fn reload(args: ReloadArgs) -> Result<i32, String> {
+    crate::reload_command::reload(args).await
+}
+
+/// The one line `ally reload` prints when it is done, as it always has.
+pub fn reload_result(app: &str, result: &Result<u64, String>) -> Result<String, String> {
+    match result {
+        Ok(generation) => Ok(format!("{app}: reloaded to generation {generation}")),
+        Err(reason) => Err(format!("reload of {app} failed: {reason}")),
     }
 }
 

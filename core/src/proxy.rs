@@ -92,6 +92,16 @@ pub trait Broker {
     #[zbus(signal)]
     fn instance_state_changed(&self, id: u64, state: String) -> zbus::Result<()>;
 
+    /// A phase of generation `generation`'s launch: `started`, `listening`, `status`,
+    /// `ready`, `draining`, `done` (see docs/dbus-api.md for each detail's keys).
+    #[zbus(signal)]
+    fn reload_progress(
+        &self,
+        generation: u64,
+        phase: String,
+        detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
+
     /// An instance's `Report` changed what it reports; `report` holds every key it
     /// reported so far.
     #[zbus(signal)]

@@ -21,6 +21,7 @@ use crate::generations::{Generation, InstanceId, InstanceState};
 use crate::instance;
 use crate::priority::{self, Policy};
 use crate::process::Process;
+use crate::progress::Progress;
 use crate::systemd;
 
 /// Why a launch did not end with a ready generation.
@@ -354,6 +355,19 @@ impl Broker {
             process.clone(),
             settings.clone(),
         );
+        // Before the instance can be told apart as a caller: its Listen calls come after.
+        self.progress(
+            generation,
+            Progress::Started {
+                pid,
+                reason: launch.as_str().to_string(),
+            },
+        );
+        if settings.config.sockets == Sockets::ListenFds {
+            for entry in &settings.config.listen {
+                self.progress(generation, super::listening(&entry.addr));
+            }
+        }
         self.roster.record(pid, id);
         drop(spawning);
         let last_probe = self.start_unmodified(settings, id, generation, pid, notify);
@@ -441,12 +455,31 @@ impl Broker {
         if idle {
             self.raise(settings, generation, pid);
         }
-        let older: Vec<(u64, u32)> = {
+        self.progress(
+            generation,
+            Progress::Ready {
+                seconds: started.elapsed().as_secs_f64(),
+            },
+        );
+        let older: Vec<(u64, u32, Progress)> = {
             let mut shared = self.lock();
             let older = shared.table.others_running(id);
-            shared.table.begin_drain_all(older)
+            let older = shared.table.begin_drain_all(older);
+            older
+                .into_iter()
+                .map(|(old, old_pid)| {
+                    let draining = Progress::Draining {
+                        generation: shared.table.get(old).map_or(0, |i| i.generation),
+                        instance: old,
+                        pid: old_pid,
+                        tasks: self.reported_tasks(&shared, old),
+                    };
+                    (old, old_pid, draining)
+                })
+                .collect()
         };
-        for (old, old_pid) in older {
+        for (old, old_pid, draining) in older {
+            self.progress(generation, draining);
             self.drain(old, old_pid);
         }
         let elapsed = started.elapsed();
@@ -588,6 +621,13 @@ impl Broker {
         } else {
             systemd::status(&status);
         }
+        self.progress(
+            generation,
+            Progress::Done {
+                success,
+                message: message.clone(),
+            },
+        );
         self.emit(Event::ReloadFinished {
             generation: if success { generation } else { 0 },
             success,

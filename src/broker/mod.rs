@@ -39,6 +39,7 @@ use crate::instance::Launch;
 use crate::listeners::{ListenerInfo, Registry};
 use crate::priority::Policy;
 use crate::process::Process;
+use crate::progress::Progress;
 use crate::state::State;
 use crate::systemd;
 
@@ -82,6 +83,11 @@ pub enum Event {
     InstanceStateChanged {
         id: InstanceId,
         state: InstanceState,
+    },
+    /// A phase of generation `generation`'s launch (`ReloadProgress`).
+    ReloadProgress {
+        generation: Generation,
+        progress: Progress,
     },
     /// An instance's `Report` changed what it reports; `report` is all of it.
     InstanceReported {
@@ -355,6 +361,13 @@ impl Broker {
         let _ = self.events.send(event);
     }
 
+    fn progress(&self, generation: Generation, progress: Progress) {
+        self.emit(Event::ReloadProgress {
+            generation,
+            progress,
+        });
+    }
+
     /// Runs the application until the broker is told to stop (SIGTERM, SIGINT)
     /// or the application is gone for good. Returns the process exit code, or
     /// the one-line reason the application could not be started at all.
@@ -593,6 +606,11 @@ impl Broker {
                 "instance {instance} has exited"
             )));
         }
+        let starting = shared
+            .table
+            .get(instance)
+            .filter(|i| i.state == InstanceState::Starting)
+            .map(|i| i.generation);
         let fd = match shared.listeners.get(addr) {
             Some(held) => sockets::dup(&held.fd)?,
             None => {
@@ -603,6 +621,10 @@ impl Broker {
             }
         };
         shared.listeners.add_ref(addr, instance);
+        drop(shared);
+        if let Some(generation) = starting {
+            self.progress(generation, listening(addr));
+        }
         Ok(fd)
     }
 
@@ -619,6 +641,11 @@ impl Broker {
                 "instance {instance} holds no reference to {addr}"
             )))
         }
+    }
+
+    /// The tasks instance `id` last reported with `Report`, for the `draining` phase.
+    fn reported_tasks(&self, shared: &Shared, id: InstanceId) -> Option<u32> {
+        shared.tracked.get(&id)?.app_report.tasks
     }
 
     /// Records that an instance serves.
@@ -675,6 +702,14 @@ fn app_reports(shared: &Shared) -> impl Iterator<Item = (InstanceId, Generation,
         let report = &shared.tracked.get(&i.id)?.app_report;
         (!report.is_empty()).then_some((i.id, i.generation, report))
     })
+}
+
+/// The `listening` phase for a socket taken.
+fn listening(addr: &ListenAddr) -> Progress {
+    Progress::Listening {
+        network: addr.network.as_str().to_string(),
+        address: addr.endpoint.to_string(),
+    }
 }
 
 fn signal_stream(kind: tokio::signal::unix::SignalKind) -> tokio::signal::unix::Signal {

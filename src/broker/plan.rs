@@ -39,6 +39,17 @@ pub enum Launch {
     Restart,
 }
 
+impl Launch {
+    /// As the `started` phase's `reason` names it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Launch::Start => "start",
+            Launch::Reload => "reload",
+            Launch::Restart => "restart",
+        }
+    }
+}
+
 /// What the broker knows when it decides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Facts {

@@ -205,6 +205,11 @@ impl Broker {
             }
             Field::Status(status) => {
                 tracing::debug!(instance = id, "STATUS={status}");
+                let generation = self.lock().table.get(id).map(|i| i.generation);
+                if let Some(generation) = generation {
+                    let text = status.clone();
+                    self.progress(generation, crate::progress::Progress::Status { text });
+                }
                 self.update_reported(id, |r| r.status = Some(status));
                 let shared = self.lock();
                 if shared.table.current().is_some_and(|i| i.id == id) {

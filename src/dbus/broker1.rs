@@ -534,6 +534,14 @@ impl Broker1 {
     ) -> zbus::Result<()>;
 
     #[zbus(signal)]
+    pub async fn reload_progress(
+        emitter: &SignalEmitter<'_>,
+        generation: u64,
+        phase: &str,
+        detail: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()>;
+
+    #[zbus(signal)]
     pub async fn instance_reported(
         emitter: &SignalEmitter<'_>,
         id: u64,

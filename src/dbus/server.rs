@@ -157,6 +157,9 @@ pub async fn forward_events(conn: &zbus::Connection, broker: &Broker) {
                     Ok(Event::InstanceStateChanged { id, state }) => {
                         emitter.instance_state_changed(id, state.as_str()).await
                     }
+                    Ok(Event::ReloadProgress { generation, progress }) => {
+                        emitter.reload_progress(generation, progress.phase(), progress.detail()).await
+                    }
                     Ok(Event::InstanceReported { id, generation, report }) => {
                         emitter.instance_reported(id, generation, report.to_dict()).await
                     }
