@@ -129,6 +129,16 @@ fn broken_version_fails_reload(server: Server, reason: &str) {
     assert_eq!(broker.status()["state"], "running", "{said}");
     wait_for_version(addr, "v0");
 
+    // uvicorn's own graceful stop closes connections it accepted but has not read
+    // yet (bounded in `uvicorn_ab_loses_only_connections_accepted_as_it_stops`):
+    // its load ends before the fixed version's reload stops the old generation,
+    // so what is measured here is the broken version's effect alone.
+    let own_stop_loses = server == Server::Uvicorn;
+    let (early, load) = if own_stop_loses {
+        (Some(load.finish()), None)
+    } else {
+        (None, Some(load))
+    };
     write_config(&broker, server, port, &version_file, Build::Good, "v2");
     let out = broker.reload();
     assert!(
@@ -144,7 +154,7 @@ fn broken_version_fails_reload(server: Server, reason: &str) {
         Duration::from_secs(30),
         || broker.pids("draining").is_empty(),
     );
-    let report = load.finish();
+    let report = early.unwrap_or_else(|| load.expect("the load").finish());
     eprintln!(
         "{} with a broken version under ab: {} requests, {} failed",
         server.label(),
