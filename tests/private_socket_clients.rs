@@ -10,8 +10,6 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use ally_core::wire::{self, FIXED_HEADER};
@@ -26,39 +24,11 @@ fn fixtures() -> PathBuf {
 
 /// `fixtures()/godbus`, built once with Debian's Go and godbus, offline.
 fn godbus_app() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
-        return path.clone();
-    }
-    let gopath = tempfile::tempdir().unwrap();
-    let package = gopath.path().join("src/privatesocket");
-    std::fs::create_dir_all(&package).unwrap();
-    for file in ["go.mod", "main.go"] {
-        std::fs::copy(fixtures().join("godbus").join(file), package.join(file)).unwrap();
-    }
-    let binary = target_dir().join("private_socket_godbus");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(&package)
-        .env(
-            "GOPATH",
-            format!("{}:/usr/share/gocode", gopath.path().display()),
-        )
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .env("GOCACHE", target_dir().join("go-cache"))
-        .output()
-        .unwrap_or_else(|e| panic!("running go: {e} (apt install golang-go golang-dbus-dev)"));
-    assert!(
-        out.status.success(),
-        "building the godbus app (apt install golang-go golang-dbus-dev): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    *built = Some(binary.clone());
-    binary
+    ally_testkit::go::build_program(
+        &fixtures().join("godbus"),
+        "private_socket_godbus",
+        "apt install golang-go golang-dbus-dev",
+    )
 }
 
 /// The line an instance answers a connection to `port` with.

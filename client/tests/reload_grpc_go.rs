@@ -8,48 +8,18 @@
 //! gRPC clients in most languages do. This is what a Go service calling ours sees.
 
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ally_testkit::{Broker, build_ally, example, free_port, target_dir, wait_until};
+use ally_testkit::{Broker, build_ally, example, free_port, wait_until};
 
 const RELOADS: u32 = 20;
 const CLIENTS: u32 = 8;
 
-/// Builds `client/tests/load/grpc_go` with Debian's Go and gRPC sources, offline.
-fn grpc_go_client() -> PathBuf {
-    let source = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/load/grpc_go");
-    let gopath = tempfile::tempdir().unwrap();
-    let package = gopath.path().join("src/grpc_go");
-    std::fs::create_dir_all(&package).unwrap();
-    std::fs::copy(source.join("main.go"), package.join("main.go")).unwrap();
-    let binary = target_dir().join("grpc_go");
-    let gopath_env = format!("{}:/usr/share/gocode", gopath.path().display());
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(&package)
-        .env("GOPATH", gopath_env)
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running go: {e} (apt install golang-go golang-google-grpc-dev)")
-        });
-    assert!(
-        out.status.success(),
-        "building the grpc-go client (apt install golang-go golang-google-grpc-dev): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    binary
-}
-
 #[test]
 fn grpc_go_clients_on_kept_channels_lose_no_call() {
     build_ally();
-    let client = grpc_go_client();
+    let client = ally_testkit::go::grpc_load_client();
     let port = free_port();
     let config = format!(
         "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\"]\nready_timeout = \"20s\"\nstop_timeout = \"20s\"\n",

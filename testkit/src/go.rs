@@ -78,19 +78,33 @@ pub fn hello_grpc() -> PathBuf {
 
 /// The grpc-go load client of `client/tests/load/grpc_go` (`grpc_go ADDR CLIENTS`:
 /// unary `hello.Greeter/Hello` calls back to back on kept channels until stdin
-/// closes, then `calls=N failed=M`), built once per process in GOPATH mode.
+/// closes, then `calls=N failed=M`).
 pub fn grpc_load_client() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/tests/load/grpc_go");
+    build_program(&source, "grpc-load", APT)
+}
+
+/// Builds the Go program whose files are in `source` (a `main` package; a `go.mod`
+/// there lets it import `.../v5` paths) into `target/<profile>/go/<name>`, once per
+/// process, offline in GOPATH mode over Debian's `/usr/share/gocode`; panics saying
+/// what to install (`install`) if it cannot.
+pub fn build_program(source: &Path, name: &str, install: &str) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<String, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
+    if let Some(path) = built.get_or_insert_with(HashMap::new).get(name) {
         return path.clone();
     }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../client/tests/load/grpc_go");
     let gopath = tempfile::tempdir().expect("a temporary GOPATH");
-    let package = gopath.path().join("src/grpc_go");
+    let package = gopath.path().join("src").join(name);
     std::fs::create_dir_all(&package).expect("creating the Go package directory");
-    std::fs::copy(source.join("main.go"), package.join("main.go")).expect("copying main.go");
-    let binary = target_dir().join("go").join("grpc-load");
+    for entry in std::fs::read_dir(source).expect("reading the Go program's directory") {
+        let entry = entry.expect("reading the Go program's directory");
+        if entry.file_type().is_ok_and(|t| t.is_file()) {
+            std::fs::copy(entry.path(), package.join(entry.file_name()))
+                .expect("copying the Go program");
+        }
+    }
+    let binary = target_dir().join("go").join(name);
     let out = Command::new("go")
         .args(["build", "-o"])
         .arg(&binary)
@@ -102,14 +116,18 @@ pub fn grpc_load_client() -> PathBuf {
         )
         .env("GO111MODULE", "off")
         .env("GOFLAGS", "")
+        .env("GOPROXY", "off")
         .env("GOCACHE", target_dir().join("go-cache"))
         .output()
-        .unwrap_or_else(|e| panic!("running go: {e} ({APT})"));
+        .unwrap_or_else(|e| panic!("running go: {e} ({install})"));
     assert!(
         out.status.success(),
-        "building the grpc-go load client ({APT}): {}",
+        "building the Go program of {} ({install}): {}",
+        source.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    *built = Some(binary.clone());
+    built
+        .get_or_insert_with(HashMap::new)
+        .insert(name.to_string(), binary.clone());
     binary
 }

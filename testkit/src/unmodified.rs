@@ -9,9 +9,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
-
-use crate::target_dir;
 
 /// Debian's Python, which has gunicorn's and uvicorn's modules (another
 /// `python3` on the PATH may not).
@@ -230,37 +227,11 @@ const GO_SYSTEMD: &str = "/usr/share/gocode/src/github.com/coreos/go-systemd";
 /// The Go program of `fixtures()/go`, built once per process with Debian's Go
 /// and go-systemd sources, offline (GOPATH mode).
 pub fn go_app() -> PathBuf {
-    static BUILT: Mutex<Option<PathBuf>> = Mutex::new(None);
-    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(path) = built.as_ref() {
-        return path.clone();
-    }
-    let gopath = tempfile::tempdir().expect("a temporary GOPATH");
-    let package = gopath.path().join("src/unmodified_go");
-    std::fs::create_dir_all(&package).expect("creating the Go package directory");
-    std::fs::copy(fixtures().join("go/main.go"), package.join("main.go")).expect("copying main.go");
-    let binary = target_dir().join("unmodified_go");
-    let out = Command::new("go")
-        .args(["build", "-o"])
-        .arg(&binary)
-        .arg(".")
-        .current_dir(&package)
-        .env(
-            "GOPATH",
-            format!("{}:/usr/share/gocode", gopath.path().display()),
-        )
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .env("GOCACHE", target_dir().join("go-cache"))
-        .output()
-        .unwrap_or_else(|e| panic!("running go: {e} (apt install golang-go)"));
-    assert!(
-        out.status.success(),
-        "building the Go app (apt install golang-go golang-github-coreos-go-systemd-dev): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    *built = Some(binary.clone());
-    binary
+    crate::go::build_program(
+        &fixtures().join("go"),
+        "unmodified_go",
+        "apt install golang-go golang-github-coreos-go-systemd-dev",
+    )
 }
 
 #[cfg(test)]
