@@ -140,7 +140,7 @@ pub async fn reload(args: ReloadArgs) -> Result<i32, String> {
 pub fn reload_result(app: &str, result: &Result<u64, String>) -> Result<String, String> {
     match result {
         Ok(generation) => Ok(format!("{app}: reloaded to generation {generation}")),
-        Err(reason) => Err(format!("reload of {app} failed: {reason}")),
+        Err(reason) => Err(format!("reload of {app} failed: {}", printable(reason))),
     }
 }
 
@@ -158,7 +158,10 @@ pub fn render(status: &Status) -> String {
     line(format!("    broker pid: {}", status.pid));
     line(format!("       reloads: {}", status.reloads));
     if !status.last_reload.is_empty() {
-        line(format!("   last reload: {}", status.last_reload));
+        line(format!(
+            "   last reload: {}",
+            printable(&status.last_reload)
+        ));
     }
     let now = SystemTime::now();
     if status.config_revision > 0 {
@@ -176,7 +179,7 @@ pub fn render(status: &Status) -> String {
         line(format!("         watch: {}", status.watch.join(", ")));
     }
     if !status.watch_last.is_empty() {
-        line(format!("    last watch: {}", status.watch_last));
+        line(format!("    last watch: {}", printable(&status.watch_last)));
     }
     if status.log_lines_dropped > 0 {
         line(format!(
@@ -307,6 +310,15 @@ fn app_description(report: Option<&AppReport>) -> String {
         .and_then(|r| r.description.as_deref())
         .map(|d| clip(d, 60))
         .unwrap_or_default()
+}
+
+/// A message of the broker's as a terminal may show it: what it quotes of an app
+/// or a check (their output, their `STATUS=`) may hold control characters (a
+/// terminal's escapes), shown as "�".
+pub(crate) fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
 }
 
 /// At most `max` characters of the first line of what an instance reported,
@@ -467,6 +479,16 @@ pub async fn list(args: ListArgs) -> Result<i32, String> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_quoted_escape_never_reaches_the_terminal() {
+        let reason = "the check refused the reload: \u{1b}]0;owned\u{7}\u{1b}[2J done".to_string();
+        let shown = reload_result("web", &Err(reason)).unwrap_err();
+        assert!(!shown.chars().any(char::is_control), "{shown:?}");
+        assert!(shown.ends_with("\u{fffd}[2J done"), "{shown:?}");
+        assert_eq!(printable("plain text"), "plain text");
+    }
+
     use super::*;
 
     fn report(version: Option<&str>, commit: Option<&str>, tasks: Option<u32>) -> AppReport {

@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::cli::{HistoryArgs, TargetArgs};
-use crate::control::{Target, describe_error, table, until};
+use crate::control::{Target, describe_error, printable, table, until};
 use crate::dbus::broker1::HistoryEntry;
 
 /// One reload or restart, as `ally history --json` prints it.
@@ -119,7 +119,7 @@ pub fn render(entries: &[Entry], now: SystemTime) -> String {
             generation,
             duration,
             e.result.clone(),
-            reason,
+            printable(&reason),
         ]);
     }
     table(&rows).into_iter().map(|l| l + "\n").collect()
