@@ -124,12 +124,12 @@ fn empty_destination(bytes: &[u8]) -> Option<std::ops::Range<usize>> {
             return None;
         }
         if code == DESTINATION && signature == b"s" && empty_string {
-            let cut = if value_end == end {
-                previous_end..end
-            } else {
-                at..value_end.next_multiple_of(8)
-            };
-            return Some(cut);
+            if value_end == end {
+                return Some(previous_end..end);
+            }
+            let next = value_end.next_multiple_of(8);
+            // An array that ends inside the padding after a field is malformed.
+            return (next <= end).then_some(at..next);
         }
         previous_end = value_end;
         at = value_end;
@@ -307,6 +307,17 @@ mod tests {
                 assert_eq!((name.as_str(), delta), ("hits", 1));
             }
         }
+    }
+
+    #[test]
+    fn a_fields_array_ending_in_padding_is_left_to_the_decoder() {
+        // Found by fuzzing: the array's length ends after the empty destination's
+        // value but before the padding that would lead to the next field.
+        let mut bytes = with_empty_destination(Endian::Little, true);
+        // The field takes bytes 16..25 (then padding to 32): end the array at 27.
+        bytes[12..16].copy_from_slice(&11u32.to_le_bytes());
+        assert_eq!(without_empty_destination(bytes.clone()), bytes);
+        assert!(decode(bytes).is_err());
     }
 
     #[test]

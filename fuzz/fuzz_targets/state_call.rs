@@ -1,11 +1,11 @@
 //! What the state socket does with a client's bytes after the handshake: cut them
 //! into messages by their fixed header (`wire::message_len`), then answer each with
-//! `state_socket::reply_to`, as an admin, against a fresh broker, or, when it cannot
+//! `state_socket::reply_to`, as an admin, on a fresh connection to the process's broker, or, when it cannot
 //! be read, with `unreadable::reply`; the connection goes on either way. A reply
 //! must be a message that its own framing measures and decodes again.
 #![no_main]
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use ally::broker::Broker;
 use ally::config::Config;
@@ -42,18 +42,25 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
+/// A connection of its own to the one broker of this process (a broker holds a
+/// thread for its instances' output: one per input would exhaust them).
 fn state_calls() -> StateCalls {
-    let config = Config::defaults(vec!["/bin/true".into()]);
-    let run_as = RunAs::resolve(&config).expect("the fuzzer's own ids");
-    let broker: Arc<Broker> = Broker::new(
-        "fuzz",
-        config,
-        Default::default(),
-        run_as,
-        "unix:path=/nonexistent".into(),
-        String::new(),
-    )
-    .expect("a broker without listeners");
+    static BROKER: OnceLock<Arc<Broker>> = OnceLock::new();
+    let broker = BROKER
+        .get_or_init(|| {
+            let config = Config::defaults(vec!["/bin/true".into()]);
+            let run_as = RunAs::resolve(&config).expect("the fuzzer's own ids");
+            Broker::new(
+                "fuzz",
+                config,
+                Default::default(),
+                run_as,
+                "unix:path=/nonexistent".into(),
+                String::new(),
+            )
+            .expect("a broker without listeners")
+        })
+        .clone();
     let connection = broker.state().new_conn();
     // No process to read; uid 0 makes the caller an admin, who may call all.
     let peer = Peer::private(Identity::uid_only(0), connection);
