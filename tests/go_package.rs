@@ -13,7 +13,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -261,7 +260,7 @@ fn grpc_example_loses_no_call_of_kept_channels() {
     let broker = TestBroker::start("grpc", &config);
     broker.wait_running(1);
 
-    let mut load = Command::new(&client)
+    let load = Command::new(&client)
         .args([format!("127.0.0.1:{port}"), CLIENTS.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -283,22 +282,12 @@ fn grpc_example_loses_no_call_of_kept_channels() {
         Duration::from_secs(60),
         || broker.pids("draining").is_empty(),
     );
-    drop(load.stdin.take());
-    let mut report = String::new();
-    load.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut report)
-        .unwrap();
-    assert!(load.wait().unwrap().success(), "{report}");
-    eprintln!("Go gRPC example, grpc-go on {CLIENTS} kept channels, {RELOADS} reloads: {report}");
-    let number = |key: &str| -> u64 {
-        report
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {report:?}"))
-    };
-    assert_eq!(number("failed="), 0, "{report}\n{}", broker.logs());
-    assert!(number("calls=") >= 1000, "too few calls: {report}");
+    let load = ally_testkit::go::finish_grpc_load(load);
+    eprintln!(
+        "Go gRPC example, grpc-go on {CLIENTS} kept channels, {RELOADS} reloads: {}",
+        load.report
+    );
+    assert_eq!(load.failed, 0, "{}\n{}", load.report, broker.logs());
+    assert!(load.calls >= 1000, "too few calls: {}", load.report);
     assert_eq!(broker.generation(), u64::from(RELOADS) + 1);
 }

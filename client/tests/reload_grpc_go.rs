@@ -7,7 +7,6 @@
 //! such a call on a new connection by itself (its transparent retry, gRFC A6), as
 //! gRPC clients in most languages do. This is what a Go service calling ours sees.
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ fn grpc_go_clients_on_kept_channels_lose_no_call() {
     let broker = Broker::start("grpc", &config);
     broker.wait_running(1);
 
-    let mut load = Command::new(&client)
+    let load = Command::new(&client)
         .args([format!("127.0.0.1:{port}"), CLIENTS.to_string()])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -45,22 +44,12 @@ fn grpc_go_clients_on_kept_channels_lose_no_call() {
         Duration::from_secs(60),
         || broker.pids("draining").is_empty(),
     );
-    drop(load.stdin.take());
-    let mut report = String::new();
-    load.stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut report)
-        .unwrap();
-    assert!(load.wait().unwrap().success(), "{report}");
-    eprintln!("grpc-go, {CLIENTS} kept channels, {RELOADS} reloads: {report}");
-    let number = |key: &str| -> u64 {
-        report
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key)?.parse().ok())
-            .unwrap_or_else(|| panic!("no {key} in {report:?}"))
-    };
-    assert_eq!(number("failed="), 0, "{report}\n{}", broker.logs());
-    assert!(number("calls=") >= 1000, "too few calls: {report}");
+    let load = ally_testkit::go::finish_grpc_load(load);
+    eprintln!(
+        "grpc-go, {CLIENTS} kept channels, {RELOADS} reloads: {}",
+        load.report
+    );
+    assert_eq!(load.failed, 0, "{}\n{}", load.report, broker.logs());
+    assert!(load.calls >= 1000, "too few calls: {}", load.report);
     assert_eq!(broker.generation(), u64::from(RELOADS) + 1);
 }

@@ -131,3 +131,40 @@ pub fn build_program(source: &Path, name: &str, install: &str) -> PathBuf {
         .insert(name.to_string(), binary.clone());
     binary
 }
+
+/// What a [`grpc_load_client`] counted.
+#[derive(Debug)]
+pub struct GrpcLoad {
+    pub calls: u64,
+    pub failed: u64,
+    /// Its report line, `calls=N failed=M`.
+    pub report: String,
+}
+
+/// Ends a running [`grpc_load_client`] (spawned with piped stdin and stdout) by
+/// closing its stdin, and reads what it counted.
+pub fn finish_grpc_load(mut load: std::process::Child) -> GrpcLoad {
+    use std::io::Read;
+    drop(load.stdin.take());
+    let mut report = String::new();
+    load.stdout
+        .take()
+        .expect("the load client's stdout, piped")
+        .read_to_string(&mut report)
+        .expect("reading the load client's report");
+    assert!(
+        load.wait().expect("waiting for the load client").success(),
+        "{report}"
+    );
+    let number = |key: &str| -> u64 {
+        report
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {report:?}"))
+    };
+    GrpcLoad {
+        calls: number("calls="),
+        failed: number("failed="),
+        report: report.trim_end().to_string(),
+    }
+}
