@@ -82,6 +82,15 @@ impl Cache {
         Some(entry)
     }
 
+    /// Every entry, live or not yet expired away: namespace, key, value, deadline.
+    pub(super) fn entries(&self) -> impl Iterator<Item = (&str, &str, &[u8], Option<Instant>)> {
+        self.spaces.iter().flat_map(|(ns, space)| {
+            space
+                .iter()
+                .map(move |(key, e)| (ns.as_str(), key.as_str(), e.value.as_slice(), e.expires))
+        })
+    }
+
     fn check_key(&self, ns: &str, key: &str) -> Result<(), StateError> {
         self.limits.check_name("namespace", ns)?;
         self.limits.check_name("key", key)

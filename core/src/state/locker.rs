@@ -19,12 +19,15 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use super::{Limits, StateError};
 
 pub type Owner = u64;
 pub type Ticket = u64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     Read,
     Write,
@@ -43,7 +46,9 @@ impl Mode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     pub owner: Owner,
-    pub conn: u64,
+    /// The connection it was taken through; `None` for a hold restored from an
+    /// image (see [`image`](super::image)), which no connection's end releases.
+    pub conn: Option<u64>,
     pub mode: Mode,
     /// When it was granted (a hold) or asked for (a wait).
     pub since: Instant,
@@ -153,7 +158,7 @@ impl Locker {
         let ticket = self.next_ticket;
         let hold = Hold {
             owner,
-            conn,
+            conn: Some(conn),
             mode,
             since: now,
             ticket,
@@ -320,7 +325,7 @@ impl Locker {
 
     /// Everything taken through connection `conn` goes (the connection closed).
     pub fn release_conn(&mut self, conn: u64, now: Instant) -> Effects {
-        self.release_where(now, |h| h.conn == conn)
+        self.release_where(now, |h| h.conn == Some(conn))
     }
 
     /// Repair: drops every hold of `name`, whoever the owner; returns how many.
@@ -355,6 +360,37 @@ impl Locker {
         let mut names: Vec<String> = self.locks.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// Puts back a hold carried in an image, detached from any connection. Not bound
+    /// by the limits: a hold dropped for them would let a second owner into what the
+    /// first still holds.
+    pub(super) fn restore_hold(
+        &mut self,
+        name: &str,
+        owner: Owner,
+        mode: Mode,
+        since: Instant,
+    ) -> Result<(), String> {
+        if name.is_empty() {
+            return Err("a lock has an empty name".into());
+        }
+        let lock = self.locks.entry(name.to_string()).or_default();
+        if !lock.compatible(mode) {
+            return Err(format!(
+                "lock {name:?} is held for {} beside another hold",
+                mode.as_str()
+            ));
+        }
+        self.next_ticket += 1;
+        lock.holders.push(Hold {
+            owner,
+            conn: None,
+            mode,
+            since,
+            ticket: self.next_ticket,
+        });
+        Ok(())
     }
 
     fn forget_granted(&mut self, effects: &Effects) {

@@ -39,9 +39,14 @@ pub struct SharedStore {
 
 impl SharedStore {
     pub fn new(limits: Limits) -> SharedStore {
+        SharedStore::from_store(Store::new(limits))
+    }
+
+    /// Shares `store`, with nobody waiting yet.
+    pub fn from_store(store: Store) -> SharedStore {
         SharedStore {
             inner: Mutex::new(Inner {
-                store: Store::new(limits),
+                store,
                 waiters: HashMap::new(),
             }),
         }
