@@ -34,6 +34,9 @@ pub enum Command {
     Status(StatusArgs),
     /// List the brokers that can be reached.
     List(ListArgs),
+    /// Run the broker's binary again in place (after an upgrade): same pid, the
+    /// instances serve on, listeners, history and shared state are carried.
+    Reexec(ReexecArgs),
     /// Show APP's last reloads and crash restarts, oldest first, and a pending restart.
     History(HistoryArgs),
     /// Print APP's metrics in the OpenMetrics text format.
@@ -201,6 +204,20 @@ pub struct RunArgs {
 pub struct TargetArgs {
     /// Application name.
     pub app: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ReexecArgs {
+    /// Application name.
+    pub app: String,
+    /// How long to wait for the re-executed broker to answer.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: std::time::Duration,
+    /// Print nothing but errors.
+    #[arg(long, short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }

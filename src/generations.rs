@@ -119,6 +119,32 @@ impl Table {
         );
     }
 
+    /// The table an image carried: its instances and counters.
+    pub fn from_parts(
+        instances: Vec<Instance>,
+        next_id: InstanceId,
+        last_generation: Generation,
+    ) -> Table {
+        let next_id = instances
+            .iter()
+            .map(|i| i.id)
+            .fold(next_id, InstanceId::max);
+        let last_generation = instances
+            .iter()
+            .map(|i| i.generation)
+            .fold(last_generation, Generation::max);
+        Table {
+            instances: instances.into_iter().map(|i| (i.id, i)).collect(),
+            next_id,
+            last_generation,
+        }
+    }
+
+    /// The last instance id and generation handed out.
+    pub fn counters(&self) -> (InstanceId, Generation) {
+        (self.next_id, self.last_generation)
+    }
+
     pub fn get(&self, id: InstanceId) -> Option<&Instance> {
         self.instances.get(&id)
     }

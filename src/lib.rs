@@ -24,6 +24,8 @@ pub mod observe_cli;
 pub mod priority;
 pub mod process;
 pub mod progress;
+pub mod reexec;
+pub mod reexec_command;
 pub mod release_watch;
 pub mod reload_command;
 pub mod run;

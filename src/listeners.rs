@@ -21,6 +21,19 @@ struct Entry<S> {
     unreferenced_since: Option<Instant>,
 }
 
+/// A listener as a broker image carries it across a re-exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Carried<S> {
+    pub key: ListenAddr,
+    pub aliases: Vec<ListenAddr>,
+    pub socket: S,
+    pub bound: String,
+    pub refs: Vec<(InstanceId, u32)>,
+    pub pinned: bool,
+    /// How long nobody has held it, if nobody does.
+    pub unreferenced_for: Option<Duration>,
+}
+
 /// What `Status` reports of a listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerInfo {
@@ -177,6 +190,50 @@ impl<S> Registry<S> {
             .collect()
     }
 
+    /// Every listener as an image carries it, its socket mapped by `socket`.
+    pub fn carried<T>(&self, now: Instant, socket: impl Fn(&S) -> T) -> Vec<Carried<T>> {
+        self.entries
+            .iter()
+            .map(|(key, e)| Carried {
+                key: key.clone(),
+                aliases: self
+                    .aliases
+                    .iter()
+                    .filter(|(_, target)| *target == key)
+                    .map(|(alias, _)| alias.clone())
+                    .collect(),
+                socket: socket(&e.socket),
+                bound: e.bound.clone(),
+                refs: e.refs.iter().map(|(id, n)| (*id, *n)).collect(),
+                pinned: e.pinned,
+                unreferenced_for: e.unreferenced_since.map(|since| now.duration_since(since)),
+            })
+            .collect()
+    }
+
+    /// The registry an image carried.
+    pub fn from_carried(listeners: Vec<Carried<S>>, now: Instant) -> Registry<S> {
+        let mut registry = Registry::default();
+        for l in listeners {
+            for alias in l.aliases.into_iter().filter(|a| *a != l.key) {
+                registry.aliases.insert(alias, l.key.clone());
+            }
+            registry.entries.insert(
+                l.key,
+                Entry {
+                    socket: l.socket,
+                    bound: l.bound,
+                    refs: l.refs.into_iter().filter(|(_, n)| *n > 0).collect(),
+                    pinned: l.pinned,
+                    unreferenced_since: l
+                        .unreferenced_for
+                        .map(|d| now.checked_sub(d).unwrap_or(now)),
+                },
+            );
+        }
+        registry
+    }
+
     pub fn contains(&self, key: &ListenAddr) -> bool {
         self.get(key).is_some()
     }
@@ -193,6 +250,47 @@ impl<S> Registry<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_carried_registry_is_the_same_registry() {
+        let t0 = Instant::now();
+        let mut r: Registry<u32> = Registry::default();
+        r.insert(
+            key("127.0.0.1:0"),
+            vec![key("127.0.0.1:4242")],
+            7,
+            "127.0.0.1:4242".into(),
+            false,
+            t0,
+        );
+        r.insert(
+            key("127.0.0.1:81"),
+            vec![],
+            8,
+            "127.0.0.1:81".into(),
+            true,
+            t0,
+        );
+        r.add_ref(&key("127.0.0.1:4242"), 3);
+        r.add_ref(&key("127.0.0.1:4242"), 3);
+        let now = t0 + Duration::from_secs(5);
+        let carried = r.carried(now, |s| s + 100);
+        let back = Registry::from_carried(carried, now);
+        assert_eq!(back.get(&key("127.0.0.1:4242")), Some(&107));
+        assert_eq!(back.list(), r.list());
+        let mut back = back;
+        // The unreferenced one keeps its age: it expires when it would have.
+        assert!(
+            back.take_expired(now, Duration::from_secs(6), false)
+                .is_empty()
+        );
+        assert!(back.release(&key("127.0.0.1:0"), 3, now));
+        assert_eq!(
+            back.take_expired(now + Duration::from_secs(6), Duration::from_secs(6), false),
+            vec![(key("127.0.0.1:0"), 107)]
+        );
+        assert!(back.contains(&key("127.0.0.1:81")), "pinned stays");
+    }
 
     fn key(a: &str) -> ListenAddr {
         ListenAddr::parse("tcp", a).unwrap()

@@ -4,6 +4,7 @@ use ally::cli::{Cli, Command};
 use clap::Parser;
 
 fn main() -> ExitCode {
+    ally::reexec::record_startup();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -20,6 +21,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(args) => ally::run::run(args).await,
             Command::Reload(args) => ally::control::reload(args).await,
+            Command::Reexec(args) => ally::reexec_command::reexec(args).await,
             Command::Status(args) => ally::control::status(args).await,
             Command::List(args) => ally::control::list(args).await,
             Command::History(args) => ally::observe_cli::history(args).await,

@@ -46,8 +46,38 @@ impl Process {
         })
     }
 
+    /// A process pinned by a pidfd this process already holds (carried across
+    /// a re-exec).
+    pub fn from_pidfd(pid: u32, fd: OwnedFd) -> io::Result<Process> {
+        // SAFETY: an `OwnedFd` stays open, and is the same fd, for as long as it is owned.
+        let pidfd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Process {
+            pid,
+            pidfd,
+            reaped: Mutex::new(false),
+        })
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
+    }
+
+    /// The pidfd, for carrying it across a re-exec.
+    pub fn pidfd(&self) -> std::os::fd::RawFd {
+        self.pidfd.get_ref().as_raw_fd()
+    }
+
+    /// Whether the process has exited (it may still be a zombie).
+    pub fn has_exited(&self) -> bool {
+        let mut fds = [libc::pollfd {
+            fd: self.pidfd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd for a pidfd we own, no wait.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
+        n > 0 && fds[0].revents & libc::POLLIN != 0
     }
 
     /// Sends `signal` to the process. One that already exited is not an error.

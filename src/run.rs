@@ -1,6 +1,7 @@
 //! `ally run`: load the configuration, open the private socket and the bus, and
 //! run the broker until it is stopped.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use crate::broker::{Broker, Source};
@@ -9,11 +10,13 @@ use crate::config::{self, Config};
 use crate::dbus::gate::Gate;
 use crate::dbus::{bus, server, state_socket};
 use crate::identity::RunAs;
+use crate::reexec::{self, image, image::BrokerImage};
 use crate::runtime_dir;
 
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
     config::validate_app_name(&args.app)?;
+    let image = carried_image(&args)?;
     let (config, source) = load_config(&args)?;
     let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);
@@ -25,25 +28,30 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let gate = Gate::for_this_process(config.connections);
     let state_socket = runtime_dir::state_socket_path(&runtime_dir);
     let state_address = runtime_dir::dbus_address(&state_socket);
-    let broker = Broker::new(&args.app, config, source, run_as, address, state_address)
-        .map_err(|e| e.to_string())?;
-    runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
-    let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
+    let (broker, listener, state_listener) = match image {
+        None => {
+            let broker = Broker::new(&args.app, config, source, run_as, address, state_address)
+                .map_err(|e| e.to_string())?;
+            runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
+            let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
+            let state_listener = server::bind(&state_socket, owner)
+                .map_err(|e| e.to_string())?
+                .into_std()
+                .map_err(|e| e.to_string())?;
+            (broker, listener, state_listener)
+        }
+        Some(image) => restore(&args, image, config, source, run_as, address, state_address)?,
+    };
+    broker.set_own_sockets(listener.as_raw_fd(), state_listener.as_raw_fd());
     let _socket_file = server::SocketFile::new(&socket);
-    let state_listener = server::bind(&state_socket, owner).map_err(|e| e.to_string())?;
     let _state_socket_file = server::SocketFile::new(&state_socket);
     broker.serve_socket_files(
         runtime_dir.clone(),
         vec![socket.clone(), state_socket.clone()],
     );
     tokio::spawn(server::serve(listener, broker.clone(), gate.clone()));
-    state_socket::spawn(
-        state_listener.into_std().map_err(|e| e.to_string())?,
-        broker.clone(),
-        state_busy_poll,
-        gate,
-    )
-    .map_err(|e| format!("cannot serve the state socket: {e}"))?;
+    state_socket::spawn(state_listener, broker.clone(), state_busy_poll, gate)
+        .map_err(|e| format!("cannot serve the state socket: {e}"))?;
     if let Some(addr) = metrics_address {
         let listener = crate::metrics_http::bind(addr)?;
         crate::metrics_http::spawn(listener, broker.clone())?;
@@ -52,6 +60,117 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await
+}
+
+/// The image of the broker this process replaces, when it was re-executed.
+/// An image this binary cannot read goes back to the binary that wrote it.
+fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
+    let handed = match reexec::take_handed() {
+        None => return Ok(None),
+        Some(Ok(handed)) => handed,
+        Some(Err(e)) => {
+            return Err(format!(
+                "cannot read the image of the broker this one re-executed: {e}"
+            ));
+        }
+    };
+    let why = match serde_json::from_slice::<BrokerImage>(&handed.image) {
+        Ok(image) if image.version == image::VERSION && image.app == args.app => {
+            return Ok(Some(image));
+        }
+        Ok(image) if image.app != args.app => {
+            format!("it is of app {:?}", image.app)
+        }
+        Ok(image) => format!(
+            "it is version {} (this binary reads version {})",
+            image.version,
+            image::VERSION
+        ),
+        Err(e) => format!("it does not parse: {e}"),
+    };
+    tracing::error!("this binary cannot take over from the broker it replaces: {why}");
+    let Some(fallback) = handed.fallback else {
+        return Err(format!(
+            "cannot take over the re-executed broker's image: {why}"
+        ));
+    };
+    let startup = reexec::startup().ok_or("the broker does not know its arguments")?;
+    let memfd = reexec::image_fd(&handed.image).map_err(|e| e.to_string())?;
+    tracing::warn!("running the binary that wrote the image again");
+    let env = [(reexec::IMAGE_ENV, memfd.as_raw_fd().to_string())];
+    let error = reexec::exec_fd(fallback.as_raw_fd(), &startup.args, &env);
+    Err(format!(
+        "cannot take over the re-executed broker's image ({why}), nor run the old binary again: {error}"
+    ))
+}
+
+type Restored = (
+    std::sync::Arc<Broker>,
+    tokio::net::UnixListener,
+    std::os::unix::net::UnixListener,
+);
+
+/// The broker `image` describes, with the private and state sockets it carried.
+fn restore(
+    args: &RunArgs,
+    image: BrokerImage,
+    config: Config,
+    source: Source,
+    run_as: RunAs,
+    address: String,
+    state_address: String,
+) -> Result<Restored, String> {
+    let take = |fd, what: &str| -> Result<std::os::unix::net::UnixListener, String> {
+        let fd = reexec::take_fd(fd).map_err(|e| format!("the {what} (fd {fd}): {e}"))?;
+        let listener = std::os::unix::net::UnixListener::from(fd);
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| format!("the {what}: {e}"))?;
+        Ok(listener)
+    };
+    let listener =
+        tokio::net::UnixListener::from_std(take(image.private_socket, "private socket")?)
+            .map_err(|e| e.to_string())?;
+    let state_listener = take(image.state_socket, "state socket")?;
+    let path = config.file.clone();
+    let command_override = source.command_override.clone();
+    let overrides = source.overrides.clone();
+    let parse = move |text: &str| -> Result<Config, String> {
+        let path = path.clone().ok_or("no config file")?;
+        let config =
+            Config::parse(text, &path, command_override.clone()).map_err(|e| e.to_string())?;
+        overrides.apply(config)
+    };
+    let restored = ally_core::state::SharedStore::from_image(config.limits, image.state.clone())
+        .map_err(|e| format!("the shared state of the image: {e}"))?;
+    let dropped = restored.dropped;
+    let state = crate::state::State::with_store(restored.store);
+    let reexecs = image.reexecs;
+    let taken_by = image.taken_by.clone();
+    let broker = Broker::assemble(
+        &args.app,
+        config,
+        source,
+        run_as,
+        address,
+        state_address,
+        state,
+    )
+    .map_err(|e| e.to_string())?;
+    let warnings = Broker::restore(broker.clone(), image, parse)?;
+    if !dropped.is_empty() {
+        tracing::warn!("{dropped}");
+    }
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let status = broker.status();
+    tracing::info!(
+        "re-executed (#{reexecs}, from ally {taken_by}): carried {} instances and {} listeners",
+        status.instances.len(),
+        status.listeners.len()
+    );
+    Ok((broker, listener, state_listener))
 }
 
 /// The config, and where it came from for the reloads that read it again.

@@ -36,6 +36,15 @@ impl State {
         }
     }
 
+    /// The state a re-exec carried.
+    pub fn with_store(store: SharedStore) -> State {
+        State {
+            store,
+            next_conn: AtomicU64::new(1),
+            senders: Mutex::new(HashMap::new()),
+        }
+    }
+
     /// A number for a new connection.
     pub fn new_conn(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)

@@ -60,6 +60,10 @@ pub trait Broker {
     /// A dictionary: see [`Status`] for its keys.
     fn status(&self) -> zbus::Result<HashMap<String, OwnedVariant>>;
 
+    /// Runs the broker's binary again in place, carrying everything. No reply
+    /// comes on success: the connection closes with the exec.
+    fn reexecute(&self) -> zbus::Result<()>;
+
     /// Application name.
     #[zbus(property)]
     fn app(&self) -> zbus::Result<String>;
@@ -226,6 +230,15 @@ pub struct Status {
     /// (journald too slow or stopped, the broker's queue full).
     #[serde(default)]
     pub log_lines_dropped: u64,
+    /// Times the broker re-executed itself since `ally run` started.
+    #[serde(default)]
+    pub reexecs: u64,
+    /// Why the last re-exec failed, if it did; empty otherwise.
+    #[serde(default)]
+    pub reexec_error: String,
+    /// The broker binary's version.
+    #[serde(default)]
+    pub version: String,
 }
 
 impl Status {
@@ -253,6 +266,9 @@ impl Status {
                 "watch" => status.watch = field(&key, value)?,
                 "watch_last" => status.watch_last = field(&key, value)?,
                 "log_lines_dropped" => status.log_lines_dropped = field(&key, value)?,
+                "reexecs" => status.reexecs = field(&key, value)?,
+                "reexec_error" => status.reexec_error = field(&key, value)?,
+                "version" => status.version = field(&key, value)?,
                 "instance_app_reports" => {
                     status.instance_app_reports = app_reports(field(&key, value)?)?
                 }

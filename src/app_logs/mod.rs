@@ -50,6 +50,9 @@ const RETRY_JOURNAL: Duration = Duration::from_secs(1);
 #[derive(Clone)]
 pub struct AppLogs {
     queue: Arc<Queue>,
+    /// Set before a re-exec: every capture stops reading, leaving what is
+    /// not read yet in its pipe for the re-executed broker.
+    paused: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 struct Queue {
@@ -89,7 +92,10 @@ impl AppLogs {
         std::thread::Builder::new()
             .name("app-logs".into())
             .spawn(move || writer.run())?;
-        Ok(AppLogs { queue })
+        Ok(AppLogs {
+            queue,
+            paused: Arc::new(tokio::sync::watch::channel(false).0),
+        })
     }
 
     /// [`JOURNAL_SOCKET`], or `$ALLY_JOURNAL_SOCKET` if set.
@@ -114,6 +120,7 @@ impl AppLogs {
     ) {
         self.queue.lock().readers += 1;
         let queue = self.queue.clone();
+        let mut paused = self.paused.subscribe();
         tokio::spawn(async move {
             let mut splitter = Splitter::new(MAX_LINE);
             let mut priority = stream.default_priority();
@@ -134,7 +141,11 @@ impl AppLogs {
             };
             let mut buf = vec![0u8; 64 * 1024];
             loop {
-                match pipe.read(&mut buf).await {
+                let read = tokio::select! {
+                    read = pipe.read(&mut buf) => read,
+                    _ = paused.wait_for(|p| *p) => break,
+                };
+                match read {
                     Ok(0) => break,
                     Ok(n) => splitter.push(&buf[..n], &mut emit),
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -153,6 +164,19 @@ impl AppLogs {
             state.readers -= 1;
             queue.changed.notify_all();
         });
+    }
+
+    /// Stops reading every pipe (for a re-exec, which reads them on) and waits,
+    /// blocking up to `timeout`, until what was read is written; whether it was.
+    /// A line half read is written as it is.
+    pub fn pause(&self, timeout: Duration) -> bool {
+        self.paused.send_replace(true);
+        self.flush(timeout)
+    }
+
+    /// Lets captures run again after [`AppLogs::pause`].
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
     }
 
     /// Waits (blocking, up to `timeout`) until every captured pipe reached its

@@ -80,6 +80,8 @@ impl Broker {
                     pending.push(request);
                 }
             }
+            // A re-exec waits for the launch to be over.
+            let launching = self.launching.clone().lock_owned().await;
             let began = (SystemTime::now(), Instant::now());
             let requested_by = match launch {
                 Launch::Start => String::new(),
@@ -170,6 +172,7 @@ impl Broker {
                 }
             };
             answer(pending.drain(..), result);
+            drop(launching);
             match after {
                 After::Done | After::Exit { fatal: true, .. } => {}
                 After::Restart => pending.push(Request {
@@ -335,7 +338,7 @@ impl Broker {
             )
         })?;
         let pid = child.id().unwrap_or(0);
-        self.capture_output(&mut child, generation, id, pid);
+        let pipes = self.capture_output(&mut child, generation, id, pid);
         let process = match Process::pin(pid) {
             Ok(process) => Arc::new(process),
             Err(e) => {
@@ -347,14 +350,21 @@ impl Broker {
                 return Err(failed(message, Outcome::Failed));
             }
         };
-        let mut life = self.record(
-            &mut self.lock(),
-            id,
-            generation,
-            pid,
-            process.clone(),
-            settings.clone(),
-        );
+        let mut life = {
+            let mut shared = self.lock();
+            let life = self.record(
+                &mut shared,
+                id,
+                generation,
+                pid,
+                process.clone(),
+                settings.clone(),
+            );
+            if let Some(tracked) = shared.tracked.get_mut(&id) {
+                (tracked.stdout, tracked.stderr) = pipes;
+            }
+            life
+        };
         // Before the instance can be told apart as a caller: its Listen calls come after.
         self.progress(
             generation,
@@ -382,7 +392,10 @@ impl Broker {
             id,
             state: InstanceState::Starting,
         });
-        tokio::spawn(self.clone().watch_instance(id, child, process));
+        tokio::spawn(
+            self.clone()
+                .watch_instance(id, super::Reap::Child(child), process),
+        );
 
         let timeout = settings.config.ready_timeout;
         let deadline = tokio::time::sleep(timeout);
@@ -534,6 +547,8 @@ impl Broker {
                 watchdog,
                 main: None,
                 notify_socket: None,
+                stdout: None,
+                stderr: None,
             },
         );
         life_rx

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use super::{Broker, Event, Life, Phase, Request, plan};
+use super::{Broker, Event, Life, Phase, Reap, Request, plan};
 use crate::app_logs;
 use crate::config::RestartPolicy;
 use crate::generations::{Generation, InstanceId, InstanceState};
@@ -66,17 +66,52 @@ impl Broker {
         }))
     }
 
+    /// After a re-exec: waits out the stop of an instance that was draining,
+    /// SIGKILLing it after its `stop_timeout`, counted again from now.
+    pub(super) fn keep_draining(self: &Arc<Self>, id: InstanceId, pid: u32) {
+        let Some((mut life, process, timeout)) = self.lock().tracked.get(&id).map(|t| {
+            (
+                t.life.subscribe(),
+                t.process.clone(),
+                t.settings.config.stop_timeout,
+            )
+        }) else {
+            return;
+        };
+        tokio::spawn(async move {
+            let exited = life.wait_for(|l| matches!(l, Life::Exited(_)));
+            if tokio::time::timeout(timeout, exited).await.is_err() {
+                tracing::warn!(
+                    instance = id,
+                    pid,
+                    "did not stop within {} (stop_timeout) of the re-exec; sending SIGKILL",
+                    humantime::format_duration(timeout)
+                );
+                process.kill_group();
+            }
+        });
+    }
+
     /// Waits for the instance's exit, reaps it, and decides what its exit means.
     pub(super) async fn watch_instance(
         self: Arc<Self>,
         id: InstanceId,
-        mut child: tokio::process::Child,
+        reap: Reap,
         process: Arc<Process>,
     ) {
         process.exited().await;
         let main = self.outlive_leader(id, &process).await;
         process.mark_reaped();
-        let (description, success, code) = match child.wait().await {
+        let waited = match reap {
+            Reap::Child(mut child) => child.wait().await,
+            Reap::Carried => {
+                let pid = process.pid();
+                tokio::task::spawn_blocking(move || wait_carried(pid))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())))
+            }
+        };
+        let (description, success, code) = match waited {
             // Its status is not the broker's to know: it is not its child.
             Ok(_) if let Some(main) = main => (
                 format!("ended: its main process {main} (MAINPID) exited"),
@@ -266,26 +301,48 @@ impl Broker {
     }
 
     /// Reads the instance's stdout and stderr, where they are pipes, into the
-    /// journal with its generation.
+    /// journal with its generation. Returns copies of the pipes' read ends,
+    /// which a re-exec carries.
     pub(super) fn capture_output(
         &self,
         child: &mut tokio::process::Child,
         generation: Generation,
         instance: InstanceId,
         pid: u32,
-    ) {
+    ) -> (Option<std::os::fd::OwnedFd>, Option<std::os::fd::OwnedFd>) {
         let origin = Arc::new(app_logs::Origin {
             app: self.app.clone(),
             generation,
             instance,
             pid,
         });
+        let mut copies = (None, None);
         if let Some(stdout) = child.stdout.take() {
+            copies.0 = super::reexec::dup(&stdout);
             self.logs
                 .capture(origin.clone(), app_logs::Stream::Stdout, stdout);
         }
         if let Some(stderr) = child.stderr.take() {
+            copies.1 = super::reexec::dup(&stderr);
             self.logs.capture(origin, app_logs::Stream::Stderr, stderr);
+        }
+        copies
+    }
+}
+
+/// Reaps carried child `pid`, which has exited.
+fn wait_carried(pid: u32) -> std::io::Result<std::process::ExitStatus> {
+    use std::os::unix::process::ExitStatusExt;
+    let mut status = 0;
+    loop {
+        // SAFETY: waits for our own child, writing its status into `status`.
+        let rc = unsafe { libc::waitpid(pid as libc::pid_t, &mut status, 0) };
+        if rc >= 0 {
+            return Ok(std::process::ExitStatus::from_raw(status));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
 }

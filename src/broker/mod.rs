@@ -16,6 +16,7 @@ mod coordinator;
 mod instances;
 pub mod plan;
 mod reconfigure;
+mod reexec;
 mod release;
 mod roster;
 mod sockets;
@@ -43,6 +44,7 @@ use crate::progress::Progress;
 use crate::state::State;
 use crate::systemd;
 
+pub use reexec::Reexecs;
 pub use release::Shown as WatchShown;
 pub use roster::Snapshot;
 pub use unmodified::Reported;
@@ -134,6 +136,7 @@ pub struct Status {
     pub log_lines_dropped: u64,
     /// What instances said with `Report`, for those that did.
     pub app_reports: Vec<(InstanceId, AppReport)>,
+    pub reexecs: Reexecs,
 }
 
 /// How an instance's life ended, for whoever waits on it.
@@ -161,6 +164,17 @@ struct Tracked {
     main: Option<Arc<Process>>,
     /// Its notification socket, with `ready = "notify"`.
     notify_socket: Option<Arc<unmodified::NotifySocket>>,
+    /// Copies of its stdout and stderr pipes' read ends, which a re-exec carries.
+    stdout: Option<OwnedFd>,
+    stderr: Option<OwnedFd>,
+}
+
+/// How an instance's exit status is had once it exited.
+pub(crate) enum Reap {
+    /// Spawned by this process image.
+    Child(tokio::process::Child),
+    /// Spawned before a re-exec: still this process's child, waited for by pid.
+    Carried,
 }
 
 impl Tracked {
@@ -243,6 +257,16 @@ pub struct Broker {
     askers: Mutex<Vec<String>>,
     /// The instances' stdout and stderr, with `stdout`/`stderr = "journal"`.
     logs: AppLogs,
+    /// Held by the coordinator through each launch, and by a re-exec.
+    launching: Arc<tokio::sync::Mutex<()>>,
+    /// The config texts of the revisions in use, for a re-exec.
+    config_texts: Mutex<reexec::ConfigTexts>,
+    reexecs: Mutex<Reexecs>,
+    /// The private and state sockets' listening fds.
+    own_sockets: Mutex<Option<(std::os::fd::RawFd, std::os::fd::RawFd)>>,
+    /// Set once the broker was restored from a re-exec's image: its instances
+    /// run already.
+    restored: watch::Sender<bool>,
 }
 
 impl Broker {
@@ -255,6 +279,29 @@ impl Broker {
         run_as: RunAs,
         address: String,
         state_address: String,
+    ) -> Result<Arc<Self>, Error> {
+        let state = State::new(&config.limits);
+        let broker = Broker::assemble(app, config, source, run_as, address, state_address, state)?;
+        broker.adopt(systemd::inherited());
+        let settings = broker.settings();
+        for entry in &settings.config.listen {
+            let mut shared = broker.lock();
+            if !shared.listeners.contains(&entry.addr) {
+                broker.bind(&mut shared, &settings, &entry.addr, &entry.options, true)?;
+            }
+        }
+        Ok(broker)
+    }
+
+    /// The broker with nothing bound or running yet, around `state`.
+    pub fn assemble(
+        app: &str,
+        config: Config,
+        source: Source,
+        run_as: RunAs,
+        address: String,
+        state_address: String,
+        state: State,
     ) -> Result<Arc<Self>, Error> {
         let (requests, requests_rx) = mpsc::unbounded_channel();
         let launch = Launch {
@@ -272,9 +319,11 @@ impl Broker {
         };
         let logs = AppLogs::start(AppLogs::journal_path(), crate::app_logs::QUEUE_BYTES)
             .map_err(|e| Error::io("cannot start the thread that writes the app's output", e))?;
-        let state = State::new(&config.limits);
         let history = crate::history::History::new(config.history);
         let revision = Revision::first(source.text.as_deref());
+        let config_texts = [(revision.number, source.text.clone())]
+            .into_iter()
+            .collect();
         let settings = Settings::new(config, launch, revision)?;
         let broker = Arc::new(Broker {
             app: app.to_string(),
@@ -306,15 +355,12 @@ impl Broker {
             metrics: crate::metrics::Metrics::new(),
             askers: Mutex::new(Vec::new()),
             logs,
+            launching: Arc::new(tokio::sync::Mutex::new(())),
+            config_texts: Mutex::new(config_texts),
+            reexecs: Mutex::new(Reexecs::default()),
+            own_sockets: Mutex::new(None),
+            restored: watch::channel(false).0,
         });
-        broker.adopt(systemd::inherited());
-        let settings = broker.settings();
-        for entry in &settings.config.listen {
-            let mut shared = broker.lock();
-            if !shared.listeners.contains(&entry.addr) {
-                broker.bind(&mut shared, &settings, &entry.addr, &entry.options, true)?;
-            }
-        }
         *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
         Ok(broker)
     }
@@ -384,10 +430,14 @@ impl Broker {
         systemd::spawn_watchdog();
         let broker = self.clone();
         tokio::spawn(async move { broker.state.sweep().await });
-        let _ = self.requests.send(Request {
-            kind: plan::Request::Start,
-            reply: None,
-        });
+        if *self.restored.borrow() {
+            self.resume_instances();
+        } else {
+            let _ = self.requests.send(Request {
+                kind: plan::Request::Start,
+                reply: None,
+            });
+        }
         let mut sigterm = signal_stream(tokio::signal::unix::SignalKind::terminate());
         let mut sigint = signal_stream(tokio::signal::unix::SignalKind::interrupt());
         let mut sighup = signal_stream(tokio::signal::unix::SignalKind::hangup());
@@ -533,6 +583,7 @@ impl Broker {
             app_reports: app_reports(&shared)
                 .map(|(id, _, report)| (id, report.clone()))
                 .collect(),
+            reexecs: self.reexecs(),
         }
     }
 

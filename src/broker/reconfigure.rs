@@ -76,6 +76,7 @@ impl Broker {
             ..current.launch.clone()
         };
         let revision = current.revision.next(&text);
+        self.remember_config(&revision, Some(text));
         let settings =
             Settings::new(config, launch, revision).map_err(|e| refused(e.to_string()))?;
         let settings = Arc::new(settings);

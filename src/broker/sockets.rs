@@ -34,6 +34,11 @@ impl Held {
         Held { fd, unix_file }
     }
 
+    /// A socket a re-exec carried: its file is whatever is at its path now.
+    pub(super) fn carried(fd: OwnedFd, endpoint: &Endpoint) -> Held {
+        Held::adopted(fd, endpoint)
+    }
+
     /// Closes the socket for good, returning the identity of the file it
     /// removed. Not done on exit: a restarted broker gets the socket back from
     /// systemd's fd store and its file must still be there.

@@ -62,6 +62,22 @@ pub(super) struct NotifySocket {
     reading: std::sync::Mutex<Vec<u8>>,
 }
 
+impl NotifySocket {
+    /// The socket a re-exec carried.
+    pub(super) fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Arc<NotifySocket>> {
+        let socket = std::os::unix::net::UnixDatagram::from(fd);
+        socket.set_nonblocking(true)?;
+        Ok(Arc::new(NotifySocket {
+            socket: tokio::net::UnixDatagram::from_std(socket)?,
+            reading: std::sync::Mutex::new(vec![0u8; notify::MAX_DATAGRAM + 1]),
+        }))
+    }
+
+    pub(super) fn raw_fd(&self) -> std::os::fd::RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.socket)
+    }
+}
+
 /// Watchdog pings and the timeout they keep.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Watchdog {
@@ -98,7 +114,7 @@ impl Broker {
         Ok(handed)
     }
 
-    fn notify_socket_path(&self, id: InstanceId) -> Result<PathBuf, String> {
+    pub(super) fn notify_socket_path(&self, id: InstanceId) -> Result<PathBuf, String> {
         let files = self.socket_files.lock().unwrap_or_else(|p| p.into_inner());
         let (dir, _) = files.as_ref().ok_or(
             "ready = \"notify\" needs the broker's runtime directory, and it has none yet",

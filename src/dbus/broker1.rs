@@ -424,6 +424,23 @@ impl Broker1 {
         self.broker.reload_by(who).await
     }
 
+    /// Runs the broker's binary again in this process, carrying the listeners,
+    /// instances, history and shared state. On success no reply comes: the
+    /// connection closes with the exec, and `Status()` on a new one shows
+    /// `reexecs` one higher. On failure the broker goes on as it was.
+    async fn reexecute(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<()> {
+        let role = self
+            .access
+            .require_admin(Some(&header), conn, "Reexecute")
+            .await?;
+        let who = self.access.describe_caller(role, &header);
+        self.broker.reexecute(&who).await
+    }
+
     /// The last reloads and restarts, oldest first (config `history`).
     #[zbus(out_args("history"))]
     async fn history(
@@ -771,5 +788,11 @@ fn status_dict(status: &Status) -> Result<HashMap<String, OwnedVariant>> {
             "instance_app_reports".to_string(),
             owned(Variant::new(app_reports(status)))?,
         ),
+        ("reexecs".to_string(), owned(status.reexecs.count)?),
+        (
+            "reexec_error".to_string(),
+            owned(status.reexecs.last_error.clone().unwrap_or_default())?,
+        ),
+        ("version".to_string(), owned(env!("CARGO_PKG_VERSION"))?),
     ]))
 }

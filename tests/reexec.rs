@@ -1,0 +1,241 @@
+//! `ally reexec`: the broker runs its binary again in place — same pid, the
+//! instances its children still — and carries its listeners, instances,
+//! history and shared state across the exec.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn stateprobe_config(report: &Path, args: &[&str]) -> String {
+    let mut command = vec![
+        example("stateprobe").display().to_string(),
+        "--report".into(),
+        report.display().to_string(),
+    ];
+    command.extend(args.iter().map(|s| s.to_string()));
+    format!(
+        "command = {command:?}\nstop_timeout = \"10s\"\nready_timeout = \"10s\"\nrestart_delay = \"100ms\"\n"
+    )
+}
+
+fn reexec(broker: &TestBroker) -> String {
+    let out = broker.ally(&["reexec", &broker.app]);
+    assert!(
+        out.status.success(),
+        "ally reexec failed: {}{}\n{}",
+        stdout(&out),
+        stderr(&out),
+        broker.logs()
+    );
+    stdout(&out)
+}
+
+fn instances(status: &Value) -> Vec<(u64, u64, u64, String)> {
+    status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_u64().unwrap(),
+                i["generation"].as_u64().unwrap(),
+                i["pid"].as_u64().unwrap(),
+                i["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn lock_holders(broker: &TestBroker, name: &str) -> String {
+    stdout(&broker.ally(&["lock", "status", &broker.app, name]))
+}
+
+#[test]
+fn a_reexec_carries_instances_state_locks_and_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report");
+    let broker = TestBroker::start(
+        "carry",
+        &stateprobe_config(
+            &report,
+            &[
+                "--ready", "--add", "hits", "5", "--set", "c", "k", "v", "--lock", "leader",
+            ],
+        ),
+    );
+    broker.wait_running(1);
+    wait_until(
+        "the instance holds its lock",
+        Duration::from_secs(10),
+        || json_lines(&report).iter().any(|r| r["op"] == "lock"),
+    );
+    let out = broker.ally(&["cache", "set", "carry", "c", "ttl", "soon", "--ttl", "1h"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let before = broker.status();
+    let holders = lock_holders(&broker, "leader");
+    assert!(holders.contains("instance 1"), "{holders}");
+
+    let said = reexec(&broker);
+    assert!(said.contains("re-executed the broker for carry"), "{said}");
+    assert!(said.contains("1 instances"), "{said}");
+
+    let after = broker.status();
+    assert_eq!(after["pid"], before["pid"], "same broker process");
+    assert_eq!(after["pid"].as_u64().unwrap(), u64::from(broker.pid()));
+    assert_eq!(after["reexecs"], 1, "{after}");
+    assert_eq!(instances(&after), instances(&before), "same instances");
+    assert_eq!(after["generation"], 1);
+    let get = |name: &str| stdout(&broker.ally(&["atomic", "get", "carry", name]));
+    assert_eq!(get("hits").trim(), "5");
+    let cached = broker.ally(&["cache", "get", "carry", "c", "k"]);
+    assert_eq!(stdout(&cached), "v");
+    let cached = broker.ally(&["cache", "get", "carry", "c", "ttl"]);
+    assert_eq!(stdout(&cached), "soon");
+    let holders = lock_holders(&broker, "leader");
+    assert!(
+        holders.contains("instance 1"),
+        "the lock is still held: {holders}"
+    );
+    let history = stdout(&broker.ally(&["history", "carry", "--json"]));
+    assert!(history.contains("first start"), "{history}");
+    assert!(
+        broker.logs().contains("re-executed (#1"),
+        "{}",
+        broker.logs()
+    );
+
+    // The carried broker serves on: state calls, a reload, and the old
+    // generation's exit reaped by pid, its lock released.
+    let out = broker.ally(&["atomic", "add", "carry", "hits", "2"]);
+    assert_eq!(stdout(&out).trim(), "7", "{}", stderr(&out));
+    let reloaded = broker.reload();
+    assert!(
+        reloaded.status.success(),
+        "{}{}",
+        stderr(&reloaded),
+        broker.logs()
+    );
+    broker.wait_running(2);
+    wait_until("generation 1 reaped", Duration::from_secs(20), || {
+        instances(&broker.status()).iter().all(|i| i.1 != 1)
+    });
+    wait_until(
+        "generation 2 takes the lock",
+        Duration::from_secs(20),
+        || lock_holders(&broker, "leader").contains("instance 2"),
+    );
+    assert!(
+        broker.logs().contains("instance exited"),
+        "the carried instance's exit was seen: {}",
+        broker.logs()
+    );
+    let history = stdout(&broker.ally(&["history", "carry", "--json"]));
+    assert!(history.contains("reload"), "{history}");
+}
+
+#[test]
+fn a_binary_that_cannot_run_leaves_the_broker_as_it_was() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("ally");
+    std::fs::copy(ally_bin(), &copy).unwrap();
+    let port = free_port();
+    let broker = TestBroker(
+        Launch::new("broken")
+            .ally(&copy)
+            .config(&hello_config(port, "1", ""))
+            .start(),
+    );
+    broker.wait_running(1);
+    let before = broker.status();
+    // What a half-written upgrade could leave at the path.
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::write(&copy, b"\x7fELF not really").unwrap();
+    let mut perms = std::fs::metadata(&copy).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&copy, perms).unwrap();
+    let out = broker.ally(&["reexec", "broken"]);
+    assert!(!out.status.success());
+    let error = stderr(&out);
+    assert!(error.contains("cannot re-execute"), "{error}");
+    assert!(
+        error.contains("format"),
+        "the exec's error is named: {error}"
+    );
+    let after = broker.status();
+    assert_eq!(instances(&after), instances(&before));
+    assert_eq!(after["reexecs"], 0);
+    assert!(
+        after["reexec_error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot re-execute")
+    );
+    let answer = http_get(([127, 0, 0, 1], port).into()).unwrap();
+    assert!(answer.contains("version=1"), "{answer}");
+    // The broker still does all it did: a reload, and a re-exec once the
+    // binary is whole again.
+    assert!(broker.reload().status.success(), "{}", broker.logs());
+    broker.wait_running(2);
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::copy(ally_bin(), &copy).unwrap();
+    reexec(&broker);
+    assert_eq!(broker.status()["reexecs"], 1);
+}
+
+#[test]
+fn a_hundred_reexecs_under_load_lose_nothing_and_leak_nothing() {
+    let Some(tool) = [loadgen::Tool::Wrk, loadgen::Tool::AbKeepAlive]
+        .into_iter()
+        .find(|t| t.is_installed())
+    else {
+        eprintln!("skipped: neither wrk nor ab is installed");
+        return;
+    };
+    let _one = loadgen::one_load();
+    let port = free_port();
+    let broker = TestBroker::start("hundred", &hello_config(port, "1", ""));
+    broker.wait_running(1);
+    let pids = instances(&broker.status());
+    let url = format!("http://127.0.0.1:{port}/");
+    let generator = loadgen::Generator::start(tool, &url, 8);
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..10 {
+        reexec(&broker);
+    }
+    let (rss_10, fds_10) = broker.footprint();
+    let mut times = Vec::new();
+    for _ in 10..100 {
+        let began = std::time::Instant::now();
+        reexec(&broker);
+        times.push(began.elapsed());
+    }
+    let (rss_100, fds_100) = broker.footprint();
+    let mut generator = generator;
+    assert!(generator.is_running(), "{tool} stopped early");
+    let report = generator.finish();
+    times.sort();
+    eprintln!(
+        "{tool}: {} requests, {} failed; 100 re-execs, ally reexec took p50 {:?} max {:?}; broker RSS {rss_10} KiB / {fds_10} fds after 10, {rss_100} KiB / {fds_100} fds after 100",
+        report.requests,
+        report.failed,
+        times[times.len() / 2],
+        times.last().unwrap()
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert!(report.requests > 0);
+    assert_eq!(broker.status()["reexecs"], 100);
+    assert_eq!(
+        instances(&broker.status()),
+        pids,
+        "the same instance serves"
+    );
+    assert_eq!(fds_100, fds_10, "no fd leaks across re-execs");
+    assert!(
+        rss_100 < rss_10 + 4096,
+        "RSS stays flat: {rss_10} KiB after 10, {rss_100} KiB after 100"
+    );
+}
