@@ -673,4 +673,44 @@ mod tests {
             .contains("empty name")
         );
     }
+
+    /// How long a full default cache (64 MiB in 1 KiB values) takes to image, write
+    /// as JSON, read back and restore: the part of a re-exec's gap the state costs.
+    #[test]
+    #[ignore = "a measurement: cargo test -p ally-core --release --lib full_cache -- --ignored --nocapture"]
+    fn a_full_cache_round_trip_takes() {
+        let now = Instant::now();
+        let mut s = Store::new(Limits::default());
+        let mut n = 0u32;
+        while s
+            .cache
+            .set(
+                "sessions",
+                &format!("{n:08}"),
+                vec![n as u8; 1024],
+                60_000,
+                now,
+            )
+            .is_ok()
+        {
+            n += 1;
+        }
+        let t = Instant::now();
+        let image = s.image(now);
+        let imaged = t.elapsed();
+        let json = serde_json::to_vec(&image).unwrap();
+        let written = t.elapsed();
+        let t = Instant::now();
+        let image: StoreImage = serde_json::from_slice(&json).unwrap();
+        let parsed = t.elapsed();
+        let mut back = Store::restore(Limits::default(), image, now).unwrap().store;
+        let read = t.elapsed();
+        println!(
+            "{n} entries, {} MiB of cache, {} MiB of JSON: image {imaged:?}, +write {written:?}; read {parsed:?}, +restore {read:?}",
+            s.cache.total_bytes() >> 20,
+            json.len() >> 20
+        );
+        assert_eq!(back.cache.total_bytes(), s.cache.total_bytes());
+        assert_eq!(back.cache.count("sessions", now).unwrap(), u64::from(n));
+    }
 }
