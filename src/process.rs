@@ -141,6 +141,20 @@ pub fn group_of(pid: u32) -> Option<u32> {
     stat_group(&stat)
 }
 
+/// When live process `pid` started, in clock ticks since boot (`/proc/<pid>/stat`
+/// field 22): with its pid, names one process for the machine's uptime.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat_start_ticks(&stat)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line, counted after the command name.
+fn stat_start_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    // Fields 3.. follow the name; starttime is field 22.
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
 /// The real uid of process `pid`, from `/proc`.
 pub fn real_uid(pid: u32) -> Option<u32> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -201,6 +215,16 @@ fn send(pidfd: &AsyncFd<OwnedFd>, signal: Signal) -> io::Result<()> {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn the_start_time_is_field_22() {
+        let stat = "42 (a b) c) S 1 77 77 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 123456 1000 10";
+        assert_eq!(stat_start_ticks(stat), Some(123456));
+        assert_eq!(stat_start_ticks("garbage"), None);
+        let mine = start_ticks(std::process::id()).unwrap();
+        assert!(mine > 0);
+        assert_eq!(start_ticks(std::process::id()), Some(mine));
+    }
 
     #[test]
     fn the_group_is_read_after_the_command_name() {

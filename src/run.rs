@@ -1,9 +1,10 @@
 //! `ally run`: load the configuration, open the private socket and the bus, and
 //! run the broker until it is stopped.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
+use crate::broker::snapshot;
 use crate::broker::{Broker, Source};
 use crate::cli::RunArgs;
 use crate::config::{self, Config};
@@ -12,6 +13,7 @@ use crate::dbus::{bus, server, state_socket};
 use crate::identity::RunAs;
 use crate::reexec::{self, image, image::BrokerImage};
 use crate::runtime_dir;
+use crate::state::State;
 
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
@@ -30,14 +32,71 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let state_address = runtime_dir::dbus_address(&state_socket);
     let (broker, listener, state_listener) = match image {
         None => {
-            let broker = Broker::new(&args.app, config, source, run_as, address, state_address)
-                .map_err(|e| e.to_string())?;
             runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
-            let listener = server::bind(&socket, owner).map_err(|e| e.to_string())?;
-            let state_listener = server::bind(&state_socket, owner)
-                .map_err(|e| e.to_string())?
-                .into_std()
-                .map_err(|e| e.to_string())?;
+            // A broker that died left a snapshot: its instances may still run.
+            let snapshot = crate::systemd::has_fd_store()
+                .then(|| snapshot::read(&runtime_dir))
+                .flatten();
+            let state = match &snapshot {
+                Some(image) => {
+                    match ally_core::state::SharedStore::from_image(
+                        config.limits,
+                        image.state.clone(),
+                    ) {
+                        Ok(restored) => {
+                            if !restored.dropped.is_empty() {
+                                tracing::warn!("{}", restored.dropped);
+                            }
+                            State::with_store(restored.store)
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "the snapshot's shared state cannot be restored ({e}): starting empty"
+                            );
+                            State::new(&config.limits)
+                        }
+                    }
+                }
+                None => State::new(&config.limits),
+            };
+            let broker = Broker::new(
+                &args.app,
+                config,
+                source,
+                run_as,
+                address,
+                state_address,
+                state,
+            )
+            .map_err(|e| e.to_string())?;
+            if let Some(image) = snapshot {
+                tracing::warn!(
+                    "the previous broker of {} died: adopting what it left",
+                    args.app
+                );
+                for line in broker.adopt_snapshot(image) {
+                    tracing::info!("{line}");
+                }
+            }
+            let listener = match own_socket(&broker, "ally-bus", &socket) {
+                Some(l) => tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?,
+                None => {
+                    let l = server::bind(&socket, owner).map_err(|e| e.to_string())?;
+                    crate::systemd::store_named("ally-bus", l.as_fd());
+                    l
+                }
+            };
+            let state_listener = match own_socket(&broker, "ally-state", &state_socket) {
+                Some(l) => l,
+                None => {
+                    let l = server::bind(&state_socket, owner)
+                        .map_err(|e| e.to_string())?
+                        .into_std()
+                        .map_err(|e| e.to_string())?;
+                    crate::systemd::store_named("ally-state", l.as_fd());
+                    l
+                }
+            };
             (broker, listener, state_listener)
         }
         Some(image) => restore(&args, image, config, source, run_as, address, state_address)?,
@@ -57,9 +116,34 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
         crate::metrics_http::spawn(listener, broker.clone())?;
         tracing::info!("serving GET /metrics on http://{addr}/metrics (metrics_address)");
     }
+    if crate::systemd::has_fd_store() {
+        tokio::spawn(broker.clone().keep_snapshots(runtime_dir.clone()));
+    }
     let _bus = bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await
+}
+
+/// The private or state socket the fd store kept, if its file is still there.
+fn own_socket(
+    broker: &Broker,
+    name: &str,
+    path: &std::path::Path,
+) -> Option<std::os::unix::net::UnixListener> {
+    let fd = broker.take_inherited(name)?;
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    let same_path = listener
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_pathname().map(|p| p == path))
+        .unwrap_or(false);
+    if !same_path || std::fs::symlink_metadata(path).is_err() {
+        crate::systemd::unstore_named(name);
+        return None;
+    }
+    listener.set_nonblocking(true).ok()?;
+    tracing::info!("took {} back from the fd store", path.display());
+    Some(listener)
 }
 
 /// The image of the broker this process replaces, when it was re-executed.

@@ -81,6 +81,34 @@ pub fn unstore(key: &ListenAddr) {
     send(&[NotifyState::FdStoreRemove, NotifyState::FdName(&name)]);
 }
 
+/// Names of the broker's own fds in the fd store that are not listeners (an
+/// instance's output pipe, its notification socket, the private and state
+/// sockets); none holds a space, which every listener's name does.
+pub const OWN_FD_PREFIX: &str = "ally-";
+
+/// Keeps a copy of `fd` in systemd's fd store as `name` (which starts with
+/// [`OWN_FD_PREFIX`]), so a restarted broker gets it back.
+pub fn store_named(name: &str, fd: std::os::fd::BorrowedFd<'_>) {
+    if !under_systemd() {
+        return;
+    }
+    if let Err(e) =
+        sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[fd])
+    {
+        tracing::warn!("cannot keep {name} in the fd store: {e}");
+    }
+}
+
+pub fn unstore_named(name: &str) {
+    send(&[NotifyState::FdStoreRemove, NotifyState::FdName(name)]);
+}
+
+/// Whether the broker runs under systemd, whose fd store keeps fds across a
+/// restart (the unit sets `FileDescriptorStoreMax=`; 252 does not say so).
+pub fn has_fd_store() -> bool {
+    under_systemd()
+}
+
 /// Where an inherited socket came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -100,19 +128,25 @@ pub struct Inherited {
 }
 
 /// The sockets in `LISTEN_FDS`. Ones that are not listening sockets are closed
-/// with a warning.
-pub fn inherited() -> Vec<Inherited> {
+/// with a warning; the broker's own other fds (named [`OWN_FD_PREFIX`]...) are
+/// returned by name.
+pub fn inherited() -> (Vec<Inherited>, std::collections::HashMap<String, OwnedFd>) {
+    let mut own = std::collections::HashMap::new();
     let fds = match sd_notify::listen_fds_with_names() {
         Ok(fds) => fds.collect::<Vec<_>>(),
         Err(e) => {
             tracing::warn!("ignoring LISTEN_FDS: {e}");
-            return Vec::new();
+            return (Vec::new(), own);
         }
     };
     let mut sockets = Vec::new();
     for (raw, name) in fds {
         // SAFETY: systemd passed these fds to this process and nothing else owns them.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        if name.starts_with(OWN_FD_PREFIX) {
+            own.insert(name, fd);
+            continue;
+        }
         match classify(&fd) {
             Ok((key, aliases)) => {
                 // Our own names parse as keys; a .socket unit's names do not.
@@ -140,7 +174,7 @@ pub fn inherited() -> Vec<Inherited> {
             Err(e) => tracing::warn!(fd = raw, name, "ignoring a socket from systemd: {e}"),
         }
     }
-    sockets
+    (sockets, own)
 }
 
 /// The key of a socket, and the other keys that name it, read off the socket.

@@ -50,6 +50,7 @@ fn state_calls() -> StateCalls {
         .get_or_init(|| {
             let config = Config::defaults(vec!["/bin/true".into()]);
             let run_as = RunAs::resolve(&config).expect("the fuzzer's own ids");
+            let state = ally::state::State::new(&config.limits);
             Broker::new(
                 "fuzz",
                 config,
@@ -57,6 +58,7 @@ fn state_calls() -> StateCalls {
                 run_as,
                 "unix:path=/nonexistent".into(),
                 String::new(),
+                state,
             )
             .expect("a broker without listeners")
         })

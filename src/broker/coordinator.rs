@@ -381,6 +381,7 @@ impl Broker {
         self.roster.record(pid, id);
         drop(spawning);
         let last_probe = self.start_unmodified(settings, id, generation, pid, notify);
+        self.store_instance_fds(id);
         tracing::info!(
             generation,
             pid,
@@ -549,6 +550,8 @@ impl Broker {
                 notify_socket: None,
                 stdout: None,
                 stderr: None,
+                start_ticks: crate::process::start_ticks(pid),
+                adopted: false,
             },
         );
         life_rx

@@ -100,9 +100,22 @@ impl Broker {
         process: Arc<Process>,
     ) {
         process.exited().await;
+        if matches!(reap, Reap::Adopted) {
+            // Not its child: whoever reaps it may let its pid and group go at once.
+            process.mark_reaped();
+            self.departed(
+                id,
+                "exited (its exit status is unknown: it was adopted after a broker restart)"
+                    .to_string(),
+                false,
+                None,
+            );
+            return;
+        }
         let main = self.outlive_leader(id, &process).await;
         process.mark_reaped();
         let waited = match reap {
+            Reap::Adopted => unreachable!("handled above"),
             Reap::Child(mut child) => child.wait().await,
             Reap::Carried => {
                 let pid = process.pid();
@@ -125,6 +138,19 @@ impl Broker {
             ),
             Err(e) => (format!("could not be waited for: {e}"), false, None),
         };
+        self.departed(id, description, success, code);
+    }
+
+    /// Takes an instance that exited out of the books, and decides what its
+    /// exit means for the app.
+    fn departed(
+        self: &Arc<Self>,
+        id: InstanceId,
+        description: String,
+        success: bool,
+        code: Option<i32>,
+    ) {
+        self.forget_stored_fds(id);
         self.roster.remove(id);
         let now = Instant::now();
         let departure = {

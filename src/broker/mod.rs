@@ -19,6 +19,7 @@ mod reconfigure;
 mod reexec;
 mod release;
 mod roster;
+pub mod snapshot;
 mod sockets;
 mod unmodified;
 
@@ -167,6 +168,11 @@ struct Tracked {
     /// Copies of its stdout and stderr pipes' read ends, which a re-exec carries.
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
+    /// Its process's start time, which tells it from a later process with its
+    /// pid when a restarted broker adopts it.
+    start_ticks: Option<u64>,
+    /// Spawned by a broker that died: not this process's child.
+    adopted: bool,
 }
 
 /// How an instance's exit status is had once it exited.
@@ -175,6 +181,8 @@ pub(crate) enum Reap {
     Child(tokio::process::Child),
     /// Spawned before a re-exec: still this process's child, waited for by pid.
     Carried,
+    /// Spawned by a broker that died: no longer a child; its status is unknown.
+    Adopted,
 }
 
 impl Tracked {
@@ -267,6 +275,10 @@ pub struct Broker {
     /// Set once the broker was restored from a re-exec's image: its instances
     /// run already.
     restored: watch::Sender<bool>,
+    /// The broker's own fds systemd gave back from the fd store, by name.
+    inherited_own: Mutex<HashMap<String, OwnedFd>>,
+    /// Woken when something a snapshot holds changed.
+    changed: tokio::sync::Notify,
 }
 
 impl Broker {
@@ -279,10 +291,15 @@ impl Broker {
         run_as: RunAs,
         address: String,
         state_address: String,
+        state: State,
     ) -> Result<Arc<Self>, Error> {
-        let state = State::new(&config.limits);
         let broker = Broker::assemble(app, config, source, run_as, address, state_address, state)?;
-        broker.adopt(systemd::inherited());
+        let (sockets, own) = systemd::inherited();
+        broker.adopt(sockets);
+        *broker
+            .inherited_own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = own;
         let settings = broker.settings();
         for entry in &settings.config.listen {
             let mut shared = broker.lock();
@@ -360,6 +377,8 @@ impl Broker {
             reexecs: Mutex::new(Reexecs::default()),
             own_sockets: Mutex::new(None),
             restored: watch::channel(false).0,
+            inherited_own: Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
         });
         *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
         Ok(broker)
@@ -404,7 +423,16 @@ impl Broker {
     }
 
     fn emit(&self, event: Event) {
+        self.changed.notify_one();
         let _ = self.events.send(event);
+    }
+
+    /// An fd systemd gave back from the fd store, named `name`.
+    pub fn take_inherited(&self, name: &str) -> Option<OwnedFd> {
+        self.inherited_own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
     }
 
     fn progress(&self, generation: Generation, progress: Progress) {
@@ -673,6 +701,7 @@ impl Broker {
         };
         shared.listeners.add_ref(addr, instance);
         drop(shared);
+        self.changed.notify_one();
         if let Some(generation) = starting {
             self.progress(generation, listening(addr));
         }

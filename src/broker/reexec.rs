@@ -104,8 +104,42 @@ impl Broker {
 
     /// Takes the image and execs, all under the locks; returns the exec's error.
     fn exec_image(&self, startup: &reexec::Startup) -> String {
-        let shared = self.lock();
-        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let count = self.reexecs().count + 1;
+        self.with_image(count, |image, fds| {
+            let mut kept = reexec::Kept::new();
+            for fd in fds {
+                if let Err(e) = kept.keep(fd) {
+                    return format!("cannot keep fd {fd} open across the exec: {e}");
+                }
+            }
+            let bytes = match serde_json::to_vec(&image) {
+                Ok(b) => b,
+                Err(e) => return format!("cannot write the image: {e}"),
+            };
+            let memfd = match reexec::image_fd(&bytes) {
+                Ok(fd) => fd,
+                Err(e) => return format!("cannot keep the image in memory: {e}"),
+            };
+            let fallback = reexec::open_fallback().ok();
+            let mut env = vec![(reexec::IMAGE_ENV, memfd.as_raw_fd().to_string())];
+            if let Some(fd) = &fallback {
+                env.push((reexec::FALLBACK_ENV, fd.as_raw_fd().to_string()));
+            }
+            let error = reexec::exec(&startup.exe, &startup.args, &env);
+            drop(kept);
+            error.to_string()
+        })
+        .unwrap_or_else(|e| e)
+    }
+
+    /// Runs `then` on the broker's image and the fds it names, with the
+    /// bookkeeping, the history and the shared state locked: nothing changes
+    /// until `then` returns.
+    pub(super) fn with_image<R>(
+        &self,
+        reexecs: u64,
+        then: impl FnOnce(image::BrokerImage, Vec<RawFd>) -> R,
+    ) -> Result<R, String> {
         let settings = self.settings();
         let texts = self
             .config_texts
@@ -114,13 +148,12 @@ impl Broker {
             .clone();
         let own = *self.own_sockets.lock().unwrap_or_else(|p| p.into_inner());
         let Some((private_socket, state_socket)) = own else {
-            return "the broker's own sockets are not known".to_string();
+            return Err("the broker's own sockets are not known".to_string());
         };
-        let count = self.reexecs().count + 1;
+        let shared = self.lock();
+        let history = self.history.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        let wall = SystemTime::now();
-        self.state.store.with(|store, store_now| {
-            let mut kept = reexec::Kept::new();
+        Ok(self.state.store.with(|store, store_now| {
             let mut configs: Vec<image::ConfigImage> = Vec::new();
             let mut config_index = |revision: &Revision| -> usize {
                 if let Some(i) = configs.iter().position(|c| c.revision == revision.number) {
@@ -149,6 +182,7 @@ impl Broker {
                     ready_unix_us: instance.ready.map(unix_us),
                     ready_age_ms: instance.ready_at.map(|at| age_ms(now, at)),
                     settings: config_index(&tracked.settings.revision),
+                    start_ticks: tracked.start_ticks,
                     pidfd: tracked.process.pidfd(),
                     main: tracked.main.as_ref().map(|m| (m.pid(), m.pidfd())),
                     stdout: tracked.stdout.as_ref().map(AsRawFd::as_raw_fd),
@@ -187,18 +221,14 @@ impl Broker {
                 })
                 .flatten()
                 .chain(listeners.iter().map(|l| l.fd))
-                .chain([private_socket, state_socket]);
-            for fd in fds {
-                if let Err(e) = kept.keep(fd) {
-                    return format!("cannot keep fd {fd} open across the exec: {e}");
-                }
-            }
+                .chain([private_socket, state_socket])
+                .collect();
             let (next_id, last_generation) = shared.table.counters();
             let image = image::BrokerImage {
                 version: image::VERSION,
                 taken_by: env!("CARGO_PKG_VERSION").to_string(),
                 app: self.app.clone(),
-                reexecs: count,
+                reexecs,
                 private_socket,
                 state_socket,
                 configs,
@@ -214,24 +244,8 @@ impl Broker {
                 state: store.image(store_now),
                 history: history.image(),
             };
-            let _ = wall;
-            let bytes = match serde_json::to_vec(&image) {
-                Ok(b) => b,
-                Err(e) => return format!("cannot write the image: {e}"),
-            };
-            let memfd = match reexec::image_fd(&bytes) {
-                Ok(fd) => fd,
-                Err(e) => return format!("cannot keep the image in memory: {e}"),
-            };
-            let fallback = reexec::open_fallback().ok();
-            let mut env = vec![(reexec::IMAGE_ENV, memfd.as_raw_fd().to_string())];
-            if let Some(fd) = &fallback {
-                env.push((reexec::FALLBACK_ENV, fd.as_raw_fd().to_string()));
-            }
-            let error = reexec::exec(&startup.exe, &startup.args, &env);
-            drop(kept);
-            error.to_string()
-        })
+            then(image, fds)
+        }))
     }
 
     /// Reads the instances' output again after a re-exec that did not happen.
@@ -437,6 +451,8 @@ impl Broker {
                     notify_socket,
                     stdout,
                     stderr,
+                    start_ticks: i.start_ticks.or_else(|| crate::process::start_ticks(i.pid)),
+                    adopted: false,
                 },
             );
         }
@@ -466,7 +482,7 @@ impl Broker {
     pub(super) fn resume_instances(self: &Arc<Self>) {
         let instances: Vec<Instance> = self.lock().table.iter().cloned().collect();
         for instance in &instances {
-            let (process, life, notify, watchdog) = {
+            let (process, life, notify, watchdog, adopted) = {
                 let shared = self.lock();
                 let Some(t) = shared.tracked.get(&instance.id) else {
                     continue;
@@ -477,6 +493,7 @@ impl Broker {
                     t.life.subscribe(),
                     t.notify_socket.clone(),
                     t.watchdog.as_ref().map(|w| w.subscribe()),
+                    t.adopted,
                 )
             };
             self.roster.record(instance.pid, instance.id);
@@ -493,10 +510,12 @@ impl Broker {
             if let Some(watchdog) = watchdog {
                 tokio::spawn(self.clone().watch_dog(instance.id, watchdog, life));
             }
-            tokio::spawn(
-                self.clone()
-                    .watch_instance(instance.id, super::Reap::Carried, process),
-            );
+            let reap = if adopted {
+                super::Reap::Adopted
+            } else {
+                super::Reap::Carried
+            };
+            tokio::spawn(self.clone().watch_instance(instance.id, reap, process));
             match instance.state {
                 InstanceState::Draining => self.keep_draining(instance.id, instance.pid),
                 // Its launch was not carried: it is stopped as a failed one is.
@@ -514,8 +533,20 @@ impl Broker {
                 _ => {}
             }
         }
-        let serving = self.lock().table.current().is_some();
-        if !serving {
+        let status = {
+            let shared = self.lock();
+            shared
+                .table
+                .current()
+                .is_some()
+                .then(|| super::coordinator::status_line(&shared))
+        };
+        if let Some(status) = status {
+            // Again after a crash restart: systemd waits for it; after a re-exec
+            // it changes nothing.
+            crate::systemd::ready(&status);
+            self.lock().notified_ready = true;
+        } else {
             tracing::warn!("no generation serves after the re-exec: restarting the application");
             self.lock().phase = Phase::Restarting;
             let _ = self.requests.send(Request {
@@ -526,12 +557,12 @@ impl Broker {
     }
 }
 
-fn unix_us(t: SystemTime) -> u64 {
+pub(super) fn unix_us(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn from_unix_us(us: u64) -> SystemTime {
+pub(super) fn from_unix_us(us: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_micros(us)
 }
 

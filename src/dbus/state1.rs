@@ -297,6 +297,7 @@ mod tests {
     fn access() -> Arc<Access> {
         let config = Config::defaults(vec!["/bin/true".into()]);
         let run_as = crate::identity::RunAs::resolve(&config).expect("our own ids");
+        let state = crate::state::State::new(&config.limits);
         let broker = Broker::new(
             "served",
             config,
@@ -304,6 +305,7 @@ mod tests {
             run_as,
             "unix:path=/nonexistent".into(),
             String::new(),
+            state,
         )
         .expect("a broker without listeners");
         Access::new(broker, Peer::private(Identity::uid_only(0), 1))

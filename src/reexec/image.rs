@@ -68,6 +68,10 @@ pub struct InstanceImage {
     pub ready_unix_us: Option<u64>,
     pub ready_age_ms: Option<u64>,
     pub settings: usize,
+    /// The process's start time (`/proc/<pid>/stat` field 22), which tells it
+    /// from a later process with its pid when the broker restarts.
+    #[serde(default)]
+    pub start_ticks: Option<u64>,
     /// The pidfd pinning the instance's process.
     pub pidfd: RawFd,
     /// `MAINPID=`: its pid and the pidfd pinning it.

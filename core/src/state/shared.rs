@@ -35,6 +35,9 @@ impl Inner {
 #[derive(Debug, Default)]
 pub struct SharedStore {
     inner: Mutex<Inner>,
+    /// Woken (with a permit kept) whenever the store is taken to be changed or
+    /// read: how the broker knows a snapshot may be due.
+    touched: tokio::sync::Notify,
 }
 
 impl SharedStore {
@@ -49,11 +52,18 @@ impl SharedStore {
                 store,
                 waiters: HashMap::new(),
             }),
+            touched: tokio::sync::Notify::new(),
         }
     }
 
     fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.touched.notify_one();
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Resolves once the store was used after the last time it resolved.
+    pub async fn touched(&self) {
+        self.touched.notified().await
     }
 
     /// Runs `f` on the store, with the current time.

@@ -1,0 +1,303 @@
+//! Surviving a crash of the broker: whenever something changes, its image is
+//! written to `$RUNTIME/snapshot.json`; its instances' output pipes and
+//! notification sockets, like its listeners, are kept in systemd's fd store.
+//! When systemd restarts a broker that died (the unit's `KillMode=process`
+//! leaves the instances running), the new one adopts the instances that are
+//! still the processes the snapshot names (pid and start time), takes the fds
+//! back from the fd store, and carries on with the snapshot's shared state,
+//! history and counters.
+//!
+//! What a crash can lose: changes of the last moments before it (a snapshot is
+//! written at most every [`MIN_INTERVAL`], and never more than 5% of the time
+//! for the locks it holds while it takes the image), and an adopted instance's exit status (it is no longer the
+//! broker's child).
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::{Broker, Life, Phase, Tracked, unmodified};
+use crate::generations::{Instance, InstanceId, InstanceState, Table};
+use crate::process::Process;
+use crate::reexec::image::BrokerImage;
+use crate::systemd;
+
+pub const FILE: &str = "snapshot.json";
+const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Larger snapshots are not read back.
+const MAX_BYTES: u64 = 512 * 1024 * 1024;
+
+fn out_name(id: InstanceId) -> String {
+    format!("{}out-{id}", systemd::OWN_FD_PREFIX)
+}
+
+fn err_name(id: InstanceId) -> String {
+    format!("{}err-{id}", systemd::OWN_FD_PREFIX)
+}
+
+fn notify_name(id: InstanceId) -> String {
+    format!("{}notify-{id}", systemd::OWN_FD_PREFIX)
+}
+
+impl Broker {
+    /// Keeps instance `id`'s output pipes and notification socket in the fd store.
+    pub(super) fn store_instance_fds(&self, id: InstanceId) {
+        if !systemd::has_fd_store() {
+            return;
+        }
+        let shared = self.lock();
+        let Some(t) = shared.tracked.get(&id) else {
+            return;
+        };
+        if let Some(fd) = &t.stdout {
+            systemd::store_named(&out_name(id), fd.as_fd());
+        }
+        if let Some(fd) = &t.stderr {
+            systemd::store_named(&err_name(id), fd.as_fd());
+        }
+        if let Some(socket) = &t.notify_socket {
+            // SAFETY: the socket stays open while the lock is held.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(socket.raw_fd()) };
+            systemd::store_named(&notify_name(id), fd);
+        }
+    }
+
+    /// Drops an exited instance's fds from the fd store.
+    pub(super) fn forget_stored_fds(&self, id: InstanceId) {
+        if !systemd::has_fd_store() {
+            return;
+        }
+        for name in [out_name(id), err_name(id), notify_name(id)] {
+            systemd::unstore_named(&name);
+        }
+    }
+
+    /// Writes a snapshot whenever something changed, until the broker stops;
+    /// then removes it: a broker that stopped leaves nothing to adopt.
+    pub async fn keep_snapshots(self: Arc<Self>, dir: PathBuf) {
+        let path = dir.join(FILE);
+        let mut stopping = self.stopping.subscribe();
+        loop {
+            tokio::select! {
+                () = self.changed.notified() => {}
+                () = self.state.store.touched() => {}
+                _ = stopping.wait_for(|s| *s) => break,
+            }
+            let began = Instant::now();
+            let bytes =
+                self.with_image(self.reexecs().count, |image, _| serde_json::to_vec(&image));
+            let bytes = match bytes {
+                Ok(Ok(bytes)) => bytes,
+                Ok(Err(e)) => {
+                    tracing::warn!("cannot write a snapshot: {e}");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let to = path.clone();
+            let written = tokio::task::spawn_blocking(move || write_atomically(&to, &bytes)).await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!("cannot write the snapshot {}: {e}", path.display());
+            }
+            tokio::time::sleep((began.elapsed() * 10).max(MIN_INTERVAL)).await;
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+
+    /// Adopts what the snapshot of a broker that died names and still runs.
+    /// Returns the lines to log.
+    pub fn adopt_snapshot(self: &Arc<Self>, image: BrokerImage) -> Vec<String> {
+        let mut said = Vec::new();
+        let now = Instant::now();
+        let current = self.settings();
+        let mut table = Vec::new();
+        let mut tracked = std::collections::HashMap::new();
+        let mut adopted = HashSet::new();
+        for i in &image.instances {
+            let Some(process) = adopt_process(i.pid, i.start_ticks) else {
+                said.push(format!(
+                    "instance {} (pid {}, generation {}) is gone",
+                    i.id, i.pid, i.generation
+                ));
+                self.state.instance_exited(i.id);
+                self.forget_stored_fds(i.id);
+                continue;
+            };
+            let state = match i.state.as_str() {
+                "ready" => InstanceState::Ready,
+                "starting" => InstanceState::Starting,
+                _ => InstanceState::Draining,
+            };
+            let main = i
+                .main
+                .and_then(|(pid, _)| adopt_process(pid, crate::process::start_ticks(pid)))
+                .map(Arc::new);
+            let notify_socket = self
+                .take_inherited(&notify_name(i.id))
+                .and_then(|fd| unmodified::NotifySocket::from_fd(fd).ok());
+            let settings = image
+                .configs
+                .get(i.settings)
+                .filter(|c| c.revision == current.revision.number)
+                .map_or_else(|| current.clone(), |_| current.clone());
+            let watchdog = settings.config.watchdog.map(|timeout| {
+                watch::channel(unmodified::Watchdog {
+                    timeout,
+                    last: tokio::time::Instant::now(),
+                    triggered: false,
+                })
+                .0
+            });
+            table.push(Instance {
+                id: i.id,
+                generation: i.generation,
+                pid: i.pid,
+                state,
+                started: super::reexec::from_unix_us(i.started_unix_us),
+                started_at: now
+                    .checked_sub(Duration::from_millis(i.started_age_ms))
+                    .unwrap_or(now),
+                ready: i.ready_unix_us.map(super::reexec::from_unix_us),
+                ready_at: i
+                    .ready_age_ms
+                    .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
+            });
+            tracked.insert(
+                i.id,
+                Tracked {
+                    life: watch::channel(Life::State(state)).0,
+                    process: Arc::new(process),
+                    settings,
+                    reported: unmodified::Reported {
+                        status: i.status.clone(),
+                        stopping: i.stopping,
+                        errno: i.errno,
+                        main_pid: main.as_ref().map(|m| m.pid()),
+                    },
+                    app_report: i.app_report.clone(),
+                    extended: watch::channel(None).0,
+                    watchdog,
+                    main,
+                    notify_socket,
+                    stdout: self.take_inherited(&out_name(i.id)),
+                    stderr: self.take_inherited(&err_name(i.id)),
+                    start_ticks: i.start_ticks,
+                    adopted: true,
+                },
+            );
+            adopted.insert(i.id);
+            said.push(format!(
+                "adopted instance {} (pid {}, generation {}, {})",
+                i.id, i.pid, i.generation, i.state
+            ));
+        }
+        *self.history.lock().unwrap_or_else(|p| p.into_inner()) =
+            crate::history::History::restore(current.config.history, image.history);
+        {
+            let mut shared = self.lock();
+            for l in &image.listeners {
+                let Some(key) = systemd::parse_fd_name(&l.key) else {
+                    continue;
+                };
+                if !shared.listeners.contains(&key) {
+                    said.push(format!(
+                        "{key} was not in the fd store: its instances keep it, new ones bind it again"
+                    ));
+                    continue;
+                }
+                for (id, n) in &l.refs {
+                    if adopted.contains(id) {
+                        for _ in 0..*n {
+                            shared.listeners.add_ref(&key, *id);
+                        }
+                    }
+                }
+            }
+            shared.table = Table::from_parts(table, image.next_id, image.last_generation);
+            shared.tracked = tracked;
+            shared.reloads = image.reloads;
+            shared.last_reload = image.last_reload;
+            shared.phase = Phase::Running;
+        }
+        *self.reexecs.lock().unwrap_or_else(|p| p.into_inner()) = super::Reexecs {
+            count: image.reexecs,
+            last_error: None,
+        };
+        self.restored.send_replace(true);
+        said
+    }
+}
+
+/// Pins `pid` if it is still the process that started at `start_ticks`.
+fn adopt_process(pid: u32, start_ticks: Option<u64>) -> Option<Process> {
+    let expected = start_ticks?;
+    if crate::process::start_ticks(pid) != Some(expected) {
+        return None;
+    }
+    let process = Process::pin(pid).ok()?;
+    // Pinned: if it is still the same process now, the pidfd is its.
+    (crate::process::start_ticks(pid) == Some(expected)).then_some(process)
+}
+
+/// The snapshot a broker that died left in `dir`, if any; one that cannot be
+/// read is logged and left aside.
+pub fn read(dir: &Path) -> Option<BrokerImage> {
+    use std::os::unix::fs::MetadataExt;
+    let path = dir.join(FILE);
+    let meta = std::fs::symlink_metadata(&path).ok()?;
+    let owner = nix::unistd::geteuid().as_raw();
+    if !meta.file_type().is_file() || meta.uid() != owner || meta.mode() & 0o022 != 0 {
+        tracing::warn!(
+            "{} is not a snapshot this broker wrote (not a regular file of uid {owner}, writable by it alone): ignored",
+            path.display()
+        );
+        return None;
+    }
+    if meta.len() > MAX_BYTES {
+        tracing::warn!(
+            "{} is larger than {MAX_BYTES} bytes: ignored",
+            path.display()
+        );
+        return None;
+    }
+    let bytes = std::fs::read(&path)
+        .map_err(|e| tracing::warn!("cannot read {}: {e}", path.display()))
+        .ok()?;
+    match serde_json::from_slice::<BrokerImage>(&bytes) {
+        Ok(image) if image.version == crate::reexec::image::VERSION => Some(image),
+        Ok(image) => {
+            tracing::warn!(
+                "{} is of image version {}; this broker reads {}: ignored",
+                path.display(),
+                image.version,
+                crate::reexec::image::VERSION
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("{} does not parse ({e}): ignored", path.display());
+            None
+        }
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file renamed over it, so a
+/// reader never sees half a snapshot.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("json.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
