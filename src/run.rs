@@ -49,7 +49,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
         crate::metrics_http::spawn(listener, broker.clone())?;
         tracing::info!("serving GET /metrics on http://{addr}/metrics (metrics_address)");
     }
-    let _bus = bus::register(args.bus, broker.clone()).await?;
+    bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await
 }
