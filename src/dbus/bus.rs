@@ -18,6 +18,8 @@ use crate::broker::Broker;
 /// a second of it.
 const RECONNECT_FIRST_WAIT: Duration = Duration::from_millis(50);
 const RECONNECT_MAX_WAIT: Duration = Duration::from_secs(1);
+/// How long the bus may stay away before the broker says so again.
+const LONG_OUTAGE: Duration = Duration::from_secs(10);
 /// One attempt may connect to a socket whose daemon is still starting (systemd
 /// holds `dbus.socket` across the restart); it is given this long to answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -131,18 +133,28 @@ impl Bus {
         }
     }
 
-    /// Connects until it works; the connection and the attempts it took.
+    /// Connects until it works; the connection and the attempts it took. An
+    /// outage longer than [`LONG_OUTAGE`] is logged once, with the last error.
     async fn reconnect(self, name: &str, broker: &Arc<Broker>) -> (zbus::Connection, u32) {
         let mut backoff = Backoff::new(RECONNECT_FIRST_WAIT, RECONNECT_MAX_WAIT);
+        let lost = tokio::time::Instant::now();
+        let mut told = false;
         loop {
             let attempt = tokio::time::timeout(ATTEMPT_TIMEOUT, self.connect(name, broker)).await;
-            match attempt {
+            let error = match attempt {
                 Ok(Ok(conn)) => return (conn, backoff.attempts()),
-                Ok(Err(e)) => tracing::debug!("reconnecting to the {} bus: {e}", self.which()),
-                Err(_) => tracing::debug!(
-                    "reconnecting to the {} bus: no answer within {ATTEMPT_TIMEOUT:?}",
-                    self.which()
-                ),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {ATTEMPT_TIMEOUT:?}"),
+            };
+            tracing::debug!("reconnecting to the {} bus: {error}", self.which());
+            if !told && lost.elapsed() >= LONG_OUTAGE {
+                told = true;
+                tracing::warn!(
+                    "still cannot serve {name} on the {} bus after {} attempts ({error}); \
+                     trying again every {RECONNECT_MAX_WAIT:?}",
+                    self.which(),
+                    backoff.attempts()
+                );
             }
             tokio::time::sleep(backoff.failed()).await;
         }
