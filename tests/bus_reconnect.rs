@@ -255,4 +255,18 @@ async fn signals_and_locks_on_the_new_bus() {
         .expect("no InstanceStateChanged on the new bus")
         .unwrap();
     assert!(signal.args().is_ok());
+
+    // Clients of the new bus are watched as those of the first one were: one
+    // that leaves releases its locks.
+    drop((proxy, finished, states));
+    new.close().await.unwrap();
+    let other = connect().await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !lock(other.clone()).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lock of a client that left the new bus is still held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
