@@ -70,6 +70,20 @@ impl State {
         }
     }
 
+    /// The bus connection was lost: every bus sender went with it.
+    pub fn bus_lost(&self) {
+        let gone: Vec<u64> = self
+            .senders
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, conn)| conn)
+            .collect();
+        for conn in gone {
+            self.store.release_conn(conn);
+        }
+    }
+
     pub fn connection_closed(&self, conn: u64) {
         self.store.release_conn(conn);
     }

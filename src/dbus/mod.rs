@@ -1,6 +1,7 @@
 //! The broker's D-Bus face: the `org.ally.Broker1` interface, who may call it,
 //! and the two transports that serve it (the private socket and a bus).
 
+pub mod backoff;
 pub mod broker1;
 pub mod bus;
 pub mod bus_shim;
