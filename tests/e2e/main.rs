@@ -818,3 +818,242 @@ fn journal_by_generation_under_systemd() {
     );
     sandbox.ok(&["systemctl", "stop", "ally@web"]);
 }
+
+/// Where the stateprobe fixture is copied inside the sandbox.
+const STATEPROBE: &str = "/usr/local/lib/ally-e2e/stateprobe";
+
+/// The pids of `app`'s instances, with their generations, as `ally status` says.
+fn instance_pids(sandbox: &Sandbox, app: &str) -> Vec<(u64, u64)> {
+    let status: serde_json::Value =
+        serde_json::from_str(&sandbox.ok(&["ally", "status", app, "--json"])).unwrap();
+    let mut pids: Vec<(u64, u64)> = status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["pid"].as_u64().unwrap(),
+                i["generation"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    pids.sort();
+    pids
+}
+
+fn main_pid(sandbox: &Sandbox, app: &str) -> String {
+    sandbox
+        .ok(&["systemctl", "show", "-P", "MainPID", &format!("ally@{app}")])
+        .trim()
+        .to_string()
+}
+
+/// `(VmRSS in KiB, open fds)` of process `pid` in the sandbox.
+fn footprint(sandbox: &Sandbox, pid: &str) -> (u64, usize) {
+    let rss = sandbox.sh(&format!(
+        "grep VmRSS /proc/{pid}/status | tr -s ' ' | cut -d' ' -f2"
+    ));
+    let fds = sandbox.sh(&format!("ls /proc/{pid}/fd | wc -l"));
+    (rss.trim().parse().unwrap(), fds.trim().parse().unwrap())
+}
+
+#[test]
+#[ignore = "needs root, the built .deb packages and boots a throwaway systemd; run by .ci/run"]
+fn the_broker_dies_upgrades_and_reexecutes_under_load() {
+    assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
+    let deb = package("ALLY_E2E_DEB");
+    let deb_upgrade = package("ALLY_E2E_DEB_UPGRADE");
+    let tool = if Tool::Wrk.is_installed() {
+        Tool::Wrk
+    } else {
+        Tool::AbKeepAlive
+    };
+    let sandbox = Sandbox::boot();
+    sandbox.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    sandbox.copy_in(&deb, "/root/ally.deb", "644");
+    sandbox.copy_in(&deb_upgrade, "/root/ally-upgrade.deb", "644");
+    sandbox.copy_in(&hello(), HELLO, "755");
+    sandbox.copy_in(&example("stateprobe"), STATEPROBE, "755");
+    sandbox.ok(&["dpkg", "-i", "/root/ally.deb"]);
+
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    sandbox.write("/srv/web/version", "v1");
+    sandbox.write("/srv/web/launch", &launcher("/srv/web", port));
+    sandbox.ok(&["chmod", "755", "/srv/web/launch"]);
+    sandbox.write("/etc/ally/web.toml", &app_config("/srv/web/launch", ""));
+    sandbox.write(
+        "/etc/ally/locks.toml",
+        &format!(
+            "command = [{STATEPROBE:?}, \"--report\", \"/srv/locks/report\", \"--ready\", \"--lock\", \"leader\"]\nready_timeout = \"5s\"\n"
+        ),
+    );
+    sandbox.ok(&["mkdir", "-p", "/srv/locks"]);
+    sandbox.ok(&["systemctl", "start", "ally@web", "ally@locks"]);
+    wait_until("the lock taken", Duration::from_secs(10), || {
+        sandbox
+            .ok(&["ally", "lock", "status", "locks", "leader"])
+            .contains("instance 1")
+    });
+    sandbox.ok(&["ally", "atomic", "add", "web", "hits", "5"]);
+    let pids = instance_pids(&sandbox, "web");
+    let locker_pids = instance_pids(&sandbox, "locks");
+    assert_eq!(pids.len(), 1);
+
+    // Ten SIGKILLs of the broker under load.
+    let mut generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    for round in 1..=10 {
+        for app in ["web", "locks"] {
+            let before = main_pid(&sandbox, app);
+            sandbox.ok(&[
+                "systemctl",
+                "kill",
+                "--kill-who=main",
+                "--signal=SIGKILL",
+                &format!("ally@{app}"),
+            ]);
+            wait_until(
+                &format!("ally@{app}'s broker back after SIGKILL {round}"),
+                Duration::from_secs(30),
+                || {
+                    let now = main_pid(&sandbox, app);
+                    now != before
+                        && now != "0"
+                        && sandbox
+                            .run(&["systemctl", "is-active", &format!("ally@{app}")])
+                            .status
+                            .success()
+                        && sandbox.run(&["ally", "status", app]).status.success()
+                },
+            );
+        }
+        assert_eq!(
+            instance_pids(&sandbox, "web"),
+            pids,
+            "after SIGKILL {round}"
+        );
+    }
+    assert!(generator.is_running(), "{tool} stopped early");
+    let report = generator.finish();
+    eprintln!(
+        "e2e 10 broker SIGKILLs under {tool}: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert!(
+        report.requests > 100,
+        "too little load: {}",
+        report.requests
+    );
+    assert_eq!(instance_pids(&sandbox, "locks"), locker_pids);
+    assert_eq!(
+        sandbox.ok(&["ally", "atomic", "get", "web", "hits"]).trim(),
+        "5",
+        "the counter survived"
+    );
+    assert!(
+        sandbox
+            .ok(&["ally", "lock", "status", "locks", "leader"])
+            .contains("instance 1"),
+        "the lock is still held"
+    );
+    assert!(sandbox.journal().contains("adopted instance 1"));
+    eprintln!(
+        "$ ally status web\n{}",
+        sandbox.ok(&["ally", "status", "web"])
+    );
+
+    // A package upgrade under load: the brokers run the new binary, in place.
+    let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let main_before = main_pid(&sandbox, "web");
+    sandbox.ok(&["dpkg", "-i", "/root/ally-upgrade.deb"]);
+    let report = generator.finish();
+    eprintln!(
+        "e2e dpkg -i upgrade under {tool}: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert_eq!(main_pid(&sandbox, "web"), main_before, "MAINPID unchanged");
+    let exe = sandbox.ok(&["readlink", &format!("/proc/{main_before}/exe")]);
+    assert_eq!(
+        exe.trim(),
+        "/usr/bin/ally",
+        "runs the new binary, not a deleted one"
+    );
+    assert_eq!(
+        instance_pids(&sandbox, "web"),
+        pids,
+        "same instances after the upgrade"
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&sandbox.ok(&["ally", "status", "web", "--json"])).unwrap();
+    assert!(status["reexecs"].as_u64().unwrap() >= 1, "{status}");
+
+    // A hundred re-execs under load: nothing lost, nothing leaked.
+    let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let main = main_pid(&sandbox, "web");
+    sandbox.sh("for i in $(seq 10); do ally reexec web -q || exit 1; done");
+    let after_10 = footprint(&sandbox, &main);
+    let began = Instant::now();
+    sandbox.sh("for i in $(seq 90); do ally reexec web -q || exit 1; done");
+    let took = began.elapsed();
+    let after_100 = footprint(&sandbox, &main);
+    let report = generator.finish();
+    eprintln!(
+        "e2e 100 re-execs under {tool}: {} requests, {} failed; the last 90 took {took:?} ({:?} each, CLI included); broker (RSS KiB, fds) after 10 {after_10:?}, after 100 {after_100:?}",
+        report.requests,
+        report.failed,
+        took / 90
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert_eq!(main_pid(&sandbox, "web"), main);
+    assert_eq!(after_100.1, after_10.1, "fds flat");
+    assert!(
+        after_100.0 < after_10.0 + 4096,
+        "RSS flat: {after_10:?} → {after_100:?}"
+    );
+    assert_eq!(instance_pids(&sandbox, "web"), pids);
+
+    // The system bus restarts: the name answers again within 2 s.
+    let status = [
+        "busctl",
+        "call",
+        "org.ally.web",
+        "/org/ally",
+        "org.ally.Broker1",
+        "Status",
+    ];
+    sandbox.ok(&status);
+    let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    sandbox.ok(&["systemctl", "restart", "dbus"]);
+    let restarted = Instant::now();
+    wait_until(
+        "org.ally.web on the new bus",
+        Duration::from_secs(2),
+        || sandbox.run(&status).status.success(),
+    );
+    eprintln!(
+        "e2e systemctl restart dbus: Status answered again after {:?}",
+        restarted.elapsed()
+    );
+    let report = generator.finish();
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert!(sandbox.journal().contains("lost the system bus connection"));
+
+    // And a stop still stops everything.
+    sandbox.ok(&["systemctl", "stop", "ally@web", "ally@locks"]);
+    for pid in pids.iter().chain(&locker_pids) {
+        assert!(
+            !sandbox
+                .run(&["kill", "-0", &pid.0.to_string()])
+                .status
+                .success(),
+            "instance pid {} outlived its stopped unit",
+            pid.0
+        );
+    }
+}
