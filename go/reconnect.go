@@ -158,6 +158,10 @@ func (l *link) redial() (*dbus.Conn, error) {
 		if err == nil {
 			return conn, nil
 		}
+		var e *Error
+		if errors.As(err, &e) {
+			err = errors.New(e.Message)
+		}
 		wait := backoff(attempt)
 		if left := time.Until(deadline); left < wait {
 			if left <= 0 {
