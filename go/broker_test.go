@@ -299,7 +299,7 @@ func TestChild(t *testing.T) {
 		must(t, Ready())
 		runSuite(t)
 		// Cache and Atomic calls went over the state socket.
-		if os.Getenv("ALLY_STATE_ADDRESS") == "" || !self().stateOK || self().state.conn == nil || !self().state.conn.Connected() {
+		if os.Getenv("ALLY_STATE_ADDRESS") == "" || !self().stateOK || self().state.current() == nil || !self().state.current().Connected() {
 			t.Errorf("no state socket connection (ALLY_STATE_ADDRESS=%q)", os.Getenv("ALLY_STATE_ADDRESS"))
 		}
 		result("suite")
