@@ -307,6 +307,9 @@ func TestChild(t *testing.T) {
 		childCAS(t, gen)
 	case role == "lock":
 		childLock(t, gen)
+	case role == "reexec":
+		childReexec(t)
+		result("reexec")
 	case strings.HasPrefix(role, "listenfds:"):
 		childListenFDs(t, strings.TrimPrefix(role, "listenfds:"))
 		result("listenfds")

@@ -379,3 +379,77 @@ func TestReconnectGivesUp(t *testing.T) {
 	_, err = counter.Load()
 	must(t, err)
 }
+
+// An instance across `ally reexec`: the broker's connections close, the instance's
+// next calls reconnect, and what it had is still there. Skipped by a broker without
+// `ally reexec`.
+func TestReconnectAcrossReexec(t *testing.T) {
+	if os.Getenv(childEnv) != "" {
+		t.Skip("in a child")
+	}
+	if err := exec.Command(allyBin(t), "reexec", "--help").Run(); err != nil {
+		t.Skipf("this broker has no `ally reexec` (%v)", err)
+	}
+	b := startBroker(t, "reexec", b0(t)...)
+	b.waitFile("listening-1", 60*time.Second)
+	if out, err := b.ctl(60*time.Second, []string{"reexec"}, "gotest"); err != nil {
+		t.Fatalf("ally reexec: %v\n%s", err, out)
+	}
+	must(t, os.WriteFile(filepath.Join(b.dir, "reexeced"), []byte("go on\n"), 0o644))
+	if got := b.waitFile("reexec-1", 60*time.Second); got != "PASS" {
+		t.Fatalf("the instance across the re-exec: %s", got)
+	}
+}
+
+func childReexec(t *testing.T) {
+	in := self()
+	ln, err := Listen("tcp", "127.0.0.1:0")
+	must(t, err)
+	defer ln.Close()
+	must(t, Ready())
+	must(t, Report(ReportValues{Version: "before"}))
+	cache, counter, lock := NewCache("reexec"), NewAtomic("reexec"), NewLocker("reexec")
+	must(t, cache.Set("k", []byte("kept"), 0))
+	_, err = counter.Add(1)
+	must(t, err)
+	must(t, lock.Lock())
+	bus, state := in.bus.current(), in.state.current()
+	report(t, "listening-1", "%s", ln.Addr())
+
+	path := filepath.Join(os.Getenv(dirEnv), "reexeced")
+	waitUntil(t, "the test re-executes the broker", 60*time.Second, func() bool {
+		_, err := os.Stat(path)
+		return err == nil
+	})
+	waitUntil(t, "the broker's connections close", 30*time.Second, func() bool {
+		return !bus.Connected() && !state.Connected()
+	})
+	// Whatever they do, calls made now go to the new image.
+	again, err := Listen("tcp", ln.Addr().String())
+	must(t, err)
+	defer again.Close()
+	if again.Addr().String() != ln.Addr().String() {
+		t.Fatalf("Listen after the re-exec gave %v, before %v", again.Addr(), ln.Addr())
+	}
+	must(t, Ready())
+	must(t, Report(ReportValues{Version: "after"}))
+	v, ok, err := cache.Get("k")
+	must(t, err)
+	if !ok || string(v) != "kept" {
+		t.Errorf("the cache after the re-exec: %q %v", v, ok)
+	}
+	n, err := counter.Add(1)
+	must(t, err)
+	if n != 2 {
+		t.Errorf("the counter after the re-exec: %d, want 2", n)
+	}
+	holders, _, err := lock.Queues()
+	must(t, err)
+	if len(holders) != 1 || holders[0].Owner != ID() {
+		t.Errorf("the lock's holders after the re-exec: %+v, want this instance", holders)
+	}
+	must(t, lock.Unlock())
+	if in.bus.current() == bus || in.state.current() == state {
+		t.Error("the calls did not use new connections")
+	}
+}
