@@ -194,7 +194,10 @@ func (in *instance) invoke(ctx context.Context, lk *link, method string, args ..
 			return nil, callError(member, c.Err)
 		}
 		conn.Close()
-		if repeat || !retrySafe[method] {
+		if repeat {
+			return nil, disconnected(member, "it was repeated on a new connection, which closed too", c.Err)
+		}
+		if !retrySafe[method] {
 			return nil, disconnected(member, "it was not repeated because it may have taken effect", c.Err)
 		}
 	}

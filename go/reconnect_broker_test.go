@@ -27,6 +27,8 @@ type restartingBroker struct {
 	cmd    *exec.Cmd
 	exited chan struct{}
 	out    *syncBuffer
+	// started: when the last broker started accepting connections.
+	started time.Time
 	// instances: pids of the instances of brokers killed, which outlive them.
 	instances []int
 }
@@ -74,6 +76,7 @@ func (b *restartingBroker) start() {
 		}
 		return true
 	})
+	b.started = time.Now()
 }
 
 // kill SIGKILLs the broker's process group, as a crash would end it.
@@ -250,10 +253,12 @@ func TestReconnectAfterBrokerRestart(t *testing.T) {
 	b.start()
 
 	// Not retry-safe calls too: the connection was known broken before they were sent.
+	start := time.Now()
 	must(t, returns(t, "Add after the restart", 20*time.Second, func() error {
 		_, err := counter.Add(1)
 		return err
 	}))
+	t.Logf("the first call after the restart, reconnecting the state socket, took %v", time.Since(start))
 	must(t, returns(t, "Lock after the restart", 20*time.Second, lock.Lock))
 	holders, _, err := lock.Queues()
 	must(t, err)
@@ -287,12 +292,24 @@ func TestReconnectCallInFlight(t *testing.T) {
 	inFlight := func(member string, call func() error) error {
 		t.Helper()
 		b.pause()
-		done := make(chan error, 1)
-		go func() { done <- call() }()
+		type result struct {
+			err error
+			at  time.Time
+		}
+		done := make(chan result, 1)
+		go func() {
+			err := call()
+			done <- result{err, time.Now()}
+		}()
 		waitSent(t, sent, member)
+		killed := time.Now()
 		b.kill()
 		b.start()
-		return returns(t, member+" in flight", 20*time.Second, func() error { return <-done })
+		var r result
+		_ = returns(t, member+" in flight", 20*time.Second, func() error { r = <-done; return nil })
+		t.Logf("%s in flight returned %v after the kill (the new broker accepted connections after %v): %v",
+			member, r.at.Sub(killed), b.started.Sub(killed), r.err)
+		return r.err
 	}
 
 	// Set is repeated, on the new broker: the paused one never read it.
