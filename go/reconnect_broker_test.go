@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -469,4 +471,83 @@ func childReexec(t *testing.T) {
 	if in.bus.current() == bus || in.state.current() == state {
 		t.Error("the calls did not use new connections")
 	}
+}
+
+// Goroutines reading the cache and the locks without pause while the broker dies and
+// comes back: not one call fails (every one is retry-safe, or sent after the
+// connection was known closed) and they all go on with the new broker.
+func TestReconnectConcurrentCalls(t *testing.T) {
+	b := newRestartingBroker(t)
+	b.start()
+	connectTo(t, b, "10s", nil)
+	cache, lock := NewCache("busy"), NewLocker("busy")
+	const workers = 8
+	var calls [workers]atomic.Int64
+	var failure atomic.Value // the first failed call's error
+	stop := make(chan struct{})
+	var stopOnce sync.Once
+	halt := func() { stopOnce.Do(func() { close(stop) }) }
+	t.Cleanup(halt)
+	errs := make(chan error, workers)
+	for w := 0; w < workers; w++ {
+		go func(w int) {
+			for {
+				select {
+				case <-stop:
+					errs <- nil
+					return
+				default:
+				}
+				var err error
+				if w%2 == 0 {
+					_, _, err = cache.Get("k")
+				} else {
+					_, _, err = lock.Queues()
+				}
+				if err != nil {
+					failure.Store(err.Error())
+					errs <- err
+					return
+				}
+				calls[w].Add(1)
+			}
+		}(w)
+	}
+	// each waits until every goroutine made a call more than in counts.
+	each := func(what string, counts []int64) {
+		waitUntil(t, what, 20*time.Second, func() bool {
+			if err := failure.Load(); err != nil {
+				t.Fatalf("a call across the restart: %v", err)
+			}
+			for w := range calls {
+				if calls[w].Load() <= counts[w] {
+					return false
+				}
+			}
+			return true
+		})
+	}
+	warm := make([]int64, workers)
+	for w := range warm {
+		warm[w] = 20
+	}
+	each("every goroutine calls the broker 20 times", warm)
+	b.kill()
+	b.start()
+	served := make([]int64, workers)
+	for w := range calls {
+		served[w] = calls[w].Load()
+	}
+	each("every goroutine calls the new broker", served)
+	halt()
+	for w := 0; w < workers; w++ {
+		if err := <-errs; err != nil {
+			t.Errorf("a call across the restart: %v", err)
+		}
+	}
+	var total int64
+	for w := range calls {
+		total += calls[w].Load()
+	}
+	t.Logf("%d calls by %d goroutines, none failed", total, workers)
 }
