@@ -168,7 +168,7 @@ func (l *link) redial() (*dbus.Conn, error) {
 				if l.timeoutErr != nil {
 					return nil, fmt.Errorf("no broker within %v (%v): %w", l.timeout, l.timeoutErr, err)
 				}
-				return nil, fmt.Errorf("no broker within %v: %w", l.timeout, err)
+				return nil, fmt.Errorf("no broker within %v (ALLY_RECONNECT_TIMEOUT): %w", l.timeout, err)
 			}
 			wait = left
 		}

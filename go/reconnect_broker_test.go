@@ -386,7 +386,7 @@ func TestReconnectGivesUp(t *testing.T) {
 	err = returns(t, "Load without a broker", 10*time.Second, func() error { _, err := counter.Load(); return err })
 	took := time.Since(start)
 	if !errors.Is(err, ErrDisconnected) || !strings.Contains(err.Error(), "reconnecting failed") ||
-		!strings.Contains(err.Error(), "within 300ms") {
+		!strings.Contains(err.Error(), "within 300ms (ALLY_RECONNECT_TIMEOUT)") {
 		t.Fatalf("Load without a broker = %v, want ErrDisconnected after 300ms of reconnecting", err)
 	}
 	if took < 300*time.Millisecond || took > 5*time.Second {

@@ -144,3 +144,29 @@ func TestDisconnectedError(t *testing.T) {
 		t.Fatalf("message %q, want %q", err.Error(), want)
 	}
 }
+
+// redial with no broker: it tries until the timeout, then says what it met; a bad
+// ALLY_RECONNECT_TIMEOUT is named in the error.
+func TestRedialGivesUp(t *testing.T) {
+	address := "unix:path=" + t.TempDir() + "/no-broker"
+	_, bad := parseReconnectTimeout("soon")
+	for _, c := range []struct {
+		timeout time.Duration
+		bad     error
+		says    string
+	}{
+		{0, nil, "no broker within 0s (ALLY_RECONNECT_TIMEOUT): cannot connect"},
+		{150 * time.Millisecond, nil, "no broker within 150ms (ALLY_RECONNECT_TIMEOUT): cannot connect"},
+		{150 * time.Millisecond, bad, `ALLY_RECONNECT_TIMEOUT="soon" is not a duration`},
+	} {
+		start := time.Now()
+		conn, err := newLink(address, c.timeout, c.bad).redial()
+		took := time.Since(start)
+		if conn != nil || err == nil || !strings.Contains(err.Error(), c.says) || !strings.Contains(err.Error(), "no-broker") {
+			t.Errorf("redial within %v = %v, %v; want an error saying %q", c.timeout, conn, err, c.says)
+		}
+		if took < c.timeout || took > c.timeout+time.Second {
+			t.Errorf("redial within %v gave up after %v", c.timeout, took)
+		}
+	}
+}
