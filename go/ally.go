@@ -143,7 +143,8 @@ func dial(address string, limit time.Duration, options ...dbus.ConnOption) (*dbu
 	}
 	timer := time.AfterFunc(limit, cancel)
 	err = conn.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))})
-	if !timer.Stop() && err == nil {
+	if !timer.Stop() {
+		// The limit passed: the connection is closed, whatever Auth returned.
 		err = fmt.Errorf("no answer within %v", limit)
 	}
 	if err != nil {

@@ -170,3 +170,43 @@ func TestRedialGivesUp(t *testing.T) {
 		}
 	}
 }
+
+// A socket that accepts and never answers (a broker hung mid-start) does not hold a
+// connect for ever: the handshake gives up after its limit.
+func TestDialHandshakeBounded(t *testing.T) {
+	path := t.TempDir() + "/mute"
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	start := time.Now()
+	done := make(chan error, 1)
+	go func() {
+		conn, err := dial("unix:path="+path, 200*time.Millisecond)
+		if conn != nil {
+			conn.Close()
+		}
+		done <- err
+	}()
+	select {
+	case err := <-done:
+		if err == nil || !strings.Contains(err.Error(), "no answer within 200ms") {
+			t.Fatalf("dial of a mute socket = %v", err)
+		}
+		if took := time.Since(start); took < 200*time.Millisecond {
+			t.Fatalf("gave up after %v", took)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("dial of a mute socket did not return within 10s")
+	}
+}
