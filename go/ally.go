@@ -36,12 +36,10 @@ type instance struct {
 	stopSignal syscall.Signal
 	envErr     error
 
-	connOnce sync.Once
-	conn     *dbus.Conn
-	connErr  error
-
+	bus       *link // the private socket, ALLY_ADDRESS
+	state     *link // the state socket, ALLY_STATE_ADDRESS
 	stateOnce sync.Once
-	stateConn *dbus.Conn // nil: use conn
+	stateOK   bool // the state socket could be reached: Cache and Atomic use it
 
 	stopOnce   sync.Once
 	stopping   chan struct{}
@@ -71,6 +69,9 @@ func fromEnv() *instance {
 		stopping:  make(chan struct{}),
 	}
 	in.stopCtx, in.stopCancel = context.WithCancel(context.Background())
+	timeout, timeoutErr := parseReconnectTimeout(os.Getenv("ALLY_RECONNECT_TIMEOUT"))
+	in.bus = newLink(in.address, timeout, timeoutErr)
+	in.state = newLink(in.stateAddr, timeout, timeoutErr)
 	if in.app == "" {
 		in.app = filepath.Base(os.Args[0])
 	} else {
@@ -130,26 +131,24 @@ func Managed() bool { return self().address != "" }
 // milliseconds), else DefaultDrainIdle.
 func DrainIdle() time.Duration { return self().drainIdle }
 
-// connection is the private D-Bus connection to the broker, made on first use.
-func (in *instance) connection() (*dbus.Conn, error) {
-	in.connOnce.Do(func() {
-		if in.envErr != nil {
-			in.connErr = in.envErr
-			return
-		}
-		in.conn, in.connErr = dial(in.address)
-	})
-	return in.conn, in.connErr
-}
-
 // dial opens a peer-to-peer connection: EXTERNAL authentication (fd passing negotiated
-// when the transport has it), no Hello, since there is no bus daemon.
-func dial(address string) (*dbus.Conn, error) {
-	conn, err := dbus.Dial(address)
+// when the transport has it), no Hello, since there is no bus daemon. The handshake
+// gives up after limit: a broker that accepts and never answers does not hang a call.
+func dial(address string, limit time.Duration, options ...dbus.ConnOption) (*dbus.Conn, error) {
+	ctx, cancel := context.WithCancel(context.Background())
+	conn, err := dbus.Dial(address, append([]dbus.ConnOption{dbus.WithContext(ctx)}, options...)...)
 	if err != nil {
+		cancel()
 		return nil, &Error{Name: errFailed, Message: fmt.Sprintf("cannot connect to the broker at %s: %v", address, err)}
 	}
-	if err := conn.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))}); err != nil {
+	timer := time.AfterFunc(limit, cancel)
+	err = conn.Auth([]dbus.Auth{dbus.AuthExternal(strconv.Itoa(os.Getuid()))})
+	if !timer.Stop() {
+		// The limit passed: the connection is closed, whatever Auth returned.
+		err = fmt.Errorf("no answer within %v", limit)
+	}
+	if err != nil {
+		cancel()
 		conn.Close()
 		return nil, &Error{Name: errFailed, Message: fmt.Sprintf("cannot authenticate to the broker at %s: %v", address, err)}
 	}
@@ -163,17 +162,9 @@ func (in *instance) object(conn *dbus.Conn) dbus.BusObject {
 	return conn.Object(in.dest, objectPath)
 }
 
-// call makes a Broker1 call on the private connection.
+// call makes a Broker1 call on the private connection (see invoke).
 func (in *instance) call(ctx context.Context, method string, args ...interface{}) (*dbus.Call, error) {
-	conn, err := in.connection()
-	if err != nil {
-		return nil, err
-	}
-	c := in.object(conn).CallWithContext(ctx, brokerInterface+"."+method, 0, args...)
-	if c.Err != nil {
-		return nil, callError(method, c.Err)
-	}
-	return c, nil
+	return in.invoke(ctx, in.bus, brokerInterface+"."+method, args...)
 }
 
 // Ready tells the broker this instance serves; during a reload that is what lets the

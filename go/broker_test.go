@@ -299,7 +299,7 @@ func TestChild(t *testing.T) {
 		must(t, Ready())
 		runSuite(t)
 		// Cache and Atomic calls went over the state socket.
-		if os.Getenv("ALLY_STATE_ADDRESS") == "" || self().stateConn == nil || !self().stateConn.Connected() {
+		if os.Getenv("ALLY_STATE_ADDRESS") == "" || !self().stateOK || self().state.current() == nil || !self().state.current().Connected() {
 			t.Errorf("no state socket connection (ALLY_STATE_ADDRESS=%q)", os.Getenv("ALLY_STATE_ADDRESS"))
 		}
 		result("suite")
@@ -307,6 +307,9 @@ func TestChild(t *testing.T) {
 		childCAS(t, gen)
 	case role == "lock":
 		childLock(t, gen)
+	case role == "reexec":
+		childReexec(t)
+		result("reexec")
 	case strings.HasPrefix(role, "listenfds:"):
 		childListenFDs(t, strings.TrimPrefix(role, "listenfds:"))
 		result("listenfds")

@@ -50,8 +50,13 @@
 // reference). With sockets = "listen-fds", Listen takes the inherited sockets of
 // declared addresses and unsets LISTEN_FDS, LISTEN_PID and LISTEN_FDNAMES.
 //
-// Everything is safe for concurrent use; the connection to the broker is made once,
-// on first use. docs/go.md in the repository has the details and a migration table
+// When the broker re-executes itself or restarts, its connections close: the next
+// call reconnects (with back-off, for up to ALLY_RECONNECT_TIMEOUT, 10 s by default),
+// a call in flight is repeated once when that is harmless (Listen, Ready, Report,
+// Cache Get/Set/..., Atomic Load/Store), and any other fails with ErrDisconnected.
+//
+// Everything is safe for concurrent use; the connection to the broker is made on
+// first use. docs/go.md in the repository has the details and a migration table
 // from github.com/cjey/ally. Errors a caller may want to tell apart match the sentinels ErrAccessDenied,
 // ErrAddressInUse, ... with errors.Is, and keep the broker's message.
 package ally

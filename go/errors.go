@@ -17,8 +17,9 @@ const (
 	errNotOwner        = "org.ally.Error.NotOwner"
 	errLimitExceeded   = "org.ally.Error.LimitExceeded"
 	errFailed          = "org.ally.Error.Failed"
-	errTimeout         = "org.ally.Error.Timeout"    // local: a lock not had in time
-	errNotManaged      = "org.ally.Error.NotManaged" // local: no broker
+	errTimeout         = "org.ally.Error.Timeout"      // local: a lock not had in time
+	errNotManaged      = "org.ally.Error.NotManaged"   // local: no broker
+	errDisconnected    = "org.ally.Error.Disconnected" // local: the connection broke
 )
 
 // Errors to test with errors.Is. Every error the package returns for a refusal is an
@@ -42,6 +43,10 @@ var (
 	ErrTimeout = errors.New(errTimeout)
 	// ErrNotManaged: the call needs a broker, and this process runs in simulate mode.
 	ErrNotManaged = errors.New(errNotManaged)
+	// ErrDisconnected: the broker's connection closed (the broker restarted?) during a
+	// call that was not repeated because it may have taken effect, or no broker came
+	// back within ALLY_RECONNECT_TIMEOUT.
+	ErrDisconnected = errors.New(errDisconnected)
 )
 
 var sentinels = map[string]error{
@@ -54,6 +59,7 @@ var sentinels = map[string]error{
 	errFailed:          ErrFailed,
 	errTimeout:         ErrTimeout,
 	errNotManaged:      ErrNotManaged,
+	errDisconnected:    ErrDisconnected,
 }
 
 // Error is a refusal by the broker (or by simulate mode, with the same names and

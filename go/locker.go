@@ -112,7 +112,7 @@ func (l *Locker) acquire(ctx context.Context, write bool, timeout time.Duration)
 		return nil
 	}
 	in := self()
-	conn, err := in.connection()
+	conn, err := in.linkConn(ctx, in.bus, verb(write), false)
 	if err != nil {
 		return err
 	}
@@ -138,7 +138,7 @@ func (l *Locker) acquire(ctx context.Context, write bool, timeout time.Duration)
 	call := in.object(conn).Go(lockerInterface+verb(write), 0, done, l.name, ms)
 	select {
 	case <-call.Done:
-		err := l.acquired(call, write, timeout)
+		err := l.acquired(conn, call, write, timeout)
 		if e, ok := err.(*Error); ok && e.Name == errTimeout && ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -155,9 +155,11 @@ func (l *Locker) acquire(ctx context.Context, write bool, timeout time.Duration)
 	}
 }
 
-func (l *Locker) acquired(call *dbus.Call, write bool, timeout time.Duration) error {
+func (l *Locker) acquired(conn *dbus.Conn, call *dbus.Call, write bool, timeout time.Duration) error {
 	if call.Err != nil {
-		return callError(verb(write), call.Err)
+		// A waiter does not survive the broker's restart, nor is a lock request
+		// repeated: it may have been granted.
+		return failed(conn, verb(write), call.Err)
 	}
 	var acquired bool
 	if err := call.Store(&acquired); err != nil {
@@ -178,15 +180,8 @@ func (l *Locker) release(write bool) error {
 		return simulated(method, simulatedState.Release(l.name, simulatedOwner, write))
 	}
 	in := self()
-	conn, err := in.connection()
-	if err != nil {
-		return err
-	}
-	c := in.object(conn).Call(lockerInterface+method, 0, l.name)
-	if c.Err != nil {
-		return callError(method, c.Err)
-	}
-	return nil
+	_, err := in.invoke(context.Background(), in.bus, lockerInterface+method, l.name)
+	return err
 }
 
 // LockHold is one holder or waiter of a lock.
@@ -218,13 +213,9 @@ func (l *Locker) Queues() (holders, waiters []LockHold, err error) {
 		return conv(hs), conv(ws), nil
 	}
 	in := self()
-	conn, err := in.connection()
+	c, err := in.invoke(context.Background(), in.bus, lockerInterface+"Queues", l.name)
 	if err != nil {
 		return nil, nil, err
-	}
-	c := in.object(conn).Call(lockerInterface+"Queues", 0, l.name)
-	if c.Err != nil {
-		return nil, nil, callError("Queues", c.Err)
 	}
 	var rawH, rawW []struct {
 		Owner uint64

@@ -1,12 +1,12 @@
 package ally
 
 import (
+	"context"
 	"errors"
 	"math"
 	"time"
 
 	"github.com/ally-rs/ally/go/internal/state"
-	"github.com/godbus/dbus/v5"
 )
 
 // Simulate mode's state: one store for the process, which is one lock owner, as an
@@ -15,33 +15,28 @@ var simulatedState = state.New(state.DefaultLimits)
 
 const simulatedOwner = 1
 
-// stateConnection is the connection for Cache1 and Atomic1 calls: the state socket
-// (ALLY_STATE_ADDRESS) when it can be reached, else the private connection.
-func (in *instance) stateConnection() (*dbus.Conn, error) {
+// stateLink is the link for Cache1 and Atomic1 calls: the state socket
+// (ALLY_STATE_ADDRESS) when it could be reached on first use, else the private socket.
+func (in *instance) stateLink() *link {
 	in.stateOnce.Do(func() {
 		if in.stateAddr == "" || in.envErr != nil {
 			return
 		}
-		if conn, err := dial(in.stateAddr); err == nil {
-			in.stateConn = conn
-		}
+		_, err := in.state.get(context.Background())
+		in.stateOK = err == nil
 	})
-	if in.stateConn != nil && in.stateConn.Connected() {
-		return in.stateConn, nil
+	if in.stateOK {
+		return in.state
 	}
-	return in.connection()
+	return in.bus
 }
 
-// stateCall makes a Cache1 or Atomic1 call and stores the reply in out.
+// stateCall makes a Cache1 or Atomic1 call (see invoke) and stores the reply in out.
 func stateCall(method string, out []interface{}, args ...interface{}) error {
 	in := self()
-	conn, err := in.stateConnection()
+	c, err := in.invoke(context.Background(), in.stateLink(), method, args...)
 	if err != nil {
 		return err
-	}
-	c := in.object(conn).Call(method, 0, args...)
-	if c.Err != nil {
-		return callError(memberOf(method), c.Err)
 	}
 	if err := c.Store(out...); err != nil {
 		return &Error{Method: memberOf(method), Name: errFailed, Message: "unexpected reply: " + err.Error(), Err: err}
