@@ -114,8 +114,10 @@ pub mod drain;
 pub mod error;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+mod link;
 mod listen;
 mod listener;
+mod reconnect;
 pub mod report;
 mod shared;
 mod status;
