@@ -129,6 +129,26 @@ impl Broker {
         })
     }
 
+    /// The broker's connections accepted on its state socket.
+    fn state_connections(&self) -> usize {
+        let out = Command::new("ss")
+            .args(["-x", "-p", "-n"])
+            .output()
+            .unwrap();
+        let owner = format!("pid={},", self.pid());
+        let state = self.runtime().join("state");
+        let state = state.to_str().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                line.contains(&owner)
+                    && fields.get(1) == Some(&"ESTAB")
+                    && fields.get(4) == Some(&state)
+            })
+            .count()
+    }
+
     /// Whether bytes wait unread on one of the broker's connections.
     fn has_unread(&self) -> bool {
         let out = Command::new("ss")
@@ -407,6 +427,20 @@ async fn with_no_broker_coming_back_calls_fail_after_the_reconnect_timeout() {
     let result = within("Status", clients[0].status()).await;
     assert_disconnected(result, "Status", "(ALLY_RECONNECT_TIMEOUT)");
     assert!(started.elapsed() >= RECONNECT_TIMEOUT);
+
+    // A broker that comes back later is found by the next call, and the state
+    // socket, which failed to connect meanwhile, is still used.
+    broker.run();
+    wait_until("the probes' connections to end", HANG, || {
+        broker.state_connections() == 0
+    });
+    assert_eq!(clients[1].cache("c").get("k").await.unwrap(), None);
+    assert_eq!(
+        broker.state_connections(),
+        1,
+        "Get went over the state socket"
+    );
+    assert_eq!(clients[0].status().await.unwrap().pid, broker.pid());
 }
 
 async fn two_gets_give_up(ally: &Ally) {
