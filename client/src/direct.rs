@@ -18,7 +18,9 @@
 //! several times slower).
 //!
 //! When the socket cannot be reached (an older broker, or none at that path) the
-//! client says so once and keeps using its D-Bus connection.
+//! client says so once and keeps using its D-Bus connection. Once it was reached,
+//! failing to connect means the broker is restarting: the call connects again with
+//! back-off, as `crate::reconnect` says.
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
