@@ -41,8 +41,10 @@ pub(crate) struct Link {
     app: Option<String>,
     timeout: Duration,
     session: Mutex<Arc<Session>>,
-    /// One reconnection at a time; the calls behind it take its connection.
+    /// One reconnection at a time; the calls behind it take its outcome.
     reconnecting: tokio::sync::Mutex<()>,
+    /// When reconnecting last gave up, and why.
+    gave_up: Mutex<Option<(Instant, String)>>,
 }
 
 impl Link {
@@ -61,6 +63,7 @@ impl Link {
             timeout,
             session: Mutex::new(Arc::new(session)),
             reconnecting: tokio::sync::Mutex::new(()),
+            gave_up: Mutex::new(None),
         })
     }
 
@@ -106,10 +109,19 @@ impl Link {
     /// A connection other than `broken`: another caller's new one, or one opened now,
     /// trying with back-off for up to the timeout.
     async fn reconnect(&self, broken: &Arc<Session>, method: Method) -> Result<Arc<Session>> {
+        let asked = Instant::now();
         let _one = self.reconnecting.lock().await;
         let current = self.current();
         if !Arc::ptr_eq(&current, broken) && !current.is_closed() {
             return Ok(current);
+        }
+        let failed =
+            |why: String| Error::disconnected(reconnect::reconnect_failed(method.member, why));
+        if let Some((when, why)) = &*self.gave_up.lock().unwrap_or_else(|p| p.into_inner())
+            && *when >= asked
+        {
+            // Given up while this call waited its turn: not a whole timeout more.
+            return Err(failed(why.clone()));
         }
         let mut backoff = Backoff::new(Instant::now(), self.timeout);
         loop {
@@ -130,10 +142,9 @@ impl Link {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => {
                     let why = reconnect::gave_up(&self.address, self.timeout, last);
-                    return Err(Error::disconnected(reconnect::reconnect_failed(
-                        method.member,
-                        why,
-                    )));
+                    *self.gave_up.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((Instant::now(), why.clone()));
+                    return Err(failed(why));
                 }
             }
         }
