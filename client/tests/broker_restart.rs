@@ -244,10 +244,15 @@ async fn calls_after_a_restart_go_to_the_new_broker() {
         broker.restart();
         // Not a repeatable call, and it succeeds: it was never sent on the dead
         // connection (known closed, or its write failed).
+        let started = Instant::now();
         assert_eq!(
             within("Add", ally.atomic("n").add(5)).await.unwrap(),
             5,
             "{way:?}: the new broker's counter"
+        );
+        eprintln!(
+            "{way:?}: the first Add on a new connection took {:?}",
+            started.elapsed()
         );
         assert_eq!(
             within("Status", ally.status()).await.unwrap().pid,
@@ -331,11 +336,16 @@ async fn a_harmless_call_in_flight_is_repeated_on_the_new_broker() {
             .kill_during(async move { cache.get("k").await })
             .await;
         broker.run();
+        let served = Instant::now();
         // The new broker's cache is empty: the answer is its own.
         assert_eq!(
             within("Get in flight", get).await.unwrap().unwrap(),
             None,
             "{way:?}"
+        );
+        eprintln!(
+            "{way:?}: the Get in flight was answered {:?} after the new broker served",
+            served.elapsed()
         );
 
         // Over D-Bus, whose connection (with the state socket) is still the first
