@@ -126,18 +126,14 @@ impl Link {
         let mut backoff = Backoff::new(Instant::now(), self.timeout);
         loop {
             let left = backoff.remaining(Instant::now());
-            let last =
-                match tokio::time::timeout(left, Session::open(&self.address, self.app.as_deref()))
-                    .await
-                {
-                    Ok(Ok(session)) => {
-                        let session = Arc::new(session);
-                        *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session.clone();
-                        return Ok(session);
-                    }
-                    Ok(Err(e)) => e.to_string(),
-                    Err(_) => "the connection was not answered".to_string(),
-                };
+            let last = match self.open_within(left).await {
+                Ok(session) => {
+                    let session = Arc::new(session);
+                    *self.session.lock().unwrap_or_else(|p| p.into_inner()) = session.clone();
+                    return Ok(session);
+                }
+                Err(why) => why,
+            };
             match backoff.delay(Instant::now()) {
                 Some(delay) => tokio::time::sleep(delay).await,
                 None => {
@@ -147,6 +143,15 @@ impl Link {
                     return Err(failed(why));
                 }
             }
+        }
+    }
+
+    /// A new connection, if one is made within `limit`; else why not.
+    async fn open_within(&self, limit: Duration) -> Result<Session, String> {
+        match tokio::time::timeout(limit, Session::open(&self.address, self.app.as_deref())).await {
+            Ok(Ok(session)) => Ok(session),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the connection was not answered".to_string()),
         }
     }
 }
