@@ -250,7 +250,10 @@ impl Direct {
         let mut stream = match pooled {
             Some(stream) => stream,
             None if again => self.reconnect().await?,
-            None => self.connect().await.map_err(|_| Failure::Connect)?,
+            None => match tokio::time::timeout(self.timeout, self.connect()).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(_)) | Err(_) => return Err(Failure::Connect),
+            },
         };
         stream
             .write_all(request.data())
@@ -288,7 +291,9 @@ impl Direct {
         let mut stream = match pooled {
             Some(stream) => stream,
             None if again => self.reconnect_blocking()?,
-            None => self.connect_blocking(None).map_err(|_| Failure::Connect)?,
+            None => self
+                .connect_blocking(self.timeout)
+                .map_err(|_| Failure::Connect)?,
         };
         stream
             .write_all(request.data())
@@ -334,7 +339,7 @@ impl Direct {
         let mut backoff = Backoff::new(Instant::now(), self.timeout);
         loop {
             let left = backoff.remaining(Instant::now());
-            let last = match self.connect_blocking(Some(left)) {
+            let last = match self.connect_blocking(left) {
                 Ok(stream) => return Ok(stream),
                 Err(e) => e.to_string(),
             };
@@ -363,16 +368,12 @@ impl Direct {
         Ok(stream)
     }
 
-    /// Connects, waiting for the handshake's reply up to `limit` if one is given.
-    fn connect_blocking(
-        &self,
-        limit: Option<Duration>,
-    ) -> io::Result<std::os::unix::net::UnixStream> {
+    /// Connects, waiting for the handshake's reply up to `limit`: a broker
+    /// re-executing itself answers once it serves again.
+    fn connect_blocking(&self, limit: Duration) -> io::Result<std::os::unix::net::UnixStream> {
         let mut stream = std::os::unix::net::UnixStream::connect(&self.path)?;
-        if let Some(limit) = limit {
-            // Zero would mean no limit.
-            stream.set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
-        }
+        // Zero would mean no limit.
+        stream.set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
         stream.write_all(&handshake())?;
         let mut line = Vec::new();
         while !line.ends_with(b"\r\n") {
