@@ -9,13 +9,15 @@ use nix::sys::signal::Signal;
 
 use crate::direct::{Direct, StateSocket};
 use crate::error::{Error, ErrorKind, Result};
+use crate::link::{Link, Session};
 use crate::listen::simulated;
+use crate::reconnect::{self, Method};
 use crate::report::{Report, Reporter, Task};
 use crate::shared::{Atomic, Backend, Cache, Locker, Simulation};
 use crate::status::{InstanceStatus, ListenerStatus, Status};
 use crate::stop::{StopHandle, parse_signal};
 use ally_core::net;
-use ally_core::proxy::{self, BrokerProxy, StateProxies};
+use ally_core::proxy;
 
 /// An app instance's handle on its broker, or on its stand-in in simulate mode.
 ///
@@ -27,7 +29,7 @@ pub struct Ally {
 
 #[derive(Debug)]
 struct Inner {
-    broker: Option<BrokerProxy<'static>>,
+    broker: Option<Arc<Link>>,
     app: String,
     instance: u64,
     generation: u64,
@@ -73,19 +75,19 @@ impl Ally {
             stop.install(&[stop_signal()?])?;
         }
         let app = std::env::var("ALLY_APP").ok().filter(|a| !a.is_empty());
-        let broker = proxy::connect(address, app.as_deref()).await.map_err(|e| {
-            Error::transport(format!("cannot connect to the broker at {address}"), e)
-        })?;
-        let state = StateProxies::on(broker.inner().connection(), app.as_deref())
-            .await
-            .map_err(|e| Error::transport("cannot create the state proxies", e))?;
+        let timeout =
+            reconnect::parse_timeout(std::env::var(reconnect::TIMEOUT_ENV).ok().as_deref())
+                .map_err(|e| Error::local(ErrorKind::InvalidArgument, e))?;
+        let link = Arc::new(Link::connect(address, app.as_deref(), timeout).await?);
         Ally::new(
-            Some(broker),
+            Some(link.clone()),
             app.unwrap_or_else(program_name),
             stop,
             Backend::Broker {
-                proxies: state,
-                direct: state_socket.path_for(address).map(Direct::new),
+                link,
+                direct: state_socket
+                    .path_for(address)
+                    .map(|path| Direct::new(path, timeout)),
             },
         )
     }
@@ -117,7 +119,7 @@ impl Ally {
     }
 
     fn new(
-        broker: Option<BrokerProxy<'static>>,
+        broker: Option<Arc<Link>>,
         app: String,
         stop: StopHandle,
         state: Backend,
@@ -176,7 +178,8 @@ impl Ally {
         self.inner.generation
     }
 
-    pub(crate) fn broker_proxy(&self) -> Option<&BrokerProxy<'static>> {
+    /// The connection to the broker; `None` in simulate mode.
+    pub(crate) fn link(&self) -> Option<&Arc<Link>> {
         self.inner.broker.as_ref()
     }
 
@@ -210,8 +213,11 @@ impl Ally {
     /// Tells the broker this instance serves; during a reload this is what lets the older
     /// generation be stopped. Harmless to repeat. Does nothing in simulate mode.
     pub async fn ready(&self) -> Result<()> {
-        if let Some(broker) = &self.inner.broker {
-            broker.ready().await.map_err(|e| Error::call("Ready", e))?;
+        if let Some(link) = &self.inner.broker {
+            link.call(Method::broker("Ready"), |s: Arc<Session>| async move {
+                s.broker.ready().await
+            })
+            .await?;
         }
         let _ = self.inner.ready_usec.compare_exchange(
             0,
@@ -236,11 +242,12 @@ impl Ally {
                 .map(|(key, value)| (*key, ally_core::report::Reported::from_value(value))),
         )
         .map_err(|e| Error::local(e.kind(), format!("Report failed: {}", e.message())))?;
-        if let Some(broker) = &self.inner.broker {
-            broker
-                .report(crate::report::dict(&checked))
-                .await
-                .map_err(|e| Error::call("Report", e))?;
+        if let Some(link) = &self.inner.broker {
+            link.call(Method::broker("Report"), |s: Arc<Session>| {
+                let dict = crate::report::dict(&checked);
+                async move { s.broker.report(dict).await }
+            })
+            .await?;
         }
         self.inner.report.record(&checked);
         Ok(())
@@ -261,9 +268,7 @@ impl Ally {
 
     /// Sets the task count, for an app that counts its own work.
     pub fn set_tasks(&self, tasks: u32) {
-        self.inner
-            .report
-            .change_tasks(self.broker_proxy(), |n| *n = tasks);
+        self.inner.report.change_tasks(self.link(), |n| *n = tasks);
     }
 
     /// The tasks counted now.
@@ -282,7 +287,12 @@ impl Ally {
     /// [`ErrorKind::NotManaged`] in simulate mode.
     pub async fn reload(&self) -> Result<u64> {
         match &self.inner.broker {
-            Some(broker) => broker.reload().await.map_err(|e| Error::call("Reload", e)),
+            Some(link) => {
+                link.call(Method::broker("Reload"), |s: Arc<Session>| async move {
+                    s.broker.reload().await
+                })
+                .await
+            }
             None => Err(Error::local(
                 ErrorKind::NotManaged,
                 "Reload failed: no broker (simulate mode; ALLY_ADDRESS is not set)",
@@ -293,11 +303,11 @@ impl Ally {
     /// The broker's status; in simulate mode, this process's own.
     pub async fn status(&self) -> Result<Status> {
         match &self.inner.broker {
-            Some(broker) => proxy::Status::from_dict(
-                broker
-                    .status()
-                    .await
-                    .map_err(|e| Error::call("Status", e))?,
+            Some(link) => proxy::Status::from_dict(
+                link.call(Method::broker("Status"), |s: Arc<Session>| async move {
+                    s.broker.status().await
+                })
+                .await?,
             )
             .map(Status::from)
             .map_err(|e| Error::local(ErrorKind::Broker, e.to_string())),

@@ -18,7 +18,9 @@
 //! several times slower).
 //!
 //! When the socket cannot be reached (an older broker, or none at that path) the
-//! client says so once and keeps using its D-Bus connection.
+//! client says so once and keeps using its D-Bus connection. Once it was reached,
+//! failing to connect means the broker is restarting: the call connects again with
+//! back-off, as `crate::reconnect` says.
 
 use std::cell::Cell;
 use std::io::{self, Read, Write};
@@ -37,6 +39,7 @@ use zbus::message::Type as MessageType;
 use zbus::wire::Type;
 
 use crate::error::{Error, Result};
+use crate::reconnect::{self, Backoff, Broke, Method};
 use ally_core::busy_poll::{BusyPoll, CLIENT_BUDGET_ENV, parse_budget};
 use ally_core::proxy::PATH;
 use ally_core::state::calls::Call;
@@ -111,23 +114,42 @@ fn unix_path(address: &str) -> Option<PathBuf> {
 pub(crate) struct Direct {
     path: PathBuf,
     unreachable: AtomicBool,
+    /// A connection was made once: failing to connect now is the broker restarting.
+    reached: AtomicBool,
+    /// How long to try connecting again when the connection breaks.
+    timeout: Duration,
     idle: Mutex<Vec<tokio::net::UnixStream>>,
     idle_blocking: Mutex<Vec<std::os::unix::net::UnixStream>>,
     busy_poll: BusyPoll,
 }
 
 enum Failure {
-    /// No connection could be made: use D-Bus instead.
+    /// No connection could be made.
     Connect,
+    /// The connection broke, before the call was written or after.
+    Broke(Broke),
+    /// No connection could be made again within the timeout: why.
+    GaveUp(String),
     /// The call may or may not have been carried out.
     Io(io::Error),
 }
 
+/// A failed read of the reply: the connection closing, or a broken reply.
+fn reading(e: io::Error) -> Failure {
+    if reconnect::read_broke(&e) {
+        Failure::Broke(Broke::InFlight)
+    } else {
+        Failure::Io(e)
+    }
+}
+
 impl Direct {
-    pub(crate) fn new(path: PathBuf) -> Direct {
+    pub(crate) fn new(path: PathBuf, timeout: Duration) -> Direct {
         Direct {
             path,
             unreachable: AtomicBool::new(false),
+            reached: AtomicBool::new(false),
+            timeout,
             idle: Mutex::new(Vec::new()),
             idle_blocking: Mutex::new(Vec::new()),
             busy_poll: BusyPoll::new(client_budget()),
@@ -136,10 +158,18 @@ impl Direct {
 
     /// Makes the call `C`; `None` when the state socket is unreachable and the caller
     /// should use its D-Bus connection.
+    ///
+    /// A pooled connection whose broker went away fails the write, which is then
+    /// made again on a new connection; a connection that breaks after the write is
+    /// replaced too, but the call is made again only if [`Method::may_repeat`].
     pub(crate) async fn call<C: Call>(&self, args: &C::Args<'_>) -> Option<Result<C::Reply>> {
         if self.unreachable.load(Ordering::Relaxed) {
             return None;
         }
+        let method = Method {
+            interface: C::INTERFACE,
+            member: C::MEMBER,
+        };
         let member = C::MEMBER;
         let request = match Message::method_call(PATH, member)
             .interface(C::INTERFACE)
@@ -148,80 +178,180 @@ impl Direct {
             Ok(request) => request,
             Err(e) => return Some(Err(Error::call(member, e))),
         };
-        let reply = if BLOCKING_IO.get() {
+        let blocking = BLOCKING_IO.get().then(|| {
             let in_flight = InFlight::enter();
             let budget = if in_flight.alone() {
                 self.busy_poll.budget()
             } else {
                 Duration::ZERO
             };
-            self.round_trip_blocking(&request, budget)
-        } else {
-            self.round_trip(&request).await
-        };
-        match reply {
-            Ok(bytes) => Some(parse_reply(member, &request, bytes)),
-            Err(Failure::Connect) => {
+            (in_flight, budget)
+        });
+        let budget = blocking.as_ref().map(|(_, budget)| *budget);
+        let broke = match self.exchange(&request, budget, false).await {
+            Ok(bytes) => return Some(parse_reply(member, &request, bytes)),
+            Err(Failure::Connect) if !self.reached.load(Ordering::Relaxed) => {
                 self.unreachable.store(true, Ordering::Relaxed);
-                None
+                return None;
             }
-            Err(Failure::Io(e)) => Some(Err(Error::io(
-                format!("{member} on the state socket {}", self.path.display()),
-                e,
+            Err(Failure::Connect) => Broke::BeforeSending,
+            Err(Failure::Broke(broke)) => broke,
+            Err(Failure::GaveUp(why)) => {
+                return Some(Err(Error::disconnected(reconnect::reconnect_failed(
+                    member, why,
+                ))));
+            }
+            Err(Failure::Io(e)) => return Some(Err(self.io_error(member, e))),
+        };
+        if !method.may_repeat(broke) {
+            return Some(Err(Error::disconnected(reconnect::not_repeated(member))));
+        }
+        Some(match self.exchange(&request, budget, true).await {
+            Ok(bytes) => parse_reply(member, &request, bytes),
+            Err(Failure::GaveUp(why)) => Err(Error::disconnected(reconnect::reconnect_failed(
+                member, why,
             ))),
+            Err(Failure::Connect | Failure::Broke(_)) => {
+                Err(Error::disconnected(reconnect::not_repeated(member)))
+            }
+            Err(Failure::Io(e)) => Err(self.io_error(member, e)),
+        })
+    }
+
+    fn io_error(&self, member: &str, e: io::Error) -> Error {
+        Error::io(
+            format!("{member} on the state socket {}", self.path.display()),
+            e,
+        )
+    }
+
+    /// One round trip, on a pooled or new connection, or `again` on a new one made
+    /// with back-off (the others pooled are let go: their broker is likely gone).
+    /// `budget` is the blocking client's, which does its I/O on this thread.
+    async fn exchange(
+        &self,
+        request: &Message,
+        budget: Option<Duration>,
+        again: bool,
+    ) -> Result<Vec<u8>, Failure> {
+        match budget {
+            Some(budget) => self.round_trip_blocking(request, budget, again),
+            None => self.round_trip(request, again).await,
         }
     }
 
-    async fn round_trip(&self, request: &Message) -> Result<Vec<u8>, Failure> {
-        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+    async fn round_trip(&self, request: &Message, again: bool) -> Result<Vec<u8>, Failure> {
+        let pooled = if again {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            None
+        } else {
+            self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop()
+        };
         let mut stream = match pooled {
             Some(stream) => stream,
-            None => self.connect().await.map_err(|_| Failure::Connect)?,
+            None if again => self.reconnect().await?,
+            None => match tokio::time::timeout(self.timeout, self.connect()).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(_)) | Err(_) => return Err(Failure::Connect),
+            },
         };
         stream
             .write_all(request.data())
             .await
-            .map_err(Failure::Io)?;
+            .map_err(|_| Failure::Broke(Broke::BeforeSending))?;
         let mut reply = ReplyBuffer::default();
         loop {
             let room = reply.room().map_err(Failure::Io)?;
-            let n = stream.read(room).await.map_err(Failure::Io)?;
-            if let Some(done) = reply.received(n).map_err(Failure::Io)? {
+            let n = stream.read(room).await.map_err(reading)?;
+            if let Some(done) = reply.received(n).map_err(reading)? {
                 give_back(&self.idle, stream);
                 return Ok(done);
             }
         }
     }
 
-    fn round_trip_blocking(&self, request: &Message, budget: Duration) -> Result<Vec<u8>, Failure> {
-        let pooled = self
-            .idle_blocking
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop();
+    fn round_trip_blocking(
+        &self,
+        request: &Message,
+        budget: Duration,
+        again: bool,
+    ) -> Result<Vec<u8>, Failure> {
+        let pooled = if again {
+            self.idle_blocking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            None
+        } else {
+            self.idle_blocking
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop()
+        };
         let mut stream = match pooled {
             Some(stream) => stream,
-            None => self.connect_blocking().map_err(|_| Failure::Connect)?,
+            None if again => self.reconnect_blocking()?,
+            None => self
+                .connect_blocking(self.timeout)
+                .map_err(|_| Failure::Connect)?,
         };
-        stream.write_all(request.data()).map_err(Failure::Io)?;
+        stream
+            .write_all(request.data())
+            .map_err(|_| Failure::Broke(Broke::BeforeSending))?;
         let sent = Instant::now();
         let mut reply = ReplyBuffer::default();
         loop {
             let room = reply.room().map_err(Failure::Io)?;
-            let n = match recv_now(&stream, room).map_err(Failure::Io)? {
+            let n = match recv_now(&stream, room).map_err(reading)? {
                 Some(n) => n,
                 None if sent.elapsed() < budget => {
                     std::hint::spin_loop();
                     continue;
                 }
-                None => stream.read(room).map_err(Failure::Io)?,
+                None => stream.read(room).map_err(reading)?,
             };
-            if let Some(done) = reply.received(n).map_err(Failure::Io)? {
+            if let Some(done) = reply.received(n).map_err(reading)? {
                 self.busy_poll.waited(sent.elapsed());
                 give_back(&self.idle_blocking, stream);
                 return Ok(done);
             }
         }
+    }
+
+    /// A new connection, tried with back-off for up to the timeout.
+    async fn reconnect(&self) -> Result<tokio::net::UnixStream, Failure> {
+        let mut backoff = Backoff::new(Instant::now(), self.timeout);
+        loop {
+            let left = backoff.remaining(Instant::now());
+            let last = match tokio::time::timeout(left, self.connect()).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "the connection was not answered".to_string(),
+            };
+            match backoff.delay(Instant::now()) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(self.gave_up(last)),
+            }
+        }
+    }
+
+    fn reconnect_blocking(&self) -> Result<std::os::unix::net::UnixStream, Failure> {
+        let mut backoff = Backoff::new(Instant::now(), self.timeout);
+        loop {
+            let left = backoff.remaining(Instant::now());
+            let last = match self.connect_blocking(left) {
+                Ok(stream) => return Ok(stream),
+                Err(e) => e.to_string(),
+            };
+            match backoff.delay(Instant::now()) {
+                Some(delay) => std::thread::sleep(delay),
+                None => return Err(self.gave_up(last)),
+            }
+        }
+    }
+
+    fn gave_up(&self, last: String) -> Failure {
+        Failure::GaveUp(reconnect::gave_up(self.path.display(), self.timeout, last))
     }
 
     async fn connect(&self) -> io::Result<tokio::net::UnixStream> {
@@ -234,11 +364,16 @@ impl Direct {
             handshake_bytes(&mut line, &chunk[..n])?;
         }
         check_line(&line)?;
+        self.reached.store(true, Ordering::Relaxed);
         Ok(stream)
     }
 
-    fn connect_blocking(&self) -> io::Result<std::os::unix::net::UnixStream> {
+    /// Connects, waiting for the handshake's reply up to `limit`: a broker
+    /// re-executing itself answers once it serves again.
+    fn connect_blocking(&self, limit: Duration) -> io::Result<std::os::unix::net::UnixStream> {
         let mut stream = std::os::unix::net::UnixStream::connect(&self.path)?;
+        // Zero would mean no limit.
+        stream.set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
         stream.write_all(&handshake())?;
         let mut line = Vec::new();
         while !line.ends_with(b"\r\n") {
@@ -247,6 +382,8 @@ impl Direct {
             handshake_bytes(&mut line, &chunk[..n])?;
         }
         check_line(&line)?;
+        stream.set_read_timeout(None)?;
+        self.reached.store(true, Ordering::Relaxed);
         Ok(stream)
     }
 }

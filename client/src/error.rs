@@ -58,6 +58,11 @@ impl Error {
         Error::Local(ally_core::Error::new(kind, message))
     }
 
+    /// The broker's connection broke and the call failed for it (see `crate::reconnect`).
+    pub(crate) fn disconnected(message: String) -> Error {
+        Error::local(ErrorKind::Disconnected, message)
+    }
+
     /// A failed system call; its kind follows the OS error where one fits.
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Error {
         let kind = match source.raw_os_error() {
@@ -168,6 +173,7 @@ impl From<Error> for io::Error {
             ErrorKind::AddressInUse => io::ErrorKind::AddrInUse,
             ErrorKind::Timeout => io::ErrorKind::TimedOut,
             ErrorKind::NotManaged => io::ErrorKind::Unsupported,
+            ErrorKind::Disconnected => io::ErrorKind::ConnectionAborted,
             _ => io::ErrorKind::Other,
         };
         io::Error::new(kind, e)

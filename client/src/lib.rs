@@ -55,6 +55,33 @@
 //! address returns a duplicate of one socket), [`Ally::ready`] does nothing, and both the
 //! stop signal and `SIGINT` (Ctrl-C) request the stop. [`Ally::reload`] needs a broker.
 //!
+//! # When the broker restarts
+//!
+//! The broker may re-execute itself (`ally reexec`, after an upgrade of `ally`) or be
+//! restarted by systemd after a crash. Either way its connections close, while what
+//! it keeps for the instance survives: the instance id and generation, the listeners
+//! (a repeated [`Ally::listen`] of an address returns the same socket), the cache and
+//! counters, and the locks the instance holds. The stop signal is a signal, not a
+//! message, so stopping never depends on the connection.
+//!
+//! Nothing is asked of the app. The next call on a closed connection (the D-Bus one or
+//! one to the state socket) connects again, trying with back-off (20 ms doubling to
+//! 500 ms) for up to 10 s, or for as long as `ALLY_RECONNECT_TIMEOUT` says (`30s`,
+//! `500ms`; a value that is no duration makes [`Ally::connect`] fail). A call that had
+//! not been sent yet is made on the new connection. A call the connection closed under
+//! is repeated once on the new one if doing it twice is harmless: `listen`,
+//! `listen_with`, `ready`, `report`, `status`, the cache's `get`, `exists`, `keys`,
+//! `count` and `set`, the counter's `load` and `store`, the locker's `queues`. Any
+//! other (`add`, `swap`, `compare_and_swap`, `set_if_absent`, `delete`, `flush`, the
+//! locks, `close`, `reload`) may have taken effect, so it fails with
+//! [`ErrorKind::Disconnected`] and the app decides: "the broker's connection closed
+//! during Add (the broker restarted?); it was not repeated because it may have taken
+//! effect". A lock being waited for is lost with its connection: that
+//! [`Locker::lock`] fails the same way. When no broker answers within the timeout, the
+//! call fails with the same kind and a message ending "reconnecting failed: no broker
+//! answered at ..."; the next call tries again. No call hangs on a broker that is
+//! gone.
+//!
 //! # Shared sockets and `O_NONBLOCK`
 //!
 //! A socket you receive shares one open file description with its duplicates in the
@@ -114,8 +141,10 @@ pub mod drain;
 pub mod error;
 #[cfg(feature = "hyper")]
 pub mod hyper;
+mod link;
 mod listen;
 mod listener;
+mod reconnect;
 pub mod report;
 mod shared;
 mod status;

@@ -2,14 +2,16 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::OwnedFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use socket2::Socket;
 use zbus::Variant;
 
 use crate::Ally;
 use crate::error::{Error, Result};
+use crate::link::Session;
 use crate::listener::{FromShared, ListenOptions};
+use crate::reconnect::Method;
 use ally_core::net::{self, ListenAddr};
 
 /// Sockets of simulate mode, shared by every [`Ally`] of the process, as the broker
@@ -61,29 +63,20 @@ impl Ally {
         options: &ListenOptions,
     ) -> Result<OwnedFd> {
         let socket_options = options.socket_options();
-        let Some(broker) = self.broker_proxy() else {
+        let Some(link) = self.link() else {
             return simulate_listen(network, address, &socket_options);
         };
         let fd = if socket_options == net::ListenOptions::default() {
-            broker
-                .listen(network, address)
-                .await
-                .map_err(|e| Error::call("Listen", e))?
+            link.call(Method::broker("Listen"), |s: Arc<Session>| async move {
+                s.broker.listen(network, address).await
+            })
+            .await?
         } else {
-            let mut dict: HashMap<&str, Variant<'_>> = HashMap::new();
-            if let Some(backlog) = socket_options.backlog {
-                dict.insert("backlog", Variant::from(backlog));
-            }
-            if socket_options.reuse_port {
-                dict.insert("reuse_port", Variant::from(true));
-            }
-            if let Some(mode) = socket_options.mode {
-                dict.insert("mode", Variant::from(mode));
-            }
-            broker
-                .listen_with(network, address, dict)
-                .await
-                .map_err(|e| Error::call("ListenWith", e))?
+            link.call(Method::broker("ListenWith"), |s: Arc<Session>| {
+                let dict = options_dict(&socket_options);
+                async move { s.broker.listen_with(network, address, dict).await }
+            })
+            .await?
         };
         Ok(fd.into())
     }
@@ -91,11 +84,13 @@ impl Ally {
     /// Drops this instance's reference to a socket (file descriptors already handed out
     /// stay valid). In simulate mode the next `listen` binds anew.
     pub async fn close(&self, network: &str, address: &str) -> Result<()> {
-        match self.broker_proxy() {
-            Some(broker) => broker
-                .close(network, address)
+        match self.link() {
+            Some(link) => {
+                link.call(Method::broker("Close"), |s: Arc<Session>| async move {
+                    s.broker.close(network, address).await
+                })
                 .await
-                .map_err(|e| Error::call("Close", e)),
+            }
             None => {
                 let key = ListenAddr::parse(network, address)?;
                 simulated().remove(&key);
@@ -103,6 +98,21 @@ impl Ally {
             }
         }
     }
+}
+
+/// The `a{sv}` of `ListenWith`: the options that differ from the defaults.
+fn options_dict(options: &net::ListenOptions) -> HashMap<&'static str, Variant<'static>> {
+    let mut dict = HashMap::new();
+    if let Some(backlog) = options.backlog {
+        dict.insert("backlog", Variant::from(backlog));
+    }
+    if options.reuse_port {
+        dict.insert("reuse_port", Variant::from(true));
+    }
+    if let Some(mode) = options.mode {
+        dict.insert("mode", Variant::from(mode));
+    }
+    dict
 }
 
 pub(crate) fn simulated() -> std::sync::MutexGuard<'static, BTreeMap<ListenAddr, Socket>> {

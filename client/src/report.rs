@@ -7,14 +7,15 @@
 //! broker always ends up with the last value.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, Once};
+use std::sync::{Arc, Mutex, Once};
 use std::time::Duration;
 
-use ally_core::proxy::BrokerProxy;
 use tokio::sync::watch;
 use zbus::Variant;
 
 use crate::Ally;
+use crate::link::{Link, Session};
+use crate::reconnect::Method;
 
 /// What an instance reports: `version`, `commit`, `tasks`, `description`; a
 /// key left `None` keeps what was reported before. Build with
@@ -69,11 +70,7 @@ impl Reporter {
     }
 
     /// Changes the task count; the background sender reports it.
-    pub(crate) fn change_tasks(
-        &self,
-        broker: Option<&BrokerProxy<'static>>,
-        f: impl FnOnce(&mut u32),
-    ) {
+    pub(crate) fn change_tasks(&self, broker: Option<&Arc<Link>>, f: impl FnOnce(&mut u32)) {
         let mut changed = false;
         self.tasks.send_if_modified(|n| {
             let before = *n;
@@ -98,14 +95,18 @@ impl Reporter {
 
 /// Sends the latest task count whenever it changed, one call at a time, until
 /// the client is dropped.
-async fn send_tasks(broker: BrokerProxy<'static>, mut tasks: watch::Receiver<u32>) {
+async fn send_tasks(broker: Arc<Link>, mut tasks: watch::Receiver<u32>) {
     let mut sent = None;
     loop {
         let n = *tasks.borrow_and_update();
         if sent != Some(n) {
             // A refused call (the instance is exiting) has nothing to retry.
             let _ = broker
-                .report(HashMap::from([("tasks", Variant::from(n))]))
+                .call(Method::broker("Report"), |s: Arc<Session>| async move {
+                    s.broker
+                        .report(HashMap::from([("tasks", Variant::from(n))]))
+                        .await
+                })
                 .await;
             sent = Some(n);
             tokio::time::sleep(MIN_INTERVAL).await;
@@ -127,7 +128,7 @@ pub struct Task {
 impl Task {
     pub(crate) fn start(ally: &Ally) -> Task {
         ally.reporter()
-            .change_tasks(ally.broker_proxy(), |n| *n = n.saturating_add(1));
+            .change_tasks(ally.link(), |n| *n = n.saturating_add(1));
         Task { ally: ally.clone() }
     }
 }
@@ -136,7 +137,7 @@ impl Drop for Task {
     fn drop(&mut self) {
         let ally = &self.ally;
         ally.reporter()
-            .change_tasks(ally.broker_proxy(), |n| *n = n.saturating_sub(1));
+            .change_tasks(ally.link(), |n| *n = n.saturating_sub(1));
     }
 }
 

@@ -46,7 +46,17 @@ pub enum ErrorKind {
     Transport,
     /// A local I/O error.
     Io,
+    /// The connection to the broker closed (the broker re-executed itself or
+    /// restarted) during a call the client did not repeat because it may have taken
+    /// effect, or no broker answered again within the client's reconnect timeout
+    /// (`ALLY_RECONNECT_TIMEOUT`). Local: the broker never sends it; clients name it
+    /// [`DISCONNECTED_NAME`].
+    Disconnected,
 }
+
+/// The D-Bus-like name of [`ErrorKind::Disconnected`], for clients that report errors
+/// by name. Never on the wire: the broker cannot answer on a connection that is gone.
+pub const DISCONNECTED_NAME: &str = "org.ally.Error.Disconnected";
 
 /// The errors the broker sends, and nothing else: `docs/dbus-api.md` lists exactly
 /// these (checked by a test). A kind without a name goes out as `Failed`.
@@ -62,7 +72,7 @@ const DBUS_NAMES: [(ErrorKind, &str); 7] = [
 
 impl ErrorKind {
     /// Every kind.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::InvalidArgument,
         ErrorKind::AccessDenied,
         ErrorKind::AddressInUse,
@@ -75,6 +85,7 @@ impl ErrorKind {
         ErrorKind::Broker,
         ErrorKind::Transport,
         ErrorKind::Io,
+        ErrorKind::Disconnected,
     ];
 
     /// The kind for a D-Bus error name, if it is one the broker sends.
@@ -281,6 +292,8 @@ mod tests {
         assert_eq!(ErrorKind::Io.dbus_name(), None);
         assert_eq!(ErrorKind::Io.reply_name(), "org.ally.Error.Failed");
         assert_eq!(ErrorKind::NotOwner.reply_name(), "org.ally.Error.NotOwner");
+        assert_eq!(ErrorKind::Disconnected.dbus_name(), None, "never sent");
+        assert_eq!(ErrorKind::from_dbus_name(DISCONNECTED_NAME), None);
     }
 
     #[test]

@@ -376,6 +376,12 @@ impl StateProxies {
     /// Makes the call `C` and waits for its reply; an error reply is
     /// [`zbus::Error::MethodError`].
     pub async fn call<C: Call>(&self, args: C::Args<'_>) -> Result<C::Reply> {
+        self.call_ref::<C>(&args).await
+    }
+
+    /// [`call`](Self::call) with the arguments borrowed, so that they can be sent again
+    /// (the client repeats some calls on a new connection).
+    pub async fn call_ref<C: Call>(&self, args: &C::Args<'_>) -> Result<C::Reply> {
         let reply = self
             .conn
             .call_method(
@@ -383,7 +389,7 @@ impl StateProxies {
                 PATH,
                 Some(C::INTERFACE),
                 C::MEMBER,
-                &args,
+                args,
             )
             .await?;
         reply.body().deserialize()

@@ -15,13 +15,14 @@ mod simulation;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ally_core::proxy::StateProxies;
 use ally_core::state::calls::{Apply, ApplyHeld, Call, Holder, on_state_socket};
 use ally_core::state::{SharedStore, StateError};
 
 use crate::Ally;
 use crate::direct::Direct;
 use crate::error::{Error, Result};
+use crate::link::{Link, Session};
+use crate::reconnect::Method;
 
 pub use atomic::Atomic;
 pub use cache::Cache;
@@ -32,7 +33,7 @@ pub use simulation::Simulation;
 #[derive(Debug)]
 pub(crate) enum Backend {
     Broker {
-        proxies: StateProxies,
+        link: Arc<Link>,
         /// The state socket, for cache and counter calls.
         direct: Option<Direct>,
     },
@@ -55,14 +56,14 @@ impl Drop for Backend {
 /// Makes a call that is answered at once.
 pub(crate) async fn call<C: Apply>(ally: &Ally, args: C::Args<'_>) -> Result<C::Reply> {
     match ally.backend() {
-        Backend::Broker { proxies, direct } => {
+        Backend::Broker { link, direct } => {
             if let Some(direct) = direct
                 && on_state_socket(C::INTERFACE)
                 && let Some(result) = direct.call::<C>(&args).await
             {
                 return result;
             }
-            over_dbus::<C>(proxies, args).await
+            over_dbus::<C>(link, args).await
         }
         Backend::Simulated { store, .. } => C::apply(store, args).map_err(local),
     }
@@ -74,7 +75,7 @@ pub(crate) async fn call_held<'a, C: ApplyHeld>(
     args: C::Args<'a>,
 ) -> Result<C::Reply> {
     match ally.backend() {
-        Backend::Broker { proxies, .. } => over_dbus::<C>(proxies, args).await,
+        Backend::Broker { link, .. } => over_dbus::<C>(link, args).await,
         Backend::Simulated { store, owner } => {
             let holder = Holder {
                 owner: *owner,
@@ -85,11 +86,16 @@ pub(crate) async fn call_held<'a, C: ApplyHeld>(
     }
 }
 
-async fn over_dbus<C: Call>(proxies: &StateProxies, args: C::Args<'_>) -> Result<C::Reply> {
-    proxies
-        .call::<C>(args)
-        .await
-        .map_err(|e| Error::call(C::MEMBER, e))
+async fn over_dbus<C: Call>(link: &Link, args: C::Args<'_>) -> Result<C::Reply> {
+    let method = Method {
+        interface: C::INTERFACE,
+        member: C::MEMBER,
+    };
+    let args = &args;
+    link.call(method, |s: Arc<Session>| async move {
+        s.state.call_ref::<C>(args).await
+    })
+    .await
 }
 
 fn local(e: StateError) -> Error {
