@@ -301,3 +301,29 @@ fn an_instance_calls_on_across_a_reexec() {
     );
     assert_eq!(after[0].3, "ready");
 }
+
+#[test]
+fn an_instance_may_not_reexecute_the_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let script = format!(
+        "busctl --address=\"$ALLY_ADDRESS\" call org.ally.deny /org/ally org.ally.Broker1 Reexecute > {out} 2>&1; echo done >> {out}; exec sleep 600",
+        out = out.display()
+    );
+    let config = format!(
+        "command = [\"/bin/sh\", \"-c\", {script:?}]\nready = \"delay\"\nready_delay = \"100ms\"\nstop_timeout = \"2s\"\n"
+    );
+    let broker = TestBroker::start("deny", &config);
+    broker.wait_running(1);
+    wait_until(
+        "the instance's call answered",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&out).is_ok_and(|s| s.contains("done")),
+    );
+    let said = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        said.contains("Reexecute is for admins (root or the broker's user), not instances"),
+        "{said}"
+    );
+    assert_eq!(broker.status()["reexecs"], 0);
+}
