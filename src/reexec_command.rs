@@ -32,6 +32,12 @@ pub async fn reexec(args: ReexecArgs) -> Result<i32, String> {
     loop {
         match Target::connect(&args.app, &args.connect).await {
             Ok(target) => match target.status().await {
+                Ok(status)
+                    if status.reexec_error != before.reexec_error
+                        && !status.reexec_error.is_empty() =>
+                {
+                    return Err(printable(&status.reexec_error));
+                }
                 Ok(status) if status.reexecs > before.reexecs => {
                     if status.pid != before.pid {
                         return Err(format!(
@@ -51,12 +57,6 @@ pub async fn reexec(args: ReexecArgs) -> Result<i32, String> {
                         );
                     }
                     return Ok(0);
-                }
-                Ok(status)
-                    if status.reexec_error != before.reexec_error
-                        && !status.reexec_error.is_empty() =>
-                {
-                    return Err(printable(&status.reexec_error));
                 }
                 Ok(_) => last_error = "the broker has not re-executed yet".to_string(),
                 Err(e) => last_error = e,

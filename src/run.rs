@@ -97,6 +97,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
                     l
                 }
             };
+            broker.drop_unclaimed_fds();
             (broker, listener, state_listener)
         }
         Some(image) => restore(&args, image, config, source, run_as, address, state_address)?,
@@ -173,7 +174,11 @@ fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
         Err(e) => format!("it does not parse: {e}"),
     };
     tracing::error!("this binary cannot take over from the broker it replaces: {why}");
-    let Some(fallback) = handed.fallback else {
+    // Only once: the old binary, run again, gets no fallback of its own.
+    let fallback = handed
+        .fallback
+        .filter(|_| std::env::var_os(reexec::FALLEN_BACK_ENV).is_none());
+    let Some(fallback) = fallback else {
         return Err(format!(
             "cannot take over the re-executed broker's image: {why}"
         ));
@@ -181,7 +186,10 @@ fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
     let startup = reexec::startup().ok_or("the broker does not know its arguments")?;
     let memfd = reexec::image_fd(&handed.image).map_err(|e| e.to_string())?;
     tracing::warn!("running the binary that wrote the image again");
-    let env = [(reexec::IMAGE_ENV, memfd.as_raw_fd().to_string())];
+    let env = [
+        (reexec::IMAGE_ENV, memfd.as_raw_fd().to_string()),
+        (reexec::FALLEN_BACK_ENV, why.clone()),
+    ];
     let error = reexec::exec_fd(fallback.as_raw_fd(), &startup.args, &env);
     Err(format!(
         "cannot take over the re-executed broker's image ({why}), nor run the old binary again: {error}"
@@ -242,6 +250,14 @@ fn restore(
     )
     .map_err(|e| e.to_string())?;
     let warnings = Broker::restore(broker.clone(), image, parse)?;
+    if let Some(why) = std::env::var_os(reexec::FALLEN_BACK_ENV) {
+        let message = format!(
+            "the new binary could not take over ({}): the old one runs again",
+            why.to_string_lossy()
+        );
+        tracing::error!("{message}");
+        broker.reexec_failed(message);
+    }
     if !dropped.is_empty() {
         tracing::warn!("{dropped}");
     }

@@ -143,6 +143,9 @@ pub fn inherited() -> (Vec<Inherited>, std::collections::HashMap<String, OwnedFd
     for (raw, name) in fds {
         // SAFETY: systemd passed these fds to this process and nothing else owns them.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Passed without close-on-exec: a re-exec or a spawn must not inherit
+        // them unless the broker says so.
+        let _ = crate::reexec::set_cloexec(raw, true);
         if name.starts_with(OWN_FD_PREFIX) {
             own.insert(name, fd);
             continue;

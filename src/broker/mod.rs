@@ -303,7 +303,12 @@ impl Broker {
         let settings = broker.settings();
         for entry in &settings.config.listen {
             let mut shared = broker.lock();
-            if !shared.listeners.contains(&entry.addr) {
+            if shared.listeners.contains(&entry.addr) {
+                // Back from the fd store: still one of the config's, kept for good.
+                shared
+                    .listeners
+                    .set_pinned(&entry.addr, true, std::time::Instant::now());
+            } else {
                 broker.bind(&mut shared, &settings, &entry.addr, &entry.options, true)?;
             }
         }

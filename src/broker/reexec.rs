@@ -54,6 +54,14 @@ impl Broker {
             .clone()
     }
 
+    /// Records why the last re-exec did not run the new binary.
+    pub fn reexec_failed(&self, message: String) {
+        self.reexecs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_error = Some(message);
+    }
+
     /// The private and state sockets' listening fds, carried across a re-exec.
     pub fn set_own_sockets(&self, private: RawFd, state: RawFd) {
         *self.own_sockets.lock().unwrap_or_else(|p| p.into_inner()) = Some((private, state));

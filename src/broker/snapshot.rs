@@ -231,6 +231,17 @@ impl Broker {
         self.restored.send_replace(true);
         said
     }
+
+    /// Closes what the fd store gave back that nothing took (an instance's
+    /// pipes after it was found gone), and drops it from the store.
+    pub fn drop_unclaimed_fds(&self) {
+        let unclaimed =
+            std::mem::take(&mut *self.inherited_own.lock().unwrap_or_else(|p| p.into_inner()));
+        for name in unclaimed.keys() {
+            tracing::debug!("{name} from the fd store is no longer needed");
+            systemd::unstore_named(name);
+        }
+    }
 }
 
 /// Pins `pid` if it is still the process that started at `start_ticks`.

@@ -30,6 +30,9 @@ use nix::fcntl::{FcntlArg, FdFlag, fcntl};
 pub const IMAGE_ENV: &str = "ALLY_REEXEC_IMAGE";
 /// Names an fd of the binary that wrote the image.
 pub const FALLBACK_ENV: &str = "ALLY_REEXEC_FALLBACK";
+/// Set when the binary that wrote the image runs again with it: why the new
+/// one could not take it.
+pub const FALLEN_BACK_ENV: &str = "ALLY_REEXEC_FALLEN_BACK";
 
 /// How the broker was started, to start it the same way again.
 #[derive(Debug, Clone)]

@@ -964,6 +964,22 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
         sandbox.ok(&["ally", "status", "web"])
     );
 
+    // The adopted instance is drained by a reload as any other, and its exit seen.
+    sandbox.write("/srv/web/version", "v2");
+    systemctl_reloads_lose_nothing(&sandbox, "web", addr, tool, 2..=2, |_| {});
+    wait_until("the adopted instance gone", Duration::from_secs(20), || {
+        instance_pids(&sandbox, "web").iter().all(|p| p.1 == 2)
+    });
+    assert!(get(addr).starts_with("hello version=v2 "));
+    assert!(
+        sandbox
+            .journal()
+            .contains("exited (its exit status is unknown: it was adopted after a broker restart)"),
+        "{}",
+        sandbox.journal()
+    );
+    let pids = instance_pids(&sandbox, "web");
+
     // A package upgrade under load: the brokers run the new binary, in place.
     let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
     std::thread::sleep(Duration::from_millis(300));
