@@ -37,6 +37,10 @@ pub enum Command {
     /// Run the broker's binary again in place (after an upgrade): same pid, the
     /// instances serve on, listeners, history and shared state are carried.
     Reexec(ReexecArgs),
+    /// What ally@APP.service runs after the broker ended (ExecStopPost=): after a
+    /// stop, kills what is left of the unit; after a crash, leaves the instances
+    /// serving for the restarted broker.
+    StopPost(StopPostArgs),
     /// Show APP's last reloads and crash restarts, oldest first, and a pending restart.
     History(HistoryArgs),
     /// Print APP's metrics in the OpenMetrics text format.
@@ -220,6 +224,12 @@ pub struct ReexecArgs {
     pub quiet: bool,
     #[command(flatten)]
     pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct StopPostArgs {
+    /// Application name (the unit's instance name, %i).
+    pub app: String,
 }
 
 #[derive(Debug, Args)]

@@ -32,5 +32,6 @@ pub mod run;
 pub mod runtime_dir;
 pub mod state;
 pub mod state_cli;
+pub mod stop_post;
 pub mod systemd;
 pub mod throttle;

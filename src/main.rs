@@ -22,6 +22,7 @@ fn main() -> ExitCode {
             Command::Run(args) => ally::run::run(args).await,
             Command::Reload(args) => ally::control::reload(args).await,
             Command::Reexec(args) => ally::reexec_command::reexec(args).await,
+            Command::StopPost(args) => ally::stop_post::stop_post(args),
             Command::Status(args) => ally::control::status(args).await,
             Command::List(args) => ally::control::list(args).await,
             Command::History(args) => ally::observe_cli::history(args).await,

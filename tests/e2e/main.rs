@@ -1073,3 +1073,177 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
         );
     }
 }
+
+/// `KillMode=process` keeps the instances through a broker crash; `ally
+/// stop-post` (ExecStopPost=) makes `systemctl stop` leave nothing anyway:
+/// after a crash and restart, with a broker that ignores the stop, and with a
+/// broker killed during the stop.
+#[test]
+#[ignore = "needs root, the built .deb package and boots a throwaway systemd; run by .ci/run"]
+fn stop_leaves_nothing_under_systemd() {
+    assert!(nix::unistd::geteuid().is_root(), "the e2e suite needs root");
+    let deb = package("ALLY_E2E_DEB");
+    let sandbox = Sandbox::boot();
+    sandbox.ok(&["rm", "-f", "/usr/sbin/policy-rc.d"]);
+    sandbox.copy_in(&deb, "/root/ally.deb", "644");
+    sandbox.copy_in(&hello(), HELLO, "755");
+    sandbox.ok(&["dpkg", "-i", "/root/ally.deb"]);
+
+    let unit = "ally@stopper";
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let dir = "/srv/stopper";
+    // Extra flags for hello come from a file (part (c) makes it ignore the stop).
+    sandbox.write(
+        &format!("{dir}/launch"),
+        &format!(
+            "#!/bin/sh\nexec {HELLO} --listen 127.0.0.1:{port} --version v1 $(cat {dir}/flags 2>/dev/null)\n"
+        ),
+    );
+    sandbox.ok(&["chmod", "755", &format!("{dir}/launch")]);
+    let show = |property: &str| {
+        sandbox
+            .ok(&["systemctl", "show", "-P", property, unit])
+            .trim()
+            .to_string()
+    };
+    let main_pid = || show("MainPID").parse::<u32>().unwrap();
+    let hellos = || {
+        sandbox
+            .sh("pgrep -x hello || true")
+            .split_whitespace()
+            .map(|p| p.parse::<u32>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let start = || {
+        // Forget an earlier part's failed stop (there is none at first).
+        let _ = sandbox.run(&["systemctl", "reset-failed", unit]);
+        sandbox.ok(&["systemctl", "start", unit]);
+        assert!(get(addr).starts_with("hello version=v1 "));
+        // Read while the unit runs: an inactive unit has no ControlGroup.
+        let cgroup = show("ControlGroup");
+        assert!(cgroup.ends_with("/ally@stopper.service"), "{cgroup}");
+        cgroup
+    };
+    // What is left in the unit's cgroup (gone or empty once it stopped).
+    let left_in = |cgroup: &str| {
+        sandbox.sh(&format!(
+            "for m in /sys/fs/cgroup/unified /sys/fs/cgroup/systemd /sys/fs/cgroup; do \
+               if [ -f $m{cgroup}/cgroup.procs ]; then cat $m{cgroup}/cgroup.procs; fi; done"
+        ))
+    };
+    let assert_nothing_left = |what: &str, cgroup: &str| {
+        // systemctl stop returns once ExecStopPost= has finished; the deadline
+        // only covers the reaping of what it killed.
+        wait_until(what, Duration::from_secs(5), || {
+            hellos().is_empty() && left_in(cgroup).trim().is_empty()
+        });
+        assert!(
+            std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err(),
+            "{what}: the port still answers"
+        );
+    };
+    let journal = || {
+        sandbox.ok(&[
+            "journalctl",
+            "--no-pager",
+            "-o",
+            "cat",
+            "-u",
+            "ally@stopper",
+        ])
+    };
+
+    // (a) A crash keeps the instance; a stop after the restart kills all.
+    sandbox.write(
+        "/etc/ally/stopper.toml",
+        &app_config(&format!("{dir}/launch"), ""),
+    );
+    let cgroup = start();
+    let broker = main_pid();
+    let before = hellos();
+    assert_eq!(before.len(), 1, "one instance: {before:?}");
+    sandbox.ok(&["kill", "-9", &broker.to_string()]);
+    wait_until(
+        "systemd restarts the broker",
+        Duration::from_secs(15),
+        || {
+            let pid = main_pid();
+            pid != 0 && pid != broker && show("ActiveState") == "active"
+        },
+    );
+    let after = hellos();
+    assert!(
+        after.contains(&before[0]),
+        "the instance {} must survive the broker's crash; running now: {after:?}",
+        before[0]
+    );
+    assert!(get(addr).starts_with("hello version=v1 "));
+    assert!(
+        journal().contains("ally stop-post: the broker died (SERVICE_RESULT=signal"),
+        "{}",
+        journal()
+    );
+    sandbox.ok(&["systemctl", "stop", unit]);
+    assert_nothing_left("stop after a crash", &cgroup);
+    let killed = journal();
+    assert!(
+        killed.contains("a stop job is running for the unit"),
+        "{killed}"
+    );
+
+    // (b) A broker that ignores the stop: systemd SIGKILLs it after
+    // TimeoutStopSec=, ExecStopPost= kills the rest. (SIGSTOP is no hang:
+    // systemd sends SIGCONT after the stop signal.)
+    sandbox.write(
+        "/etc/systemd/system/ally@stopper.service.d/hang.conf",
+        "[Service]\nKillSignal=SIGWINCH\nTimeoutStopSec=3s\n",
+    );
+    sandbox.ok(&["systemctl", "daemon-reload"]);
+    let cgroup = start();
+    let began = Instant::now();
+    sandbox.ok(&["systemctl", "stop", unit]);
+    let took = began.elapsed();
+    assert!(took >= Duration::from_secs(3), "the broker hung: {took:?}");
+    assert_eq!(show("Result"), "timeout");
+    assert_nothing_left("stop of a hung broker", &cgroup);
+    sandbox.ok(&["rm", "/etc/systemd/system/ally@stopper.service.d/hang.conf"]);
+    sandbox.ok(&["systemctl", "daemon-reload"]);
+
+    // (c) The broker killed while it waits for a slow instance to stop.
+    sandbox.write(&format!("{dir}/flags"), "--ignore-stop");
+    sandbox.write(
+        "/etc/ally/stopper.toml",
+        &format!("command = [\"{dir}/launch\"]\nstop_timeout = \"60s\"\n"),
+    );
+    let cgroup = start();
+    let broker = main_pid();
+    let mut stop = Command::new(SANDBOX)
+        .arg("exec")
+        .arg(sandbox.dir.path())
+        .args(["systemctl", "stop", unit])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the stop begins", Duration::from_secs(10), || {
+        show("ActiveState") == "deactivating"
+    });
+    assert!(!hellos().is_empty(), "the instance is still stopping");
+    sandbox.ok(&["kill", "-9", &broker.to_string()]);
+    let status = wait_exit(&mut stop, Duration::from_secs(30)).expect("systemctl stop returns");
+    assert!(status.success(), "systemctl stop: {status}");
+    assert_nothing_left("stop whose broker was killed", &cgroup);
+    assert!(
+        matches!(show("ActiveState").as_str(), "inactive" | "failed"),
+        "not restarted: {}",
+        show("ActiveState")
+    );
+    eprintln!(
+        "$ journalctl -u ally@stopper -o cat | grep stop-post\n{}",
+        journal()
+            .lines()
+            .filter(|l| l.contains("stop-post"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
