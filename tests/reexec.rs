@@ -327,3 +327,30 @@ fn an_instance_may_not_reexecute_the_broker() {
     );
     assert_eq!(broker.status()["reexecs"], 0);
 }
+
+#[test]
+fn a_pending_crash_restart_keeps_its_attempt_across_a_reexec() {
+    let port = free_port();
+    // Ready, then a crash 200 ms later: every restart backs off more.
+    let config = format!(
+        "command = [{:?}, \"--listen\", \"127.0.0.1:{port}\", \"--ready\", \"--crash-after\", \"200\"]\nrestart_delay = \"2s\"\n",
+        example("serve").display().to_string()
+    );
+    let broker = TestBroker::start("crashy", &config);
+    wait_until("restart attempt 2 pending", Duration::from_secs(30), || {
+        broker.status()["restart_attempt"] == 2
+    });
+    reexec(&broker);
+    let mut status = broker.status();
+    wait_until("the restart pending again", Duration::from_secs(10), || {
+        status = broker.status();
+        status["restart_attempt"] != 0
+    });
+    assert_eq!(status["reexecs"], 1);
+    assert_eq!(status["restart_attempt"], 2, "the same attempt: {status}");
+    wait_until("restart attempt 3 pending", Duration::from_secs(30), || {
+        broker.status()["restart_attempt"] == 3
+    });
+    let history = stdout(&broker.ally(&["history", "crashy", "--json"]));
+    assert!(history.contains("crash (attempt 2)"), "{history}");
+}

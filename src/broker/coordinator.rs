@@ -36,6 +36,7 @@ impl Broker {
     pub(super) async fn coordinate(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Request>) {
         let settings = self.settings();
         let mut plan = Plan::new(settings.config.restart_delay, settings.config.restart);
+        plan.resume(self.restarts.load(std::sync::atomic::Ordering::Relaxed));
         drop(settings);
         let mut pending: Vec<Request> = Vec::new();
         loop {
@@ -49,7 +50,10 @@ impl Broker {
                 pending.push(request);
             }
             let asked: Vec<plan::Request> = pending.iter().map(|r| r.kind).collect();
-            let (launch, restart) = match plan.next(&asked, self.facts()) {
+            let step = plan.next(&asked, self.facts());
+            self.restarts
+                .store(plan.restarts(), std::sync::atomic::Ordering::Relaxed);
+            let (launch, restart) = match step {
                 Step::AnswerStopping => {
                     answer(pending.drain(..), Err(stopping_error()));
                     continue;
@@ -128,6 +132,8 @@ impl Broker {
                 .err()
                 .map_or(Outcome::Ready, |f| f.outcome);
             let after = plan.finished(launch, outcome, self.facts());
+            self.restarts
+                .store(plan.restarts(), std::sync::atomic::Ordering::Relaxed);
             let (generation, success, message) = match &launched {
                 Ok((generation, message)) => (*generation, true, message.clone()),
                 Err(f) => (f.generation.unwrap_or(0), false, f.message.clone()),

@@ -279,6 +279,9 @@ pub struct Broker {
     inherited_own: Mutex<HashMap<String, OwnedFd>>,
     /// Woken when something a snapshot holds changed.
     changed: tokio::sync::Notify,
+    /// The plan's crash restarts since the app last recovered, as the
+    /// coordinator last left them (an image carries them).
+    restarts: std::sync::atomic::AtomicU32,
 }
 
 impl Broker {
@@ -384,6 +387,7 @@ impl Broker {
             restored: watch::channel(false).0,
             inherited_own: Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
+            restarts: std::sync::atomic::AtomicU32::new(0),
         });
         *broker.coordinator_rx.lock().unwrap() = Some(requests_rx);
         Ok(broker)

@@ -177,6 +177,16 @@ impl Plan {
         }
     }
 
+    /// Crash restarts since the app last recovered: carried by a re-exec or a
+    /// broker restart, so the back-off goes on where it was.
+    pub fn restarts(&self) -> u32 {
+        self.restarts
+    }
+
+    pub fn resume(&mut self, restarts: u32) {
+        self.restarts = restarts;
+    }
+
     /// Takes a reloaded config's restart keys; the back-off counted so far stays.
     pub fn reconfigure(&mut self, restart_delay: Duration, policy: RestartPolicy) {
         self.restart_delay = restart_delay;

@@ -251,6 +251,12 @@ impl Broker {
                 socket_files: shared.socket_files.iter().copied().collect(),
                 state: store.image(store_now),
                 history: history.image(),
+                // A restart waiting for its back-off is asked for again by the
+                // new image, as the same attempt.
+                restarts: self
+                    .restarts
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .saturating_sub(u32::from(shared.pending_restart.is_some())),
             };
             then(image, fds)
         }))
@@ -477,6 +483,8 @@ impl Broker {
             shared.socket_files = image.socket_files.into_iter().collect::<HashSet<_>>();
             shared.phase = Phase::Running;
         }
+        base.restarts
+            .store(image.restarts, std::sync::atomic::Ordering::Relaxed);
         *base.reexecs.lock().unwrap_or_else(|p| p.into_inner()) = Reexecs {
             count: image.reexecs,
             last_error: None,

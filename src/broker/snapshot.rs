@@ -224,6 +224,8 @@ impl Broker {
             shared.last_reload = image.last_reload;
             shared.phase = Phase::Running;
         }
+        self.restarts
+            .store(image.restarts, std::sync::atomic::Ordering::Relaxed);
         *self.reexecs.lock().unwrap_or_else(|p| p.into_inner()) = super::Reexecs {
             count: image.reexecs,
             last_error: None,

@@ -46,6 +46,10 @@ pub struct BrokerImage {
     pub socket_files: Vec<(u64, u64)>,
     pub state: StoreImage,
     pub history: HistoryImage,
+    /// Crash restarts since the app last recovered: the next one backs off
+    /// as it would have.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
