@@ -18,7 +18,11 @@ use ally_testkit::env_or;
 fn main() {
     let cache_mib: Vec<u64> = env_or("ALLY_BENCH_CACHE_MIB", "0,16,64".to_string())
         .split(',')
-        .map(|m| m.trim().parse().expect("ALLY_BENCH_CACHE_MIB: MiB, comma-separated"))
+        .map(|m| {
+            m.trim()
+                .parse()
+                .expect("ALLY_BENCH_CACHE_MIB: MiB, comma-separated")
+        })
         .collect();
     let settings = Settings {
         runs: env_or("ALLY_BENCH_RUNS", 100usize),

@@ -100,10 +100,7 @@ pub fn run(settings: &Settings) -> Vec<Case> {
                 .unwrap_or_else(|e| panic!("filling the cache ({filled} MiB so far): {e}"));
             filled += 1;
         }
-        assert_eq!(
-            admin.cache(NAMESPACE).count().expect("Cache Count"),
-            filled
-        );
+        assert_eq!(admin.cache(NAMESPACE).count().expect("Cache Count"), filled);
         let mut case = Case {
             cache_bytes: filled * MIB,
             closed_ms: Vec::new(),
@@ -261,7 +258,12 @@ impl HttpLoad {
             HttpLoad::Ours(load) => {
                 let stats = load.finish();
                 let failed = stats.failed + stats.retried;
-                ("keepalive".into(), stats.ok, failed, stats.errors.join("; "))
+                (
+                    "keepalive".into(),
+                    stats.ok,
+                    failed,
+                    stats.errors.join("; "),
+                )
             }
         }
     }
