@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::cli::ReexecArgs;
 use crate::control::{Target, describe_error, printable};
 
-const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(5);
 
 pub async fn reexec(args: ReexecArgs) -> Result<i32, String> {
     let target = Target::connect(&args.app, &args.connect).await?;
