@@ -59,6 +59,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
                 }
                 None => State::new(&config.limits),
             };
+            let parse = config_parser(&config, &source);
             let broker = Broker::new(
                 &args.app,
                 config,
@@ -74,7 +75,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
                     "the previous broker of {} died: adopting what it left",
                     args.app
                 );
-                for line in broker.adopt_snapshot(image) {
+                for line in broker.adopt_snapshot(image, &parse) {
                     tracing::info!("{line}");
                 }
             }
@@ -123,6 +124,23 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await
+}
+
+/// Reads a config text an image carried as `ally run` read its file: the same
+/// path, command line command and overrides.
+fn config_parser(
+    config: &Config,
+    source: &Source,
+) -> impl Fn(&str) -> Result<Config, String> + use<> {
+    let path = config.file.clone();
+    let command_override = source.command_override.clone();
+    let overrides = source.overrides.clone();
+    move |text: &str| -> Result<Config, String> {
+        let path = path.clone().ok_or("no config file")?;
+        let config =
+            Config::parse(text, &path, command_override.clone()).map_err(|e| e.to_string())?;
+        overrides.apply(config)
+    }
 }
 
 /// The private or state socket the fd store kept, if its file is still there.
@@ -224,15 +242,7 @@ fn restore(
         tokio::net::UnixListener::from_std(take(image.private_socket, "private socket")?)
             .map_err(|e| e.to_string())?;
     let state_listener = take(image.state_socket, "state socket")?;
-    let path = config.file.clone();
-    let command_override = source.command_override.clone();
-    let overrides = source.overrides.clone();
-    let parse = move |text: &str| -> Result<Config, String> {
-        let path = path.clone().ok_or("no config file")?;
-        let config =
-            Config::parse(text, &path, command_override.clone()).map_err(|e| e.to_string())?;
-        overrides.apply(config)
-    };
+    let parse = config_parser(&config, &source);
     let restored = ally_core::state::SharedStore::from_image(config.limits, image.state.clone())
         .map_err(|e| format!("the shared state of the image: {e}"))?;
     let dropped = restored.dropped;

@@ -311,38 +311,7 @@ impl Broker {
         let now = Instant::now();
         let mut warnings = Vec::new();
         let current = base.settings();
-        let mut settings: Vec<Arc<Settings>> = Vec::new();
-        for config in &image.configs {
-            let revision = Revision {
-                number: config.revision,
-                digest: config.digest.clone(),
-            };
-            let restored = match &config.text {
-                Some(text) => match parse(text) {
-                    Ok(c) => Settings::new(c, current.launch.clone(), revision.clone())
-                        .map_err(|e| e.to_string()),
-                    Err(e) => Err(e),
-                },
-                None => Settings::new(
-                    current.config.clone(),
-                    current.launch.clone(),
-                    revision.clone(),
-                )
-                .map_err(|e| e.to_string()),
-            };
-            let restored = match restored {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    warnings.push(format!(
-                        "config revision {} cannot be read again ({e}): its instances keep the config the broker read at this start",
-                        config.revision
-                    ));
-                    current.clone()
-                }
-            };
-            base.remember_config(&restored.revision, config.text.clone());
-            settings.push(restored);
-        }
+        let settings = base.settings_of_image(&image.configs, &parse, &mut warnings);
         if let Some(s) = settings.get(image.settings) {
             *base.settings.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
         }
@@ -491,6 +460,49 @@ impl Broker {
         };
         base.restored.send_replace(true);
         Ok(warnings)
+    }
+
+    /// The settings of each config revision an image names, read again from
+    /// its text with `parse`; the broker's current ones where that fails.
+    pub(super) fn settings_of_image(
+        &self,
+        configs: &[image::ConfigImage],
+        parse: &dyn Fn(&str) -> Result<Config, String>,
+        warnings: &mut Vec<String>,
+    ) -> Vec<Arc<Settings>> {
+        let current = self.settings();
+        let mut settings = Vec::new();
+        for config in configs {
+            let revision = Revision {
+                number: config.revision,
+                digest: config.digest.clone(),
+            };
+            let restored = match &config.text {
+                Some(text) => parse(text).and_then(|c| {
+                    Settings::new(c, current.launch.clone(), revision.clone())
+                        .map_err(|e| e.to_string())
+                }),
+                None => Settings::new(
+                    current.config.clone(),
+                    current.launch.clone(),
+                    revision.clone(),
+                )
+                .map_err(|e| e.to_string()),
+            };
+            let restored = match restored {
+                Ok(s) => Arc::new(s),
+                Err(e) => {
+                    warnings.push(format!(
+                        "config revision {} cannot be read again ({e}): its instances keep the config the broker read at this start",
+                        config.revision
+                    ));
+                    current.clone()
+                }
+            };
+            self.remember_config(&restored.revision, config.text.clone());
+            settings.push(restored);
+        }
+        settings
     }
 
     /// After a restore, in the runtime: watches every carried instance as its

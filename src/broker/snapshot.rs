@@ -111,10 +111,15 @@ impl Broker {
 
     /// Adopts what the snapshot of a broker that died names and still runs.
     /// Returns the lines to log.
-    pub fn adopt_snapshot(self: &Arc<Self>, image: BrokerImage) -> Vec<String> {
+    pub fn adopt_snapshot(
+        self: &Arc<Self>,
+        image: BrokerImage,
+        parse: &dyn Fn(&str) -> Result<crate::config::Config, String>,
+    ) -> Vec<String> {
         let mut said = Vec::new();
         let now = Instant::now();
         let current = self.settings();
+        let revisions = self.settings_of_image(&image.configs, parse, &mut said);
         let mut table = Vec::new();
         let mut tracked = std::collections::HashMap::new();
         let mut adopted = HashSet::new();
@@ -140,11 +145,10 @@ impl Broker {
             let notify_socket = self
                 .take_inherited(&notify_name(i.id))
                 .and_then(|fd| unmodified::NotifySocket::from_fd(fd).ok());
-            let settings = image
-                .configs
+            let settings = revisions
                 .get(i.settings)
-                .filter(|c| c.revision == current.revision.number)
-                .map_or_else(|| current.clone(), |_| current.clone());
+                .cloned()
+                .unwrap_or_else(|| current.clone());
             let watchdog = settings.config.watchdog.map(|timeout| {
                 watch::channel(unmodified::Watchdog {
                     timeout,
