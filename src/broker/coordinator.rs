@@ -529,14 +529,7 @@ impl Broker {
             .table
             .spawned(id, generation, pid, Instant::now(), SystemTime::now());
         let (life, life_rx) = watch::channel(Life::State(InstanceState::Starting));
-        let watchdog = settings.config.watchdog.map(|timeout| {
-            watch::channel(unmodified::Watchdog {
-                timeout,
-                last: tokio::time::Instant::now(),
-                triggered: false,
-            })
-            .0
-        });
+        let watchdog = unmodified::Watchdog::fresh(&settings.config);
         if settings.config.sockets == Sockets::ListenFds {
             for entry in &settings.config.listen {
                 shared.listeners.add_ref(&entry.addr, id);

@@ -393,28 +393,8 @@ impl Broker {
                 None => None,
             };
             let settings = settings_of(i.settings);
-            let watchdog = settings.config.watchdog.map(|timeout| {
-                watch::channel(unmodified::Watchdog {
-                    timeout,
-                    last: tokio::time::Instant::now(),
-                    triggered: false,
-                })
-                .0
-            });
-            table.push(Instance {
-                id: i.id,
-                generation: i.generation,
-                pid: i.pid,
-                state,
-                started: from_unix_us(i.started_unix_us),
-                started_at: now
-                    .checked_sub(Duration::from_millis(i.started_age_ms))
-                    .unwrap_or(now),
-                ready: i.ready_unix_us.map(from_unix_us),
-                ready_at: i
-                    .ready_age_ms
-                    .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
-            });
+            let watchdog = unmodified::Watchdog::fresh(&settings.config);
+            table.push(table_entry(&i, state, now));
             tracked.insert(
                 i.id,
                 Tracked {
@@ -582,6 +562,25 @@ impl Broker {
                 reply: None,
             });
         }
+    }
+}
+
+/// An instance as the image's table had it, its times on this process's clocks.
+pub(super) fn table_entry(
+    i: &image::InstanceImage,
+    state: InstanceState,
+    now: Instant,
+) -> Instance {
+    let ago = |ms: u64| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now);
+    Instance {
+        id: i.id,
+        generation: i.generation,
+        pid: i.pid,
+        state,
+        started: from_unix_us(i.started_unix_us),
+        started_at: ago(i.started_age_ms),
+        ready: i.ready_unix_us.map(from_unix_us),
+        ready_at: i.ready_age_ms.map(ago),
     }
 }
 

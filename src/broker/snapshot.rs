@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 use super::{Broker, Life, Phase, Tracked, unmodified};
-use crate::generations::{Instance, InstanceId, InstanceState, Table};
+use crate::generations::{InstanceId, InstanceState, Table};
 use crate::process::Process;
 use crate::reexec::image::BrokerImage;
 use crate::systemd;
@@ -149,28 +149,8 @@ impl Broker {
                 .get(i.settings)
                 .cloned()
                 .unwrap_or_else(|| current.clone());
-            let watchdog = settings.config.watchdog.map(|timeout| {
-                watch::channel(unmodified::Watchdog {
-                    timeout,
-                    last: tokio::time::Instant::now(),
-                    triggered: false,
-                })
-                .0
-            });
-            table.push(Instance {
-                id: i.id,
-                generation: i.generation,
-                pid: i.pid,
-                state,
-                started: super::reexec::from_unix_us(i.started_unix_us),
-                started_at: now
-                    .checked_sub(Duration::from_millis(i.started_age_ms))
-                    .unwrap_or(now),
-                ready: i.ready_unix_us.map(super::reexec::from_unix_us),
-                ready_at: i
-                    .ready_age_ms
-                    .map(|ms| now.checked_sub(Duration::from_millis(ms)).unwrap_or(now)),
-            });
+            let watchdog = unmodified::Watchdog::fresh(&settings.config);
+            table.push(super::reexec::table_entry(i, state, now));
             tracked.insert(
                 i.id,
                 Tracked {

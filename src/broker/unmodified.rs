@@ -62,6 +62,21 @@ pub(super) struct NotifySocket {
     reading: std::sync::Mutex<Vec<u8>>,
 }
 
+impl Watchdog {
+    /// The watchdog of an instance started (or taken over) now, if its config
+    /// sets one.
+    pub(super) fn fresh(config: &crate::config::Config) -> Option<watch::Sender<Watchdog>> {
+        config.watchdog.map(|timeout| {
+            watch::channel(Watchdog {
+                timeout,
+                last: tokio::time::Instant::now(),
+                triggered: false,
+            })
+            .0
+        })
+    }
+}
+
 impl NotifySocket {
     /// The socket a re-exec carried.
     pub(super) fn from_fd(fd: std::os::fd::OwnedFd) -> io::Result<Arc<NotifySocket>> {
