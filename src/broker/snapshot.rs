@@ -298,3 +298,67 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     file.write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn only_a_private_regular_snapshot_that_parses_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        assert!(read(dir.path()).is_none(), "none there");
+        // Garbage: left aside.
+        std::fs::write(&path, b"{not json").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert!(read(dir.path()).is_none());
+        // A good image, private: read.
+        let good = serde_json::to_vec(&image()).unwrap();
+        write_atomically(&path, &good).unwrap();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(read(dir.path()).map(|i| i.app), Some("snap".to_string()));
+        // The same, writable by others, or a symlink to it: never read.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(read(dir.path()).is_none());
+        let elsewhere = dir.path().join("elsewhere.json");
+        std::fs::rename(&path, &elsewhere).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        assert!(read(dir.path()).is_none());
+        // A write replaces the symlink itself, not its target.
+        write_atomically(&path, b"{}").unwrap();
+        assert!(
+            std::fs::symlink_metadata(&path)
+                .unwrap()
+                .file_type()
+                .is_file()
+        );
+        assert_eq!(std::fs::read(&elsewhere).unwrap(), good);
+    }
+
+    fn image() -> BrokerImage {
+        BrokerImage {
+            version: crate::reexec::image::VERSION,
+            taken_by: "test".into(),
+            app: "snap".into(),
+            reexecs: 0,
+            private_socket: -1,
+            state_socket: -1,
+            configs: Vec::new(),
+            settings: 0,
+            last_generation: 0,
+            next_id: 0,
+            instances: Vec::new(),
+            listeners: Vec::new(),
+            reloads: 0,
+            last_reload: String::new(),
+            notified_ready: false,
+            socket_files: Vec::new(),
+            state: ally_core::state::Store::default().image(Instant::now()),
+            history: crate::history::History::new(10).image(),
+            restarts: 0,
+        }
+    }
+}
