@@ -36,14 +36,7 @@ impl Process {
         }
         // SAFETY: `fd` was just returned to us by the kernel.
         let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        // SAFETY: an `OwnedFd` stays open, and is the same fd, for as long as it is owned.
-        let pidfd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-            .map_err(io::Error::from)?;
-        Ok(Process {
-            pid,
-            pidfd,
-            reaped: Mutex::new(false),
-        })
+        Process::from_pidfd(pid, fd)
     }
 
     /// A process pinned by a pidfd this process already holds (carried across

@@ -10,16 +10,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-fn stateprobe_config(report: &Path, args: &[&str]) -> String {
-    let mut command = vec![
-        example("stateprobe").display().to_string(),
-        "--report".into(),
-        report.display().to_string(),
-    ];
-    command.extend(args.iter().map(|s| s.to_string()));
-    format!(
-        "command = {command:?}\nstop_timeout = \"10s\"\nready_timeout = \"10s\"\nrestart_delay = \"100ms\"\n"
-    )
+fn stateprobe(report: &Path, args: &[&str]) -> String {
+    stateprobe_config(report, args, "10s")
 }
 
 fn reexec(broker: &TestBroker) -> String {
@@ -60,7 +52,7 @@ fn a_reexec_carries_instances_state_locks_and_history() {
     let report = dir.path().join("report");
     let broker = TestBroker::start(
         "carry",
-        &stateprobe_config(
+        &stateprobe(
             &report,
             &[
                 "--ready", "--add", "hits", "5", "--set", "c", "k", "v", "--lock", "leader",
@@ -256,7 +248,7 @@ fn an_instance_calls_on_across_a_reexec() {
     // It polls the cache every 5 ms through the re-exec, then adds again.
     let broker = TestBroker::start(
         "calls",
-        &stateprobe_config(
+        &stateprobe(
             &report,
             &[
                 "--ready",

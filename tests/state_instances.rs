@@ -16,15 +16,7 @@ fn report(path: &Path) -> Vec<Value> {
 }
 
 fn config(report: &Path, args: &[&str]) -> String {
-    let mut command = vec![
-        example("stateprobe").display().to_string(),
-        "--report".into(),
-        report.display().to_string(),
-    ];
-    command.extend(args.iter().map(|s| s.to_string()));
-    format!(
-        "command = {command:?}\nstop_timeout = \"30s\"\nready_timeout = \"10s\"\nrestart_delay = \"100ms\"\n"
-    )
+    stateprobe_config(report, args, "30s")
 }
 
 #[test]

@@ -89,3 +89,16 @@ pub fn hello_config(port: u16, version: &str, extra: &str) -> String {
         hello().display().to_string()
     )
 }
+
+/// A config running the `stateprobe` fixture with `args`, reporting to `report`.
+pub fn stateprobe_config(report: &std::path::Path, args: &[&str], stop_timeout: &str) -> String {
+    let mut command = vec![
+        example("stateprobe").display().to_string(),
+        "--report".into(),
+        report.display().to_string(),
+    ];
+    command.extend(args.iter().map(|s| s.to_string()));
+    format!(
+        "command = {command:?}\nstop_timeout = {stop_timeout:?}\nready_timeout = \"10s\"\nrestart_delay = \"100ms\"\n"
+    )
+}
