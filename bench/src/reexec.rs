@@ -203,10 +203,9 @@ async fn time_call(address: &str, poll: Duration) -> Result<(Duration, Duration)
         .await
         .map_err(|e| format!("connecting: {e}"))?;
     let began = Instant::now();
-    match proxy.reexecute().await {
-        Err(e @ zbus::Error::MethodError(..)) => return Err(format!("Reexecute refused: {e}")),
-        // No reply on success: the exec closed the connection.
-        Ok(()) | Err(_) => {}
+    // No reply on success: the exec closes the connection, so only a refusal is an error.
+    if let Err(e @ zbus::Error::MethodError(..)) = proxy.reexecute().await {
+        return Err(format!("Reexecute refused: {e}"));
     }
     let closed = began.elapsed();
     drop(proxy);
