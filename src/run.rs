@@ -18,8 +18,12 @@ use crate::state::State;
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
     config::validate_app_name(&args.app)?;
-    let image = carried_image(&args)?;
-    let (config, source) = load_config(&args)?;
+    // A re-executed broker carries on with the config it ran; an edit of the
+    // file since is read at the next reload.
+    let (image, (config, source)) = match carried_image(&args)? {
+        Some((image, loaded)) => (Some(image), loaded),
+        None => (None, load_config(&args)?),
+    };
     let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
@@ -165,9 +169,13 @@ fn own_socket(
     Some(listener)
 }
 
-/// The image of the broker this process replaces, when it was re-executed.
-/// An image this binary cannot read goes back to the binary that wrote it.
-fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
+/// A config and where it was read from.
+type Loaded = (Config, Source);
+
+/// The image of the broker this process replaces, when it was re-executed,
+/// with the config it ran on. An image this binary cannot read, or whose config
+/// it refuses, goes back to the binary that wrote it.
+fn carried_image(args: &RunArgs) -> Result<Option<(BrokerImage, Loaded)>, String> {
     let handed = match reexec::take_handed() {
         None => return Ok(None),
         Some(Ok(handed)) => handed,
@@ -179,7 +187,10 @@ fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
     };
     let why = match serde_json::from_slice::<BrokerImage>(&handed.image) {
         Ok(image) if image.version == image::VERSION && image.app == args.app => {
-            return Ok(Some(image));
+            match config_of_image(args, &image) {
+                Ok(loaded) => return Ok(Some((image, loaded))),
+                Err(e) => format!("its config does not load here: {e}"),
+            }
         }
         Ok(image) if image.app != args.app => {
             format!("it is of app {:?}", image.app)
@@ -212,6 +223,39 @@ fn carried_image(args: &RunArgs) -> Result<Option<BrokerImage>, String> {
     Err(format!(
         "cannot take over the re-executed broker's image ({why}), nor run the old binary again: {error}"
     ))
+}
+
+/// The config the image's broker ran on (the text it read at its last start
+/// or reload), read as `ally run` reads its file.
+fn config_of_image(args: &RunArgs, image: &BrokerImage) -> Result<Loaded, String> {
+    let current = image
+        .configs
+        .get(image.settings)
+        .ok_or("it names no config in use")?;
+    let overrides = overrides(args)?;
+    let command_override = (!args.command.is_empty()).then(|| args.command.clone());
+    let Some(text) = &current.text else {
+        // The broker ran on the built-in defaults and its command line.
+        let command = command_override.ok_or("it ran on no config file and no command")?;
+        let config = overrides.apply(Config::defaults(command))?;
+        let source = Source {
+            overrides,
+            ..Source::default()
+        };
+        return Ok((config, source));
+    };
+    let path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| Config::default_path(&args.app));
+    let config = Config::parse(text, &path, command_override.clone()).map_err(|e| e.to_string())?;
+    let config = overrides.apply(config)?;
+    let source = Source {
+        text: Some(text.clone()),
+        command_override,
+        overrides,
+    };
+    Ok((config, source))
 }
 
 type Restored = (

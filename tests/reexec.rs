@@ -346,3 +346,34 @@ fn a_pending_crash_restart_keeps_its_attempt_across_a_reexec() {
     let history = stdout(&broker.ally(&["history", "crashy", "--json"]));
     assert!(history.contains("crash (attempt 2)"), "{history}");
 }
+
+/// A re-exec carries on as the broker was: a config file edited (here, broken)
+/// since the last reload is read at the next reload, not at the re-exec.
+#[test]
+fn a_reexec_keeps_the_config_in_use_when_the_file_was_edited_since() {
+    let port = free_port();
+    let broker = TestBroker::start("edited", &hello_config(port, "1", ""));
+    broker.wait_running(1);
+    let before = broker.status();
+    std::fs::write(broker.config_path(), "command = [\"/bin/true\"\n").unwrap();
+
+    reexec(&broker);
+    let after = broker.status();
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(instances(&after), instances(&before));
+    assert_eq!(after["config_revision"], before["config_revision"]);
+    assert_eq!(after["config_digest"], before["config_digest"]);
+    let answer = http_get(([127, 0, 0, 1], port).into()).unwrap();
+    assert!(answer.contains("version=1"), "{answer}");
+
+    // The broken file fails the next reload, naming where, and nothing else.
+    let out = broker.reload();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("edited.toml"), "{}", stderr(&out));
+    assert_eq!(instances(&broker.status()), instances(&before));
+    std::fs::write(broker.config_path(), hello_config(port, "2", "")).unwrap();
+    assert!(broker.reload().status.success(), "{}", broker.logs());
+    broker.wait_running(2);
+    let answer = http_get(([127, 0, 0, 1], port).into()).unwrap();
+    assert!(answer.contains("version=2"), "{answer}");
+}
