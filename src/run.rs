@@ -18,13 +18,30 @@ use crate::state::State;
 pub async fn run(args: RunArgs) -> Result<i32, String> {
     init_logging();
     config::validate_app_name(&args.app)?;
-    // A re-executed broker carries on with the config it ran; an edit of the
-    // file since is read at the next reload.
+    let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
+    // A re-executed broker, or one restarted after a crash, carries on with the
+    // config the broker before it ran; an edit of the file since is read at the
+    // next reload.
+    let mut snapshot = None;
     let (image, (config, source)) = match carried_image(&args)? {
         Some((image, loaded)) => (Some(image), loaded),
-        None => (None, load_config(&args)?),
+        None => {
+            snapshot = left_snapshot(&runtime_dir);
+            let loaded = match &snapshot {
+                Some(left) => match config_of_image(&args, left) {
+                    Ok(loaded) => loaded,
+                    Err(e) => {
+                        tracing::warn!(
+                            "the config the broker that died ran does not load ({e}): reading the file"
+                        );
+                        load_config(&args)?
+                    }
+                },
+                None => load_config(&args)?,
+            };
+            (None, loaded)
+        }
     };
-    let runtime_dir = runtime_dir::resolve(&args.app, args.runtime_dir.as_deref(), true);
     let socket = runtime_dir::socket_path(&runtime_dir);
     let address = runtime_dir::dbus_address(&socket);
     let run_as = RunAs::resolve(&config)?;
@@ -37,10 +54,6 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     let (broker, listener, state_listener) = match image {
         None => {
             runtime_dir::prepare(&runtime_dir, owner.is_some()).map_err(|e| e.to_string())?;
-            // A broker that died left a snapshot: its instances may still run.
-            let snapshot = crate::systemd::has_fd_store()
-                .then(|| snapshot::read(&runtime_dir))
-                .flatten();
             let state = match &snapshot {
                 Some(image) => {
                     match ally_core::state::SharedStore::from_image(
@@ -128,6 +141,19 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());
     broker.run().await
+}
+
+/// The snapshot a broker that died left, under systemd: its instances may
+/// still run. Read only from a runtime directory that passes
+/// [`runtime_dir::prepare`]'s checks.
+fn left_snapshot(runtime_dir: &std::path::Path) -> Option<BrokerImage> {
+    if !crate::systemd::has_fd_store() || std::fs::symlink_metadata(runtime_dir).is_err() {
+        return None;
+    }
+    // Checks only: the directory exists, and prepare adds no mode bits when
+    // it is not to be reachable by others.
+    runtime_dir::prepare(runtime_dir, false).ok()?;
+    snapshot::read(runtime_dir)
 }
 
 /// Reads a config text an image carried as `ally run` read its file: the same

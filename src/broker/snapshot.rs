@@ -120,6 +120,10 @@ impl Broker {
         let now = Instant::now();
         let current = self.settings();
         let revisions = self.settings_of_image(&image.configs, parse, &mut said);
+        // The next generation starts on what the dead broker would have used.
+        if let Some(s) = revisions.get(image.settings) {
+            *self.settings.lock().unwrap_or_else(|p| p.into_inner()) = s.clone();
+        }
         let mut table = Vec::new();
         let mut tracked = std::collections::HashMap::new();
         let mut adopted = HashSet::new();

@@ -964,6 +964,54 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
         sandbox.ok(&["ally", "status", "web"])
     );
 
+    // A crash while the config file holds an edit that no longer parses: the
+    // restarted broker carries on with the config the dead one ran, and the
+    // broken file fails the next reload, not the restart.
+    let status: serde_json::Value =
+        serde_json::from_str(&sandbox.ok(&["ally", "status", "web", "--json"])).unwrap();
+    let good_config = sandbox.ok(&["cat", "/etc/ally/web.toml"]);
+    sandbox.write("/etc/ally/web.toml", "command = [\"/bin/true\"\n");
+    let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = main_pid(&sandbox, "web");
+    sandbox.ok(&[
+        "systemctl",
+        "kill",
+        "--kill-who=main",
+        "--signal=SIGKILL",
+        "ally@web",
+    ]);
+    wait_until(
+        "the broker back with the config file broken",
+        Duration::from_secs(30),
+        || {
+            let now = main_pid(&sandbox, "web");
+            now != before && now != "0" && sandbox.run(&["ally", "status", "web"]).status.success()
+        },
+    );
+    let reload = sandbox.run(&["systemctl", "reload", "ally@web"]);
+    assert!(!reload.status.success(), "a broken config fails the reload");
+    let report = generator.finish();
+    eprintln!(
+        "e2e SIGKILL with the config file broken, then a failed reload, under {tool}: {} requests, {} failed",
+        report.requests, report.failed
+    );
+    assert_eq!(report.failed, 0, "{}", report.detail);
+    assert_eq!(instance_pids(&sandbox, "web"), pids);
+    let after: serde_json::Value =
+        serde_json::from_str(&sandbox.ok(&["ally", "status", "web", "--json"])).unwrap();
+    assert_eq!(
+        after["config_revision"], status["config_revision"],
+        "{after}"
+    );
+    assert_eq!(after["config_digest"], status["config_digest"], "{after}");
+    assert!(
+        sandbox.journal().contains("/etc/ally/web.toml:1"),
+        "the parse error is logged: {}",
+        sandbox.journal()
+    );
+    sandbox.write("/etc/ally/web.toml", &good_config);
+
     // The adopted instance is drained by a reload as any other, and its exit seen.
     sandbox.write("/srv/web/version", "v2");
     systemctl_reloads_lose_nothing(&sandbox, "web", addr, tool, 2..=2, |_| {});
