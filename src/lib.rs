@@ -6,6 +6,7 @@ pub mod admission;
 pub mod app_logs;
 pub mod bind_as;
 pub mod broker;
+pub mod cgroup;
 pub mod cli;
 pub mod config;
 pub mod control;

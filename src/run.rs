@@ -137,6 +137,7 @@ pub async fn run(args: RunArgs) -> Result<i32, String> {
     }
     if crate::systemd::has_fd_store() {
         tokio::spawn(broker.clone().keep_snapshots(runtime_dir.clone()));
+        tokio::spawn(broker.clone().stop_strays());
     }
     bus::register(args.bus, broker.clone()).await?;
     tracing::info!("broker for {} listening on {}", args.app, socket.display());

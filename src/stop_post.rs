@@ -15,11 +15,12 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::FromRawFd;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::cgroup::{self, OwnCgroup};
 use crate::cli::StopPostArgs;
 
 /// How long to keep killing what is left before giving up (bounded: systemd
@@ -79,70 +80,6 @@ pub fn job_of(list_jobs: &str, unit: &str) -> Option<String> {
     })
 }
 
-/// Where a cgroup lives, as read from `/proc/self/cgroup`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OwnCgroup {
-    /// Its hierarchy's field in `/proc/PID/cgroup`: empty for the unified one.
-    pub controllers: &'static str,
-    /// The directories (under `/sys/fs/cgroup`) that may hold it: the unified
-    /// hierarchy alone, or systemd's named hierarchy on a hybrid system.
-    pub mounts: Vec<&'static str>,
-    /// The unit's cgroup path, e.g. `/system.slice/system-ally.slice/ally@web.service`.
-    pub path: String,
-}
-
-/// The cgroup of `unit` this process runs in, from `/proc/self/cgroup`: its own
-/// cgroup if that is the unit's, or the unit's when this process runs in the
-/// unit's `.control` sub-cgroup. Anything else is refused, so that a command
-/// run by hand never kills outside the unit.
-pub fn own_cgroup(proc_self_cgroup: &str, unit: &str) -> Result<OwnCgroup, String> {
-    let hierarchies: [(&'static str, Vec<&'static str>); 2] = [
-        ("", vec!["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]),
-        ("name=systemd", vec!["/sys/fs/cgroup/systemd"]),
-    ];
-    let lines: Vec<(&str, &str)> = proc_self_cgroup
-        .lines()
-        .filter_map(|line| {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            Some((controllers, path))
-        })
-        .collect();
-    for (controllers, mounts) in hierarchies {
-        for &(_, path) in lines.iter().filter(|(c, _)| *c == controllers) {
-            if let Some(path) = unit_cgroup(path, unit) {
-                return Ok(OwnCgroup {
-                    controllers,
-                    mounts,
-                    path,
-                });
-            }
-        }
-    }
-    let mut seen: Vec<&str> = lines
-        .iter()
-        .filter(|(c, _)| c.is_empty() || *c == "name=systemd")
-        .map(|(_, path)| *path)
-        .collect();
-    seen.dedup();
-    Err(format!(
-        "not running in the cgroup of {unit} (but in {}); `ally stop-post` is meant to be \
-         the unit's ExecStopPost= and kills nothing outside it",
-        if seen.is_empty() {
-            "no cgroup systemd tracks".to_string()
-        } else {
-            seen.join(", ")
-        }
-    ))
-}
-
-fn unit_cgroup(path: &str, unit: &str) -> Option<String> {
-    let path = path.strip_suffix("/.control").unwrap_or(path);
-    let last = path.rsplit('/').next()?;
-    let clean = path.starts_with('/') && !path.split('/').any(|c| c == "..");
-    (last == unit && clean).then(|| path.to_string())
-}
-
 pub fn stop_post(args: StopPostArgs) -> Result<i32, String> {
     let app = args.app;
     if app.is_empty() || app.contains('/') || app.contains(char::is_whitespace) {
@@ -151,7 +88,8 @@ pub fn stop_post(args: StopPostArgs) -> Result<i32, String> {
     let unit = format!("ally@{app}.service");
     let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup")
         .map_err(|e| format!("cannot read /proc/self/cgroup: {e}"))?;
-    let cgroup = own_cgroup(&proc_cgroup, &unit)?;
+    let cgroup = cgroup::own_cgroup(&proc_cgroup, &unit)
+        .map_err(|e| format!("{e}; `ally stop-post` is meant to be the unit's ExecStopPost="))?;
     let service_result = std::env::var("SERVICE_RESULT").ok();
     let verdict = decide(&unit_jobs(&unit), service_result.as_deref());
     match verdict {
@@ -243,16 +181,11 @@ fn list_jobs() -> Result<String, String> {
 
 /// SIGKILLs every process in the unit's cgroup (and any cgroup below it) but
 /// this one, until none is left or `GIVE_UP_AFTER` passed.
-fn kill_all(cgroup: &OwnCgroup, unit: &str) {
-    let Some(dir) = cgroup
-        .mounts
-        .iter()
-        .map(|mount| PathBuf::from(format!("{mount}{}", cgroup.path)))
-        .find(|dir| dir.join("cgroup.procs").is_file())
-    else {
+fn kill_all(unit_cgroup: &OwnCgroup, unit: &str) {
+    let Some(dir) = unit_cgroup.dir() else {
         eprintln!(
             "ally stop-post: cannot find the cgroup {} under /sys/fs/cgroup; nothing killed",
-            cgroup.path
+            unit_cgroup.path
         );
         return;
     };
@@ -260,7 +193,7 @@ fn kill_all(cgroup: &OwnCgroup, unit: &str) {
     let deadline = Instant::now() + GIVE_UP_AFTER;
     let mut killed = BTreeSet::new();
     loop {
-        let left: Vec<u32> = procs_below(&dir)
+        let left: Vec<u32> = cgroup::procs_below(&dir)
             .into_iter()
             .filter(|&pid| pid != me)
             .collect();
@@ -275,8 +208,8 @@ fn kill_all(cgroup: &OwnCgroup, unit: &str) {
             return;
         }
         for pid in left {
-            let name = comm(pid);
-            match kill_in_cgroup(pid, cgroup) {
+            let name = cgroup::comm(pid);
+            match cgroup::signal_in_cgroup(pid, unit_cgroup, libc::SIGKILL) {
                 Ok(true) if killed.insert(pid) => {
                     eprintln!("ally stop-post: killed {pid} ({name}), left in {unit}");
                 }
@@ -286,88 +219,6 @@ fn kill_all(cgroup: &OwnCgroup, unit: &str) {
         }
         std::thread::sleep(POLL);
     }
-}
-
-/// The pids in `dir`'s `cgroup.procs` and those of the cgroups below it.
-fn procs_below(dir: &Path) -> Vec<u32> {
-    let mut pids: Vec<u32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                pids.extend(procs_below(&entry.path()));
-            }
-        }
-    }
-    pids
-}
-
-/// Kills `pid` through a pidfd, once it is sure the pidfd's process is in the
-/// unit's cgroup (a pid read from `cgroup.procs` may have been reused since).
-/// Ok(false): the process was already gone.
-fn kill_in_cgroup(pid: u32, cgroup: &OwnCgroup) -> io::Result<bool> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ESRCH) {
-            Ok(false)
-        } else {
-            Err(e)
-        };
-    }
-    // SAFETY: the fd was just returned by pidfd_open and is owned by nobody else.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let below = format!("{}/", cgroup.path);
-    let inside = match std::fs::read_to_string(format!("/proc/{pid}/cgroup")) {
-        Ok(text) => text.lines().any(|line| {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (parts.next(), parts.next(), parts.next());
-            controllers == Some(cgroup.controllers)
-                && path.is_some_and(|p| p == cgroup.path || p.starts_with(&below))
-        }),
-        Err(_) => false,
-    };
-    // Still alive after the read, so the read was about the pidfd's process.
-    let alive = send(&pidfd, 0)?;
-    if !alive {
-        return Ok(false);
-    }
-    if !inside {
-        return Err(io::Error::other("it is no longer in the unit's cgroup"));
-    }
-    send(&pidfd, libc::SIGKILL)
-}
-
-fn send(pidfd: &OwnedFd, signal: libc::c_int) -> io::Result<bool> {
-    // SAFETY: pidfd_send_signal with a valid pidfd, no siginfo, no flags.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r == 0 {
-        return Ok(true);
-    }
-    let e = io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(false)
-    } else {
-        Err(e)
-    }
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim_end().to_string())
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Removes the broker's snapshot from the runtime directory, never through a
@@ -456,58 +307,6 @@ mod tests {
         assert_eq!(job_of(out, "ally@other.service"), None);
         assert_eq!(job_of("", UNIT), None);
         assert_eq!(job_of("garbage\n", UNIT), None);
-    }
-
-    #[test]
-    fn own_cgroup_on_a_hybrid_system_prefers_the_unified_line() {
-        let text = "9:name=systemd:/system.slice/system-ally.slice/ally@web.service\n\
-                    4:memory:/system.slice/system-ally.slice/ally@web.service\n\
-                    0::/system.slice/system-ally.slice/ally@web.service\n";
-        let found = own_cgroup(text, UNIT).unwrap();
-        assert_eq!(
-            found.path,
-            "/system.slice/system-ally.slice/ally@web.service"
-        );
-        assert_eq!(found.controllers, "");
-        let legacy = own_cgroup(
-            "9:name=systemd:/system.slice/ally@web.service\n0::/\n",
-            UNIT,
-        )
-        .unwrap();
-        assert_eq!(legacy.controllers, "name=systemd");
-        assert_eq!(legacy.mounts, vec!["/sys/fs/cgroup/systemd"]);
-        let unified = own_cgroup("0::/system.slice/ally@web.service\n", UNIT).unwrap();
-        assert_eq!(
-            unified.mounts,
-            vec!["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
-        );
-    }
-
-    #[test]
-    fn own_cgroup_acts_on_the_service_from_its_control_cgroup() {
-        let found = own_cgroup("0::/system.slice/ally@web.service/.control\n", UNIT).unwrap();
-        assert_eq!(found.path, "/system.slice/ally@web.service");
-    }
-
-    #[test]
-    fn own_cgroup_refuses_anything_else() {
-        for text in [
-            "0::/user.slice/user-0.slice/session-3.scope\n",
-            "0::/system.slice/ally@webx.service\n",
-            "0::/system.slice/ally@web.service/sub\n",
-            "0::/system.slice/xally@web.service\n",
-            "0::/\n",
-            "0::ally@web.service\n",
-            "0::/system.slice/../ally@web.service\n",
-            "4:memory:/system.slice/ally@web.service\n",
-            "",
-        ] {
-            let err = own_cgroup(text, UNIT).unwrap_err();
-            assert!(
-                err.contains("not running in the cgroup of ally@web.service"),
-                "{err}"
-            );
-        }
     }
 
     #[test]

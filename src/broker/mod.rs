@@ -21,6 +21,7 @@ mod release;
 mod roster;
 pub mod snapshot;
 mod sockets;
+mod strays;
 mod unmodified;
 
 use std::collections::{HashMap, HashSet};
