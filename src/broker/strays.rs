@@ -139,9 +139,10 @@ impl Broker {
             return;
         }
         tracing::warn!(
-            "{} in {unit} {} no instance of this broker (left by a broker that died before its snapshot named them): stopped once an instance of it is ready",
+            "{} in {unit} {} no instance of this broker (no snapshot it could read named {}): stopped once an instance of this broker is ready",
             describe(&found.all),
             if found.all.len() == 1 { "is" } else { "are" },
+            if found.all.len() == 1 { "it" } else { "them" },
         );
         let mut events = self.subscribe();
         while !self.has_ready_instance() {
@@ -168,8 +169,8 @@ impl Broker {
                 continue;
             }
             tracing::info!(
-                "stopping stray {} with {}",
-                describe(&[pid]),
+                "stopping stray {pid} ({}) with {}",
+                cgroup::comm(pid),
                 config.stop_signal
             );
             process.signal(config.stop_signal);
