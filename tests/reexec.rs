@@ -377,3 +377,75 @@ fn a_reexec_keeps_the_config_in_use_when_the_file_was_edited_since() {
     let answer = http_get(([127, 0, 0, 1], port).into()).unwrap();
     assert!(answer.contains("version=2"), "{answer}");
 }
+
+/// A new binary that starts but cannot read the image — here a build whose
+/// image names one field otherwise, as a release that renamed it would — runs
+/// the old binary again (kept open across the exec) with the same image.
+#[test]
+fn a_new_binary_that_cannot_read_the_image_runs_the_old_one_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("ally");
+    std::fs::copy(ally_bin(), &copy).unwrap();
+    let port = free_port();
+    let broker = TestBroker(
+        Launch::new("fallback")
+            .ally(&copy)
+            .config(&hello_config(port, "1", ""))
+            .start(),
+    );
+    broker.wait_running(1);
+    let before = broker.status();
+
+    // The image's field names are in the binary once, shared by its writer and
+    // its reader: the patched binary writes and expects `notified_readz`.
+    let (field, renamed) = (&b"notified_ready"[..], &b"notified_readz"[..]);
+    let mut other = std::fs::read(ally_bin()).unwrap();
+    let at: Vec<usize> = other
+        .windows(field.len())
+        .enumerate()
+        .filter(|(_, w)| *w == field)
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(at.len(), 1, "the image's field name should be in ally once");
+    other[at[0]..at[0] + field.len()].copy_from_slice(renamed);
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::write(&copy, &other).unwrap();
+    let mut perms = std::fs::metadata(&copy).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
+    std::fs::set_permissions(&copy, perms).unwrap();
+
+    let out = broker.ally(&["reexec", "fallback"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let error = stderr(&out);
+    eprintln!("$ ally reexec fallback\n{error}");
+    assert!(
+        error.contains("the new binary could not take over")
+            && error.contains("notified_readz")
+            && error.contains("the old one runs again"),
+        "{error}"
+    );
+    let after = broker.status();
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(instances(&after), instances(&before));
+    assert!(
+        broker
+            .logs()
+            .contains("running the binary that wrote the image again"),
+        "{}",
+        broker.logs()
+    );
+    let answer = http_get(([127, 0, 0, 1], port).into()).unwrap();
+    assert!(answer.contains("version=1"), "{answer}");
+    // The old binary serves on: a reload, and a re-exec to a binary that reads
+    // its image.
+    assert!(broker.reload().status.success(), "{}", broker.logs());
+    broker.wait_running(2);
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::copy(ally_bin(), &copy).unwrap();
+    let said = reexec(&broker);
+    assert!(
+        said.contains("re-executed the broker for fallback"),
+        "{said}"
+    );
+    assert_eq!(broker.status()["pid"], before["pid"]);
+}
