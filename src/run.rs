@@ -259,30 +259,21 @@ fn config_of_image(args: &RunArgs, image: &BrokerImage) -> Result<Loaded, String
         .configs
         .get(image.settings)
         .ok_or("it names no config in use")?;
-    let overrides = overrides(args)?;
-    let command_override = (!args.command.is_empty()).then(|| args.command.clone());
-    let Some(text) = &current.text else {
+    let loaded = match &current.text {
+        Some(text) => {
+            let path = args
+                .config
+                .clone()
+                .unwrap_or_else(|| Config::default_path(&args.app));
+            config_of_text(args, &path, text.clone())?
+        }
         // The broker ran on the built-in defaults and its command line.
-        let command = command_override.ok_or("it ran on no config file and no command")?;
-        let config = overrides.apply(Config::defaults(command))?;
-        let source = Source {
-            overrides,
-            ..Source::default()
-        };
-        return Ok((config, source));
+        None if !args.command.is_empty() => {
+            (Config::defaults(args.command.clone()), Source::default())
+        }
+        None => return Err("it ran on no config file and no command".into()),
     };
-    let path = args
-        .config
-        .clone()
-        .unwrap_or_else(|| Config::default_path(&args.app));
-    let config = Config::parse(text, &path, command_override.clone()).map_err(|e| e.to_string())?;
-    let config = overrides.apply(config)?;
-    let source = Source {
-        text: Some(text.clone()),
-        command_override,
-        overrides,
-    };
-    Ok((config, source))
+    with_overrides(args, loaded)
 }
 
 type Restored = (
@@ -355,9 +346,13 @@ fn restore(
 }
 
 /// The config, and where it came from for the reloads that read it again.
-fn load_config(args: &RunArgs) -> Result<(Config, Source), String> {
+fn load_config(args: &RunArgs) -> Result<Loaded, String> {
+    with_overrides(args, load_file(args)?)
+}
+
+/// `ally run`'s options applied on top of a config read.
+fn with_overrides(args: &RunArgs, (config, mut source): Loaded) -> Result<Loaded, String> {
     let overrides = overrides(args)?;
-    let (config, mut source) = load_file(args)?;
     let config = overrides.apply(config)?;
     source.overrides = overrides;
     Ok((config, source))
@@ -410,23 +405,16 @@ fn overrides(args: &RunArgs) -> Result<config::Overrides, String> {
     Ok(overrides)
 }
 
-fn load_file(args: &RunArgs) -> Result<(Config, Source), String> {
+fn load_file(args: &RunArgs) -> Result<Loaded, String> {
     let command = (!args.command.is_empty()).then(|| args.command.clone());
     let path: Option<PathBuf> = match &args.config {
         Some(path) => Some(path.clone()),
         None => Some(Config::default_path(&args.app)).filter(|p| p.exists()),
     };
     match (path, command) {
-        (Some(path), command_override) => {
+        (Some(path), _) => {
             let text = Config::read(&path).map_err(|e| e.to_string())?;
-            let config =
-                Config::parse(&text, &path, command_override.clone()).map_err(|e| e.to_string())?;
-            let source = Source {
-                text: Some(text),
-                command_override,
-                overrides: Default::default(),
-            };
-            Ok((config, source))
+            config_of_text(args, &path, text)
         }
         (None, Some(command)) => Ok((Config::defaults(command), Source::default())),
         (None, None) => Err(format!(
@@ -435,6 +423,19 @@ fn load_file(args: &RunArgs) -> Result<(Config, Source), String> {
             app = args.app
         )),
     }
+}
+
+/// `text` read as the config file at `path`, the command given after `--`, if
+/// any, replacing its `command`.
+fn config_of_text(args: &RunArgs, path: &std::path::Path, text: String) -> Result<Loaded, String> {
+    let command_override = (!args.command.is_empty()).then(|| args.command.clone());
+    let config = Config::parse(&text, path, command_override.clone()).map_err(|e| e.to_string())?;
+    let source = Source {
+        text: Some(text),
+        command_override,
+        overrides: Default::default(),
+    };
+    Ok((config, source))
 }
 
 /// Structured records to the journal when stderr is the journal (systemd sets
