@@ -848,6 +848,31 @@ fn main_pid(sandbox: &Sandbox, app: &str) -> String {
         .to_string()
 }
 
+/// Sends `signal` to the broker of `app` alone (the unit's main process).
+fn signal_broker(sandbox: &Sandbox, app: &str, signal: &str) {
+    sandbox.ok(&[
+        "systemctl",
+        "kill",
+        "--kill-who=main",
+        &format!("--signal={signal}"),
+        &format!("ally@{app}"),
+    ]);
+}
+
+/// Waits until a broker of `app` other than `before` is active and answers.
+fn wait_broker_back(sandbox: &Sandbox, app: &str, before: &str, what: &str) {
+    wait_until(what, Duration::from_secs(30), || {
+        let now = main_pid(sandbox, app);
+        now != before
+            && now != "0"
+            && sandbox
+                .run(&["systemctl", "is-active", &format!("ally@{app}")])
+                .status
+                .success()
+            && sandbox.run(&["ally", "status", app]).status.success()
+    });
+}
+
 /// `(VmRSS in KiB, open fds)` of process `pid` in the sandbox.
 fn footprint(sandbox: &Sandbox, pid: &str) -> (u64, usize) {
     let rss = sandbox.sh(&format!(
@@ -906,26 +931,12 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
     for round in 1..=10 {
         for app in ["web", "locks"] {
             let before = main_pid(&sandbox, app);
-            sandbox.ok(&[
-                "systemctl",
-                "kill",
-                "--kill-who=main",
-                "--signal=SIGKILL",
-                &format!("ally@{app}"),
-            ]);
-            wait_until(
+            signal_broker(&sandbox, app, "SIGKILL");
+            wait_broker_back(
+                &sandbox,
+                app,
+                &before,
                 &format!("ally@{app}'s broker back after SIGKILL {round}"),
-                Duration::from_secs(30),
-                || {
-                    let now = main_pid(&sandbox, app);
-                    now != before
-                        && now != "0"
-                        && sandbox
-                            .run(&["systemctl", "is-active", &format!("ally@{app}")])
-                            .status
-                            .success()
-                        && sandbox.run(&["ally", "status", app]).status.success()
-                },
             );
         }
         assert_eq!(
@@ -974,20 +985,12 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
     let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
     std::thread::sleep(Duration::from_millis(300));
     let before = main_pid(&sandbox, "web");
-    sandbox.ok(&[
-        "systemctl",
-        "kill",
-        "--kill-who=main",
-        "--signal=SIGKILL",
-        "ally@web",
-    ]);
-    wait_until(
+    signal_broker(&sandbox, "web", "SIGKILL");
+    wait_broker_back(
+        &sandbox,
+        "web",
+        &before,
         "the broker back with the config file broken",
-        Duration::from_secs(30),
-        || {
-            let now = main_pid(&sandbox, "web");
-            now != before && now != "0" && sandbox.run(&["ally", "status", "web"]).status.success()
-        },
     );
     let reload = sandbox.run(&["systemctl", "reload", "ally@web"]);
     assert!(!reload.status.success(), "a broken config fails the reload");
@@ -1336,13 +1339,7 @@ fn a_restarted_broker_stops_what_it_could_not_adopt() {
     let generator = Generator::start(tool, &format!("http://{addr}/"), 4);
     std::thread::sleep(Duration::from_millis(300));
     // Frozen, so it writes no snapshot over the broken one before it dies.
-    sandbox.ok(&[
-        "systemctl",
-        "kill",
-        "--kill-who=main",
-        "--signal=SIGSTOP",
-        "ally@web",
-    ]);
+    signal_broker(&sandbox, "web", "SIGSTOP");
     sandbox.sh("echo 'not a snapshot' > /run/ally/web/snapshot.json");
     let stubborn = sandbox
         .sh("setsid sh -c 'trap \"\" TERM; exec sleep 600' </dev/null >/dev/null 2>&1 & echo $!")
@@ -1353,13 +1350,7 @@ fn a_restarted_broker_stops_what_it_could_not_adopt() {
            if [ -f $m{cgroup}/cgroup.procs ]; then echo {stubborn} > $m{cgroup}/cgroup.procs; fi; done"
     ));
     let before = main_pid(&sandbox, "web");
-    sandbox.ok(&[
-        "systemctl",
-        "kill",
-        "--kill-who=main",
-        "--signal=SIGKILL",
-        "ally@web",
-    ]);
+    signal_broker(&sandbox, "web", "SIGKILL");
     let alive = |pid: &str| sandbox.run(&["kill", "-0", pid]).status.success();
     let old_pid = old[0].0.to_string();
     wait_until(
