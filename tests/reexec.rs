@@ -220,16 +220,13 @@ fn a_hundred_reexecs_under_load_lose_nothing_and_leak_nothing() {
     let (rss_100, fds_100) = broker.footprint();
     let mut generator = generator;
     assert!(generator.is_running(), "{tool} stopped early");
-    let report = generator.finish();
+    let report = generator.finish_losing_nothing("100 re-execs");
     times.sort();
     eprintln!(
-        "{tool}: {} requests, {} failed; 100 re-execs, ally reexec took p50 {:?} max {:?}; broker RSS {rss_10} KiB / {fds_10} fds after 10, {rss_100} KiB / {fds_100} fds after 100",
-        report.requests,
-        report.failed,
+        "100 re-execs: ally reexec took p50 {:?} max {:?}; broker RSS {rss_10} KiB / {fds_10} fds after 10, {rss_100} KiB / {fds_100} fds after 100",
         times[times.len() / 2],
         times.last().unwrap()
     );
-    assert_eq!(report.failed, 0, "{}", report.detail);
     assert!(report.requests > 0);
     assert_eq!(broker.status()["reexecs"], 100);
     assert_eq!(

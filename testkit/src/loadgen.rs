@@ -107,6 +107,19 @@ impl Generator {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// [`finish`](Self::finish), printing `{label} under {tool}: N requests, M
+    /// failed` and asserting that none failed.
+    pub fn finish_losing_nothing(self, label: &str) -> Report {
+        let tool = self.tool;
+        let report = self.finish();
+        eprintln!(
+            "{label} under {tool}: {} requests, {} failed",
+            report.requests, report.failed
+        );
+        assert_eq!(report.failed, 0, "{label}: {}", report.detail);
+        report
+    }
+
     /// Interrupts the generator and returns its report.
     pub fn finish(mut self) -> Report {
         // Not once reaped (ab gives up by itself): its pid may be another's by now.

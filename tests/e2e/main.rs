@@ -569,12 +569,8 @@ fn systemctl_reloads_lose_nothing(
                 == 0
         },
     );
-    let report = generator.finish();
-    eprintln!(
-        "e2e {app} under {tool}, {reloads} systemctl reloads: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    let report =
+        generator.finish_losing_nothing(&format!("e2e {app}, {reloads} systemctl reloads"));
     assert!(
         report.requests > 100,
         "too little load: {}",
@@ -946,12 +942,7 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
         );
     }
     assert!(generator.is_running(), "{tool} stopped early");
-    let report = generator.finish();
-    eprintln!(
-        "e2e 10 broker SIGKILLs under {tool}: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    let report = generator.finish_losing_nothing("e2e 10 broker SIGKILLs");
     assert!(
         report.requests > 100,
         "too little load: {}",
@@ -994,12 +985,8 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
     );
     let reload = sandbox.run(&["systemctl", "reload", "ally@web"]);
     assert!(!reload.status.success(), "a broken config fails the reload");
-    let report = generator.finish();
-    eprintln!(
-        "e2e SIGKILL with the config file broken, then a failed reload, under {tool}: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    generator
+        .finish_losing_nothing("e2e SIGKILL with the config file broken, then a failed reload");
     assert_eq!(instance_pids(&sandbox, "web"), pids);
     let after: serde_json::Value =
         serde_json::from_str(&sandbox.ok(&["ally", "status", "web", "--json"])).unwrap();
@@ -1036,12 +1023,7 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
     std::thread::sleep(Duration::from_millis(300));
     let main_before = main_pid(&sandbox, "web");
     sandbox.ok(&["dpkg", "-i", "/root/ally-upgrade.deb"]);
-    let report = generator.finish();
-    eprintln!(
-        "e2e dpkg -i upgrade under {tool}: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    generator.finish_losing_nothing("e2e dpkg -i upgrade");
     assert_eq!(main_pid(&sandbox, "web"), main_before, "MAINPID unchanged");
     let exe = sandbox.ok(&["readlink", &format!("/proc/{main_before}/exe")]);
     assert_eq!(
@@ -1068,14 +1050,11 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
     sandbox.sh("for i in $(seq 90); do ally reexec web -q || exit 1; done");
     let took = began.elapsed();
     let after_100 = footprint(&sandbox, &main);
-    let report = generator.finish();
+    generator.finish_losing_nothing("e2e 100 re-execs");
     eprintln!(
-        "e2e 100 re-execs under {tool}: {} requests, {} failed; the last 90 took {took:?} ({:?} each, CLI included); broker (RSS KiB, fds) after 10 {after_10:?}, after 100 {after_100:?}",
-        report.requests,
-        report.failed,
+        "e2e 100 re-execs: the last 90 took {took:?} ({:?} each, CLI included); broker (RSS KiB, fds) after 10 {after_10:?}, after 100 {after_100:?}",
         took / 90
     );
-    assert_eq!(report.failed, 0, "{}", report.detail);
     assert_eq!(main_pid(&sandbox, "web"), main);
     assert_eq!(after_100.1, after_10.1, "fds flat");
     assert!(
@@ -1107,8 +1086,7 @@ fn the_broker_dies_upgrades_and_reexecutes_under_load() {
         "e2e systemctl restart dbus: Status answered again after {:?}",
         restarted.elapsed()
     );
-    let report = generator.finish();
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    generator.finish_losing_nothing("e2e systemctl restart dbus");
     assert!(sandbox.journal().contains("lost the system bus connection"));
 
     // And a stop still stops everything.
@@ -1366,12 +1344,8 @@ fn a_restarted_broker_stops_what_it_could_not_adopt() {
                 && instance_pids(&sandbox, "web").len() == 1
         },
     );
-    let report = generator.finish();
-    eprintln!(
-        "e2e a broker restarted on an unreadable snapshot stops its stray under {tool}: {} requests, {} failed",
-        report.requests, report.failed
-    );
-    assert_eq!(report.failed, 0, "{}", report.detail);
+    generator
+        .finish_losing_nothing("e2e a broker restarted on an unreadable snapshot stops its stray");
     assert_ne!(instance_pids(&sandbox, "web"), old);
     assert!(get(addr).starts_with("hello version=v1 "));
     let journal = sandbox.journal();
